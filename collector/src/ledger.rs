@@ -1,0 +1,419 @@
+//! The usage record of one request, from arrival to its one event.
+//!
+//! A [`Record`] is opened when a request arrives and emits exactly one
+//! `UsageEvent` to the tap: when the gateway finishes the request, or,
+//! if the request is dropped first (the client went away), from `Drop`, as
+//! `client_cancelled` with what was generated so far.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use sha2::{Digest, Sha256};
+use tollgate_schemas::{
+    Attempt, CacheStatus, Outcome, PriceCatalog, SCHEMA_VERSION, TokenSource, Tokens, UsageEvent, Usd,
+};
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::config::ClientIp;
+use crate::error::GatewayError;
+use crate::routing::Candidate;
+use crate::tap::Tap;
+use crate::tokens;
+
+/// The price catalog plus the memory of which unknown models were already
+/// warned about (one warning per model, not per request).
+pub struct Pricing {
+    catalog: PriceCatalog,
+    warned: Mutex<HashSet<String>>,
+}
+
+impl Pricing {
+    pub fn new(catalog: PriceCatalog) -> Self {
+        Self {
+            catalog,
+            warned: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn version(&self) -> &str {
+        self.catalog.version()
+    }
+
+    /// Cost of `tokens` on `model` at `at`; `None` (and one warning) for a
+    /// model the catalog does not know. Zero tokens cost zero either way.
+    pub fn cost(&self, model: &str, tokens: &Tokens, at: DateTime<Utc>) -> Option<Usd> {
+        if tokens.total() == 0 {
+            return Some(Usd::ZERO);
+        }
+        match self.catalog.price(model, at) {
+            Some(p) => Some(p.cost(tokens)),
+            None => {
+                if let Ok(mut warned) = self.warned.lock()
+                    && warned.insert(model.to_string())
+                {
+                    tracing::warn!(model, "model has no price in the catalog; its cost is recorded as null");
+                }
+                None
+            }
+        }
+    }
+}
+
+/// What the ledger needs to know about the gateway.
+pub struct Ledger {
+    pub tap: Arc<Tap>,
+    pub pricing: Pricing,
+    pub instance: String,
+    pub client_ip: ClientIp,
+}
+
+/// What an attempt produced, as far as the ledger is concerned.
+pub struct Usage {
+    pub tokens: Tokens,
+    pub source: TokenSource,
+}
+
+pub struct Record {
+    ledger: Arc<Ledger>,
+    event: Option<UsageEvent>,
+    started: Instant,
+    upstream_wait: Duration,
+    overhead: Option<Duration>,
+    /// The request body and its max_tokens, for estimating when an upstream
+    /// reports no usage.
+    prompt: Option<(Bytes, Option<u64>)>,
+    /// The attempt under way, billed if the request is dropped mid-way.
+    in_flight: Option<(Candidate, Instant)>,
+}
+
+impl Record {
+    pub fn open(ledger: &Arc<Ledger>, endpoint: &str, headers: &HeaderMap, peer: Option<SocketAddr>) -> Self {
+        let now = Utc::now();
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+            .map_or_else(|| format!("req_{}", Uuid::now_v7().simple()), str::to_string);
+        let client_ip = peer.and_then(|p| match ledger.client_ip {
+            ClientIp::Plain => Some(p.ip().to_string()),
+            ClientIp::Hashed => Some(hex::encode(&Sha256::digest(p.ip().to_string().as_bytes())[..8])),
+            ClientIp::Off => None,
+        });
+        let event = UsageEvent {
+            event_id: Uuid::now_v7(),
+            schema_version: SCHEMA_VERSION,
+            request_id,
+            trace_id: trace_id(headers),
+            gateway_instance: ledger.instance.clone(),
+            ts_start: now,
+            ts_end: now,
+            latency_ms: 0,
+            ttft_ms: None,
+            upstream_latency_ms: None,
+            gateway_overhead_us: 0,
+            consumer: None,
+            team: None,
+            api_key_id: None,
+            client_ip,
+            tags: tags(headers),
+            endpoint: endpoint.to_string(),
+            requested_model: None,
+            served_model: None,
+            provider: None,
+            upstream: None,
+            stream: false,
+            fallback: false,
+            fallback_from: None,
+            fallback_reason: None,
+            attempts: Vec::new(),
+            status: 0,
+            outcome: Outcome::Ok,
+            error_type: None,
+            input_tokens: 0,
+            cached_input_tokens: 0,
+            output_tokens: 0,
+            reasoning_tokens: 0,
+            token_source: None,
+            cache: CacheStatus::Bypass,
+            cache_kind: None,
+            cost_usd: Some(Usd::ZERO),
+            cost_saved_usd: None,
+            price_version: Some(ledger.pricing.version().to_string()),
+            rate_limited: false,
+            limit_key: None,
+        };
+        Self {
+            ledger: ledger.clone(),
+            event: Some(event),
+            started: Instant::now(),
+            upstream_wait: Duration::ZERO,
+            overhead: None,
+            prompt: None,
+            in_flight: None,
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        self.event.as_ref().map_or("", |e| e.request_id.as_str())
+    }
+
+    pub fn since_start(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn event(&mut self) -> Option<&mut UsageEvent> {
+        self.event.as_mut()
+    }
+
+    pub fn caller(&mut self, caller: &Caller<'_>) {
+        if let Some(e) = self.event() {
+            e.consumer = Some(caller.consumer.name.clone());
+            e.team = caller.consumer.team.clone();
+            e.api_key_id = Some(caller.key_id.as_str().to_string());
+        }
+    }
+
+    pub fn request(&mut self, model: &str, stream: bool, raw: Bytes, max_tokens: Option<u64>) {
+        if let Some(e) = self.event() {
+            e.requested_model = Some(crate::error::shown(model));
+            e.stream = stream;
+            e.cache = CacheStatus::Miss;
+        }
+        self.prompt = Some((raw, max_tokens));
+    }
+
+    /// An attempt is about to be sent.
+    pub fn sending(&mut self, c: &Candidate) -> Instant {
+        let now = Instant::now();
+        self.in_flight = Some((c.clone(), now));
+        now
+    }
+
+    /// Time spent waiting on an upstream, excluded from the gateway overhead.
+    pub fn waited(&mut self, d: Duration) {
+        self.upstream_wait += d;
+    }
+
+    /// The response is leaving the gateway: what the gateway itself cost.
+    pub fn responded(&mut self) {
+        self.overhead = Some(self.started.elapsed().saturating_sub(self.upstream_wait));
+    }
+
+    pub fn first_byte(&mut self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        if let Some(e) = self.event() {
+            e.ttft_ms.get_or_insert(ms);
+        }
+    }
+
+    /// Tokens counted by the gateway for an attempt that reported none.
+    pub fn estimate(&self, generated: &str, prompt_billed: bool) -> Usage {
+        let (input, output) = match &self.prompt {
+            Some((raw, max)) => (
+                if prompt_billed { tokens::input(raw) } else { 0 },
+                tokens::output(generated, *max),
+            ),
+            None => (0, tokens::output(generated, None)),
+        };
+        Usage {
+            tokens: Tokens::new(input, 0, output, 0),
+            source: TokenSource::Estimated,
+        }
+    }
+
+    /// Records a finished attempt (successful or not).
+    pub fn attempt(&mut self, c: &Candidate, status: Option<u16>, error: Option<&str>, latency: Duration, usage: Option<Usage>) {
+        self.in_flight = None;
+        let Some(ts_start) = self.event.as_ref().map(|e| e.ts_start) else {
+            return;
+        };
+        let (tokens, source) = match usage {
+            Some(u) => (u.tokens, Some(u.source)),
+            None => (Tokens::default(), None),
+        };
+        let cost = self.ledger.pricing.cost(&c.model, &tokens, ts_start);
+        if let Some(e) = self.event() {
+            e.attempts.push(Attempt {
+                upstream: c.upstream.name().to_string(),
+                provider: c.upstream.provider().to_string(),
+                model: c.model.clone(),
+                status,
+                error: error.map(str::to_string),
+                latency_ms: latency.as_millis() as u64,
+                input_tokens: tokens.input,
+                cached_input_tokens: tokens.cached_input,
+                output_tokens: tokens.output,
+                reasoning_tokens: tokens.reasoning,
+                token_source: source,
+                cost_usd: cost,
+            });
+        }
+    }
+
+    /// The attempt whose response the client gets.
+    pub fn served_by(&mut self, c: &Candidate) {
+        if let Some(e) = self.event() {
+            e.served_model = Some(c.model.clone());
+            e.provider = Some(c.upstream.provider().to_string());
+            e.upstream = Some(c.upstream.name().to_string());
+        }
+    }
+
+    /// Ends the record with a successful response.
+    pub fn finish(mut self, status: u16) {
+        self.close(status, Outcome::Ok, None);
+    }
+
+    /// Ends the record with an error response and renders it.
+    pub fn fail(mut self, err: GatewayError) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        self.responded();
+        self.close(err.status().as_u16(), err.outcome(), Some(err.kind()));
+        let mut resp = err.into_response();
+        if let Ok(v) = http::HeaderValue::from_str(self.request_id()) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        resp
+    }
+
+    /// Ends a streamed response that broke or was abandoned after its head
+    /// went out with `status`.
+    pub fn finish_with(mut self, status: u16, outcome: Outcome, error_type: &str) {
+        self.close(status, outcome, Some(error_type));
+    }
+
+    fn close(&mut self, status: u16, outcome: Outcome, error_type: Option<&str>) {
+        if let Some((c, sent)) = self.in_flight.take() {
+            // Dropped while an upstream was working: the prompt was billed.
+            let usage = self.estimate("", true);
+            self.attempt(&c, None, Some("client_cancelled"), sent.elapsed(), Some(usage));
+        }
+        let Some(mut e) = self.event.take() else {
+            return;
+        };
+        let elapsed = self.started.elapsed();
+        e.ts_end = e.ts_start + chrono::Duration::microseconds(elapsed.as_micros() as i64);
+        e.latency_ms = elapsed.as_millis() as u64;
+        e.gateway_overhead_us = self
+            .overhead
+            .unwrap_or_else(|| elapsed.saturating_sub(self.upstream_wait))
+            .as_micros() as u64;
+        if !e.attempts.is_empty() {
+            e.upstream_latency_ms = Some(e.attempts.iter().map(|a| a.latency_ms).sum());
+        }
+        e.status = status;
+        e.outcome = outcome;
+        e.error_type = error_type.map(str::to_string);
+        let mut total = Tokens::default();
+        let mut cost = Some(Usd::ZERO);
+        let mut source = None;
+        for a in &e.attempts {
+            let t = a.tokens();
+            total.input += t.input;
+            total.cached_input += t.cached_input;
+            total.output += t.output;
+            total.reasoning += t.reasoning;
+            cost = cost.zip(a.cost_usd).map(|(x, y)| x + y);
+            source = match (source, a.token_source) {
+                (Some(TokenSource::Estimated), _) | (_, Some(TokenSource::Estimated)) => Some(TokenSource::Estimated),
+                (s, None) => s,
+                (_, s) => s,
+            };
+        }
+        e.input_tokens = total.input;
+        e.cached_input_tokens = total.cached_input;
+        e.output_tokens = total.output;
+        e.reasoning_tokens = total.reasoning;
+        e.token_source = source;
+        e.cost_usd = cost;
+        if e.attempts.len() > 1
+            && let Some(first) = e.attempts.first()
+        {
+            e.fallback = true;
+            e.fallback_from = Some(first.model.clone());
+            e.fallback_reason = first.error.clone();
+        }
+        self.ledger.tap.emit(e);
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if self.event.is_some() {
+            // 499: the client closed the request before a response was sent.
+            self.close(499, Outcome::ClientCancelled, Some("client_cancelled"));
+        }
+    }
+}
+
+/// The trace id of a W3C `traceparent` header.
+fn trace_id(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = v.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    let valid = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id.bytes().any(|b| b != b'0');
+    valid.then(|| id.to_ascii_lowercase())
+}
+
+const MAX_TAGS: usize = 16;
+const MAX_TAG_LEN: usize = 64;
+
+/// `x-tollgate-tags: feature=search, env=prod` -> a bounded map; malformed
+/// pairs are skipped.
+fn tags(headers: &HeaderMap) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for value in headers.get_all("x-tollgate-tags") {
+        let Ok(v) = value.to_str() else { continue };
+        for pair in v.split(',') {
+            let Some((k, val)) = pair.split_once('=') else { continue };
+            let (k, val) = (k.trim(), val.trim());
+            let ok = |s: &str| !s.is_empty() && s.len() <= MAX_TAG_LEN && s.bytes().all(|b| b.is_ascii_graphic());
+            if ok(k) && ok(val) && out.len() < MAX_TAGS {
+                out.insert(k.to_string(), val.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn tags_are_parsed_and_bounded() {
+        let mut h = HeaderMap::new();
+        h.insert("x-tollgate-tags", HeaderValue::from_static("feature=search, env=prod,broken,=x,k="));
+        let t = tags(&h);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t["feature"], "search");
+        let many: String = (0..40).map(|i| format!("k{i}=v,")).collect();
+        h.insert("x-tollgate-tags", HeaderValue::from_str(&many).unwrap());
+        assert_eq!(tags(&h).len(), MAX_TAGS);
+    }
+
+    #[test]
+    fn traceparent_gives_the_trace_id() {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_static("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"));
+        assert_eq!(trace_id(&h).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        h.insert("traceparent", HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
+        assert_eq!(trace_id(&h), None);
+    }
+
+    #[test]
+    fn unknown_models_cost_null_but_zero_tokens_cost_zero() {
+        let p = Pricing::new(PriceCatalog::shipped().unwrap());
+        let now = Utc::now();
+        assert_eq!(p.cost("mystery", &Tokens::default(), now), Some(Usd::ZERO));
+        assert_eq!(p.cost("mystery", &Tokens::new(1, 0, 1, 0), now), None);
+        assert!(p.cost("qwq-32b", &Tokens::new(1_000_000, 0, 0, 0), now).is_some());
+    }
+}

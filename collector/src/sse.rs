@@ -1,0 +1,264 @@
+//! An incremental parser for `text/event-stream` bodies.
+//!
+//! Upstream bytes arrive split anywhere (mid-line, mid-UTF-8). The parser
+//! holds only the unfinished tail and hands out each complete event as the
+//! exact bytes received (so it can be relayed untouched) plus its `data`
+//! payload (a zero-copy slice in the usual one-line case).
+
+use bytes::{Bytes, BytesMut};
+
+/// One complete event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The event as received, blank-line terminator included.
+    pub raw: Bytes,
+    /// The `data` field, lines joined by `\n`; `None` for comments and
+    /// events without data.
+    pub data: Option<Bytes>,
+}
+
+#[derive(Debug, Default)]
+pub struct Parser {
+    buf: BytesMut,
+    /// Bytes of `buf` already scanned without finding an event's end.
+    scanned: usize,
+    /// Longest event the parser accepts before it reports an overflow.
+    max_event_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an event exceeded {0} bytes without ending")]
+pub struct Overflow(pub usize);
+
+impl Parser {
+    pub fn new(max_event_bytes: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            scanned: 0,
+            max_event_bytes,
+        }
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) {
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// Bytes received that do not yet form a complete event.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The next complete event, if the buffer holds one.
+    pub fn next_event(&mut self) -> Result<Option<Event>, Overflow> {
+        match find_event_end(&self.buf, self.scanned.saturating_sub(3)) {
+            Some(end) => {
+                self.scanned = 0;
+                let raw = self.buf.split_to(end).freeze();
+                let data = data_of(&raw);
+                Ok(Some(Event { raw, data }))
+            }
+            None => {
+                self.scanned = self.buf.len();
+                if self.buf.len() > self.max_event_bytes {
+                    return Err(Overflow(self.max_event_bytes));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// What is left when the body ends: an event whose terminator never came.
+    pub fn finish(&mut self) -> Option<Event> {
+        if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
+            self.buf.clear();
+            return None;
+        }
+        let raw = self.buf.split().freeze();
+        let data = data_of(&raw);
+        Some(Event { raw, data })
+    }
+}
+
+/// Index just past the blank line that ends the first event, searching from
+/// `from`. Lines end in `\n`, `\r\n` or `\r`.
+fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(off) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
+        let eol = i + off;
+        let next = match buf[eol] {
+            b'\r' if buf.get(eol + 1) == Some(&b'\n') => eol + 2,
+            // A lone `\r` at the very end may be the first half of `\r\n`.
+            b'\r' if eol + 1 == buf.len() => return None,
+            _ => eol + 1,
+        };
+        // Is the line that starts at `next` empty?
+        match buf.get(next) {
+            Some(b'\n') => return Some(next + 1),
+            Some(b'\r') => match buf.get(next + 1) {
+                Some(b'\n') => return Some(next + 2),
+                Some(_) => return Some(next + 1),
+                None => return None,
+            },
+            Some(_) => i = next,
+            None => return None,
+        }
+    }
+    None
+}
+
+fn data_of(raw: &Bytes) -> Option<Bytes> {
+    let mut lines = raw
+        .split(|b| *b == b'\n' || *b == b'\r')
+        .filter_map(|line| {
+            let value = line.strip_prefix(b"data")?;
+            match value.first() {
+                None => Some(&value[..0]),
+                Some(b':') => Some(value[1..].strip_prefix(b" ").unwrap_or(&value[1..])),
+                Some(_) => None, // a field such as `dataset:`
+            }
+        });
+    let first = lines.next()?;
+    match lines.next() {
+        None => Some(raw.slice_ref(first)),
+        Some(second) => {
+            let mut joined = Vec::with_capacity(first.len() + second.len() + 1);
+            joined.extend_from_slice(first);
+            joined.push(b'\n');
+            joined.extend_from_slice(second);
+            for more in lines {
+                joined.push(b'\n');
+                joined.extend_from_slice(more);
+            }
+            Some(Bytes::from(joined))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn all_events(p: &mut Parser) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(e) = p.next_event().unwrap() {
+            out.push(e);
+        }
+        out
+    }
+
+    fn parse_whole(input: &[u8]) -> Vec<Event> {
+        let mut p = Parser::new(1 << 20);
+        p.push(input);
+        let mut out = all_events(&mut p);
+        out.extend(p.finish());
+        out
+    }
+
+    #[test]
+    fn events_in_all_line_ending_styles() {
+        let cases: &[(&[u8], &[&str])] = &[
+            (b"data: a\n\ndata: b\n\n", &["a", "b"]),
+            (b"data: a\r\n\r\ndata: b\r\n\r\n", &["a", "b"]),
+            (b"data: a\r\rdata: b\r\r", &["a", "b"]),
+            (b"data:a\ndata: b\n\n", &["a\nb"]),
+            (b": keepalive\n\ndata: x\n\n", &["x"]),
+            (b"event: ping\ndata: {}\nid: 1\n\n", &["{}"]),
+        ];
+        for (input, want) in cases {
+            let got: Vec<String> = parse_whole(input)
+                .iter()
+                .filter_map(|e| e.data.as_ref().map(|d| String::from_utf8_lossy(d).into_owned()))
+                .collect();
+            assert_eq!(&got, want, "{:?}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[test]
+    fn raw_bytes_are_kept_exactly() {
+        let input = b"data: {\"a\":1}\r\n\r\n: c\n\n";
+        let events = parse_whole(input);
+        let joined: Vec<u8> = events.iter().flat_map(|e| e.raw.to_vec()).collect();
+        assert_eq!(joined, input);
+        assert_eq!(events[1].data, None);
+    }
+
+    #[test]
+    fn an_unterminated_tail_is_returned_by_finish() {
+        let mut p = Parser::new(1024);
+        p.push(b"data: a\n\ndata: partial");
+        assert_eq!(all_events(&mut p).len(), 1);
+        let tail = p.finish().unwrap();
+        assert_eq!(tail.data.as_deref(), Some(&b"partial"[..]));
+        assert!(p.finish().is_none());
+    }
+
+    #[test]
+    fn oversized_events_are_reported_not_buffered_forever() {
+        let mut p = Parser::new(16);
+        p.push(&[b'x'; 64]);
+        assert_eq!(p.next_event(), Err(Overflow(16)));
+    }
+
+    #[test]
+    fn a_split_crlf_is_not_mistaken_for_two_line_ends() {
+        let mut p = Parser::new(1024);
+        p.push(b"data: a\r\n\r");
+        assert!(p.next_event().unwrap().is_none());
+        p.push(b"\ndata: b\r\n\r\n");
+        let events = all_events(&mut p);
+        assert_eq!(events.len(), 2);
+        assert_eq!(&events[0].raw[..], b"data: a\r\n\r\n");
+    }
+
+    fn stream_strategy() -> impl Strategy<Value = Vec<u8>> {
+        let line_end = prop_oneof![Just("\n"), Just("\r\n"), Just("\r")];
+        let event = (
+            proptest::collection::vec("[ -~é😀]{0,20}", 0..3),
+            line_end,
+            any::<bool>(),
+        )
+            .prop_map(|(lines, eol, comment)| {
+                let mut s = String::new();
+                if comment {
+                    s.push_str(": note");
+                    s.push_str(eol);
+                }
+                for l in lines {
+                    s.push_str("data: ");
+                    s.push_str(&l.replace(['\r', '\n'], ""));
+                    s.push_str(eol);
+                }
+                s.push_str(eol);
+                s
+            });
+        proptest::collection::vec(event, 0..8).prop_map(|v| v.concat().into_bytes())
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_gives_the_same_events(input in stream_strategy(), cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12)) {
+            let whole = parse_whole(&input);
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(input.len() + 1)).collect();
+            points.push(0);
+            points.push(input.len());
+            points.sort_unstable();
+            let mut p = Parser::new(1 << 20);
+            let mut pieces = Vec::new();
+            for w in points.windows(2) {
+                p.push(&input[w[0]..w[1]]);
+                pieces.extend(all_events(&mut p));
+            }
+            pieces.extend(p.finish());
+            prop_assert_eq!(pieces, whole);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut p = Parser::new(256);
+            p.push(&input);
+            while let Ok(Some(_)) = p.next_event() {}
+            let _ = p.finish();
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! Upstreams: where attempts go.
+//!
+//! `openai` upstreams are any OpenAI-compatible HTTP API (DeepSeek,
+//! DashScope, vLLM, ...), reached through one pooled client each;
+//! `simulated` upstreams call the simulator's router in-process. Both hand
+//! back the same [`UpstreamResponse`]: a status and a body stream.
+//!
+//! The address and the key come from the config only; nothing in a client's
+//! request can change either.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use tower::ServiceExt;
+
+use crate::config::{OpenAiUpstreamConfig, Secret, UpstreamConfig, UpstreamKind};
+use crate::request::Endpoint;
+use crate::simulate::{self, SimSettings};
+
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+pub struct UpstreamResponse {
+    pub status: u16,
+    pub body: BodyStream,
+    /// Longest silence allowed between two body chunks.
+    pub idle_timeout: Duration,
+}
+
+/// Why an attempt got no response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendError {
+    Connect(String),
+    Timeout(String),
+    Other(String),
+}
+
+pub struct Upstream {
+    name: String,
+    provider: String,
+    transport: Transport,
+}
+
+enum Transport {
+    Http {
+        base_url: String,
+        api_key: Option<Secret>,
+        client: reqwest::Client,
+        first_byte_timeout: Duration,
+        idle_timeout: Duration,
+    },
+    Simulated(axum::Router),
+}
+
+const SIMULATED_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, reqwest::Error> {
+        match &config.kind {
+            UpstreamKind::OpenAi(c) => Self::http(&config.name, &config.provider, c),
+            UpstreamKind::Simulated(s) => Ok(Self::simulated(&config.name, &config.provider, s.clone())),
+        }
+    }
+
+    pub fn simulated(name: &str, provider: &str, settings: SimSettings) -> Self {
+        Self {
+            name: name.to_string(),
+            provider: provider.to_string(),
+            transport: Transport::Simulated(simulate::router(settings)),
+        }
+    }
+
+    fn http(name: &str, provider: &str, c: &OpenAiUpstreamConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(c.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Self {
+            name: name.to_string(),
+            provider: provider.to_string(),
+            transport: Transport::Http {
+                base_url: c.base_url.clone(),
+                api_key: c.api_key.clone(),
+                client,
+                first_byte_timeout: c.first_byte_timeout,
+                idle_timeout: c.idle_timeout,
+            },
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// The upstream's key, so responses can be scrubbed of it.
+    pub fn secret(&self) -> Option<&str> {
+        match &self.transport {
+            Transport::Http { api_key, .. } => api_key.as_ref().map(Secret::expose),
+            Transport::Simulated(_) => None,
+        }
+    }
+
+    /// Sends one attempt and waits for the response head.
+    pub async fn send(&self, endpoint: Endpoint, body: Bytes) -> Result<UpstreamResponse, SendError> {
+        match &self.transport {
+            Transport::Http {
+                base_url,
+                api_key,
+                client,
+                first_byte_timeout,
+                idle_timeout,
+            } => {
+                let mut req = client
+                    .post(format!("{base_url}/{}", endpoint.path()))
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(body);
+                if let Some(key) = api_key {
+                    req = req.bearer_auth(key.expose());
+                }
+                let resp = match tokio::time::timeout(*first_byte_timeout, req.send()).await {
+                    Err(_) => {
+                        return Err(SendError::Timeout(format!(
+                            "no response within {} ms",
+                            first_byte_timeout.as_millis()
+                        )));
+                    }
+                    Ok(Err(e)) => return Err(classify(&e)),
+                    Ok(Ok(r)) => r,
+                };
+                Ok(UpstreamResponse {
+                    status: resp.status().as_u16(),
+                    body: resp.bytes_stream().map_err(|e| describe(&e)).boxed(),
+                    idle_timeout: *idle_timeout,
+                })
+            }
+            Transport::Simulated(router) => {
+                let req = http::Request::post(format!("/v1/{}", endpoint.path()))
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body))
+                    .map_err(|e| SendError::Other(e.to_string()))?;
+                let resp = router
+                    .clone()
+                    .oneshot(req)
+                    .await
+                    .map_err(|e| SendError::Other(e.to_string()))?;
+                let status = resp.status().as_u16();
+                let body = resp.into_body().into_data_stream().map_err(|e| e.to_string()).boxed();
+                Ok(UpstreamResponse {
+                    status,
+                    body,
+                    idle_timeout: SIMULATED_IDLE_TIMEOUT,
+                })
+            }
+        }
+    }
+}
+
+fn classify(e: &reqwest::Error) -> SendError {
+    if e.is_connect() {
+        SendError::Connect(describe(e))
+    } else if e.is_timeout() {
+        SendError::Timeout(describe(e))
+    } else {
+        SendError::Other(describe(e))
+    }
+}
+
+/// The error and its causes on one line (reqwest's own text stops at the
+/// outermost layer, which rarely says what went wrong).
+fn describe(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

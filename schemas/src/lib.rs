@@ -1,0 +1,23 @@
+//! The types every part of Tollgate shares: the [`UsageEvent`] (one row per
+//! client request), token counts with one documented meaning ([`Tokens`]),
+//! exact money ([`Usd`]) and the price catalog ([`PriceCatalog`]).
+//!
+//! Token semantics, fixed here once for the whole ledger (OpenAI's meaning):
+//! `input_tokens` includes `cached_input_tokens`, and `output_tokens`
+//! includes `reasoning_tokens`. Providers that count differently are
+//! normalised at the edge before a number reaches this crate.
+//!
+//! Schema evolution: fields are only ever added, as nullable, and
+//! `schema_version` names the version a producer wrote.
+
+pub mod event;
+pub mod money;
+pub mod prices;
+pub mod tokens;
+
+pub use event::{
+    Attempt, CacheKind, CacheStatus, Outcome, SCHEMA_VERSION, TokenSource, UsageEvent,
+};
+pub use money::Usd;
+pub use prices::{CatalogError, Price, PriceCatalog};
+pub use tokens::Tokens;

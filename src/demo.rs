@@ -1,0 +1,237 @@
+//! `tollgate demo`: a gateway with two simulated upstreams, a demo consumer
+//! and steady sample traffic, printing each request's ledger entry as it is
+//! written, so routing, fallback and cost are visible at once.
+//!
+//! deepseek-r1 is slower, pricier and fails a share of requests with 503;
+//! its route falls back to qwq-32b, which is fast and cheap.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use rust_decimal::Decimal;
+use tollgate_collector::{Config, Server, auth};
+use tollgate_schemas::UsageEvent;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where the usage events are written.
+    #[arg(long, default_value = "data/demo/events.jsonl")]
+    events: PathBuf,
+    /// Pause between sample requests.
+    #[arg(long, default_value_t = 600)]
+    interval_ms: u64,
+    /// Stop after this many sample requests (default: run until Ctrl-C).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Share of deepseek-r1 requests the simulated upstream fails.
+    #[arg(long, default_value_t = 0.3)]
+    error_rate: f64,
+}
+
+fn config_text(args: &DemoArgs, key_line: &str) -> String {
+    format!(
+        r#"
+[gateway]
+listen = "{listen}"
+instance = "demo"
+
+[tap]
+path = {events:?}
+
+[upstreams.sim-deepseek]
+kind = "simulated"
+latency_ms = 350
+tokens_per_s = 400
+output_tokens = 120
+reasoning_tokens = 70
+cached_tokens = 24
+error_rate = {error_rate}
+error_status = 503
+usage_style = "deepseek"
+
+[upstreams.sim-qwq]
+kind = "simulated"
+latency_ms = 60
+tokens_per_s = 900
+output_tokens = 90
+reasoning_tokens = 40
+
+[[routes]]
+model = "deepseek-r1"
+targets = [{{ upstream = "sim-deepseek", model = "deepseek-reasoner" }}]
+fallback = ["qwq-32b"]
+fallback_on = ["connect", "timeout", "5xx", "429"]
+
+[[routes]]
+model = "qwq-32b"
+targets = [{{ upstream = "sim-qwq", model = "qwq-32b" }}]
+
+[[consumers]]
+name = "demo-app"
+team = "demo"
+api_keys = ["{key_line}"]
+"#,
+        listen = args.listen,
+        events = args.events.display().to_string(),
+        error_rate = args.error_rate,
+    )
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let (key, key_line) = auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+    let config = Config::parse(&config_text(&args, &key_line), "demo", |_| None)?;
+    let server = Server::bind(&config).await?;
+    let addr = server.local_addr()?;
+    let start_offset = std::fs::metadata(&args.events).map(|m| m.len()).unwrap_or(0);
+
+    println!("Tollgate demo: gateway on http://{addr}");
+    println!("  routes: deepseek-r1 -> sim-deepseek (deepseek-reasoner, fails {:.0}% with 503) -> falls back to qwq-32b", args.error_rate * 100.0);
+    println!("          qwq-32b     -> sim-qwq");
+    println!("  demo consumer key: {key}");
+    println!("  try it:  curl -s http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' \\");
+    println!("             -H 'content-type: application/json' -d '{{\"model\":\"deepseek-r1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
+    println!("  usage events -> {}", args.events.display());
+    println!();
+    println!("{:<12} {:<6} {:<18} {:>6} {:>7} {:>7} {:>6} {:>12}  note", "requested", "mode", "served", "status", "in", "out", "ms", "cost $");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_task = tokio::spawn(server.run(async move {
+        tokio::select! {
+            _ = stop_rx => {},
+            () = crate::shutdown_signal() => {},
+        }
+    }));
+    let tail_stop = tokio_util_stop();
+    let tailer = tokio::spawn(tail(args.events.clone(), start_offset, tail_stop.clone()));
+
+    let traffic = traffic(addr, key, args.interval_ms, args.requests);
+    tokio::select! {
+        r = traffic => r?,
+        () = crate::shutdown_signal() => {},
+    }
+    let _ = stop_tx.send(());
+    let summary = server_task.await.context("gateway task")??;
+    tail_stop.notify_one();
+    let totals = tailer.await.context("tail task")?;
+    println!();
+    println!("{} events written, {} dropped", summary.events_written, summary.events_dropped);
+    for (model, (n, cost)) in totals {
+        println!("  {model:<20} {n:>5} requests  ${}", cost.normalize());
+    }
+    Ok(())
+}
+
+fn tokio_util_stop() -> std::sync::Arc<tokio::sync::Notify> {
+    std::sync::Arc::new(tokio::sync::Notify::new())
+}
+
+/// Sends sample requests: mostly deepseek-r1, some qwq-32b, half streamed.
+async fn traffic(addr: SocketAddr, key: String, interval_ms: u64, limit: Option<u64>) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/chat/completions");
+    let prompts = [
+        "Summarise this quarter's LLM spend by team.",
+        "Is switching from DeepSeek-R1 to QwQ-32B worth it for search?",
+        "Write a haiku about rate limits.",
+        "Explain prompt caching in one paragraph.",
+    ];
+    let mut n = 0u64;
+    while limit.is_none_or(|l| n < l) {
+        let model = if fastrand::u8(0..10) < 7 { "deepseek-r1" } else { "qwq-32b" };
+        let stream = fastrand::bool();
+        let body = serde_json::json!({
+            "model": model,
+            "stream": stream,
+            "messages": [{"role": "user", "content": prompts[(n as usize) % prompts.len()]}],
+        });
+        let sent = client
+            .post(&url)
+            .bearer_auth(&key)
+            .header("x-tollgate-tags", format!("feature=demo,prompt={}", n as usize % prompts.len()))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await;
+        match sent {
+            Ok(resp) => {
+                // Read the whole answer, streamed or not, as a client would.
+                let _ = resp.bytes().await;
+            }
+            Err(e) => eprintln!("demo request failed: {e}"),
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+    }
+    Ok(())
+}
+
+/// Prints each new event of the usage file; returns requests and cost per
+/// served model.
+async fn tail(path: PathBuf, mut offset: u64, stop: std::sync::Arc<tokio::sync::Notify>) -> BTreeMap<String, (u64, Decimal)> {
+    let mut totals: BTreeMap<String, (u64, Decimal)> = BTreeMap::new();
+    loop {
+        let stopping = tokio::select! {
+            () = stop.notified() => true,
+            () = tokio::time::sleep(Duration::from_millis(200)) => false,
+        };
+        for e in read_new(&path, &mut offset) {
+            print_event(&e);
+            let key = e.served_model.clone().unwrap_or_else(|| "(none)".into());
+            let entry = totals.entry(key).or_default();
+            entry.0 += 1;
+            entry.1 += e.cost_usd.map(|c| c.decimal()).unwrap_or_default();
+        }
+        if stopping {
+            return totals;
+        }
+    }
+}
+
+fn read_new(path: &Path, offset: &mut u64) -> Vec<UsageEvent> {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    if f.seek(SeekFrom::Start(*offset)).is_err() {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut reader = std::io::BufReader::new(f);
+    let mut line = String::new();
+    while let Ok(n) = reader.read_line(&mut line) {
+        if n == 0 || !line.ends_with('\n') {
+            break;
+        }
+        *offset += n as u64;
+        if let Ok(e) = serde_json::from_str::<UsageEvent>(&line) {
+            out.push(e);
+        }
+        line.clear();
+    }
+    out
+}
+
+fn print_event(e: &UsageEvent) {
+    let note = if e.fallback {
+        format!("fallback from {} ({})", e.fallback_from.as_deref().unwrap_or("?"), e.fallback_reason.as_deref().unwrap_or("?"))
+    } else {
+        String::new()
+    };
+    println!(
+        "{:<12} {:<6} {:<18} {:>6} {:>7} {:>7} {:>6} {:>12}  {note}",
+        e.requested_model.as_deref().unwrap_or("-"),
+        if e.stream { "stream" } else { "json" },
+        e.served_model.as_deref().unwrap_or("-"),
+        e.status,
+        e.input_tokens,
+        e.output_tokens,
+        e.latency_ms,
+        e.cost_usd.map_or_else(|| "null".to_string(), |c| c.to_string()),
+    );
+}

@@ -1,0 +1,181 @@
+//! `tollgate`: the gateway, its simulator and its demo in one binary.
+
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tollgate_collector::simulate::{self, SimSettings};
+use tollgate_collector::{Config, Server, auth};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "OpenAI-compatible LLM gateway with a usage ledger")]
+struct Cli {
+    /// Log filter, e.g. `info` or `tollgate_collector=debug` (or RUST_LOG).
+    #[arg(long, global = true, env = "TOLLGATE_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway with the given config.
+    Serve {
+        #[arg(long, short, default_value = "tollgate.toml")]
+        config: PathBuf,
+        /// Overrides `gateway.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Run a gateway with simulated deepseek-r1 and qwq-32b upstreams and
+    /// steady sample traffic, printing each request's ledger entry.
+    Demo(demo::DemoArgs),
+    /// Serve a simulated OpenAI-compatible upstream.
+    Simulate(SimulateArgs),
+    /// Manage consumer API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random key (shown once) and its config line.
+    New,
+    /// Read a key from stdin and print its `sha256:` config form.
+    Hash,
+}
+
+#[derive(Args)]
+struct SimulateArgs {
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    listen: SocketAddr,
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    #[arg(long, default_value_t = 0.0)]
+    tokens_per_s: f64,
+    #[arg(long, default_value_t = 64)]
+    output_tokens: u32,
+    #[arg(long, default_value_t = 0)]
+    reasoning_tokens: u32,
+    #[arg(long, default_value_t = 0)]
+    cached_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    #[arg(long, default_value_t = 503)]
+    error_status: u16,
+    /// Report no usage at all.
+    #[arg(long)]
+    no_usage: bool,
+    /// Put cumulative usage in every streamed chunk.
+    #[arg(long)]
+    usage_every_chunk: bool,
+    /// `openai` or `deepseek` (prompt_cache_hit_tokens style).
+    #[arg(long, default_value = "openai")]
+    usage_style: String,
+    /// Break every stream after this many chunks.
+    #[arg(long)]
+    fail_after_chunks: Option<u32>,
+    /// Require this bearer key on every request.
+    #[arg(long, env = "TOLLGATE_SIM_API_KEY", hide_env_values = true)]
+    require_api_key: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The demo prints its own table; only errors interrupt it by default.
+    let default = match (&cli.command, cli.log.as_str()) {
+        (Command::Demo(_), "info") => "error".to_string(),
+        _ => cli.log.clone(),
+    };
+    let filter = std::env::var("RUST_LOG").unwrap_or(default);
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).context("bad log filter")?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve { config, listen } => serve(config, listen).await,
+        Command::Demo(args) => demo::run(args).await,
+        Command::Simulate(args) => run_simulator(args).await,
+        Command::Keys { command } => keys(command),
+    }
+}
+
+async fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let mut config = Config::load(&path)?;
+    if let Some(addr) = listen {
+        config.gateway.listen = addr;
+    }
+    let server = Server::bind(&config).await?;
+    let addr = server.local_addr()?;
+    println!("tollgate gateway listening on http://{addr}");
+    println!("usage events -> {}", config.tap.path.display());
+    let summary = server.run(shutdown_signal()).await?;
+    tracing::info!(written = summary.events_written, dropped = summary.events_dropped, "gateway stopped");
+    Ok(())
+}
+
+async fn run_simulator(a: SimulateArgs) -> anyhow::Result<()> {
+    let settings = SimSettings {
+        latency_ms: a.latency_ms,
+        tokens_per_s: a.tokens_per_s,
+        output_tokens: a.output_tokens,
+        reasoning_tokens: a.reasoning_tokens,
+        cached_tokens: a.cached_tokens,
+        error_rate: a.error_rate,
+        error_status: a.error_status,
+        usage: !a.no_usage,
+        usage_every_chunk: a.usage_every_chunk,
+        usage_style: a.usage_style.parse().map_err(anyhow::Error::msg)?,
+        fail_after_chunks: a.fail_after_chunks,
+        require_api_key: a.require_api_key,
+    };
+    settings.check().map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .with_context(|| format!("binding {}", a.listen))?;
+    println!("tollgate simulator listening on http://{}", listener.local_addr()?);
+    simulate::serve(listener, settings, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::New => {
+            let (key, line) = auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+            println!("key: {key}");
+            println!("(shown once: give it to the consumer now; the gateway keeps only its hash)");
+            println!("api_keys = [\"{line}\"]");
+        }
+        KeysCommand::Hash => {
+            let mut key = String::new();
+            std::io::stdin().read_line(&mut key)?;
+            println!("{}", auth::hash_key(&key));
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
