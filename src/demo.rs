@@ -85,21 +85,34 @@ api_keys = ["{key_line}"]
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let (key, key_line) = auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+    let (key, key_line) =
+        auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
     let config = Config::parse(&config_text(&args, &key_line), "demo", |_| None)?;
     let server = Server::bind(&config).await?;
     let addr = server.local_addr()?;
-    let start_offset = std::fs::metadata(&args.events).map(|m| m.len()).unwrap_or(0);
+    let start_offset = std::fs::metadata(&args.events)
+        .map(|m| m.len())
+        .unwrap_or(0);
 
     println!("Tollgate demo: gateway on http://{addr}");
-    println!("  routes: deepseek-r1 -> sim-deepseek (deepseek-reasoner, fails {:.0}% with 503) -> falls back to qwq-32b", args.error_rate * 100.0);
+    println!(
+        "  routes: deepseek-r1 -> sim-deepseek (deepseek-reasoner, fails {:.0}% with 503) -> falls back to qwq-32b",
+        args.error_rate * 100.0
+    );
     println!("          qwq-32b     -> sim-qwq");
     println!("  demo consumer key: {key}");
-    println!("  try it:  curl -s http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' \\");
-    println!("             -H 'content-type: application/json' -d '{{\"model\":\"deepseek-r1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
+    println!(
+        "  try it:  curl -s http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' \\"
+    );
+    println!(
+        "             -H 'content-type: application/json' -d '{{\"model\":\"deepseek-r1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+    );
     println!("  usage events -> {}", args.events.display());
     println!();
-    println!("{:<12} {:<6} {:<18} {:>6} {:>7} {:>7} {:>6} {:>12}  note", "requested", "mode", "served", "status", "in", "out", "ms", "cost $");
+    println!(
+        "{:<12} {:<6} {:<18} {:>6} {:>7} {:>7} {:>6} {:>12}  note",
+        "requested", "mode", "served", "status", "in", "out", "ms", "cost $"
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server_task = tokio::spawn(server.run(async move {
@@ -121,7 +134,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     tail_stop.notify_one();
     let totals = tailer.await.context("tail task")?;
     println!();
-    println!("{} events written, {} dropped", summary.events_written, summary.events_dropped);
+    println!(
+        "{} events written, {} dropped",
+        summary.events_written, summary.events_dropped
+    );
     for (model, (n, cost)) in totals {
         println!("  {model:<20} {n:>5} requests  ${}", cost.normalize());
     }
@@ -133,7 +149,12 @@ fn tokio_util_stop() -> std::sync::Arc<tokio::sync::Notify> {
 }
 
 /// Sends sample requests: mostly deepseek-r1, some qwq-32b, half streamed.
-async fn traffic(addr: SocketAddr, key: String, interval_ms: u64, limit: Option<u64>) -> anyhow::Result<()> {
+async fn traffic(
+    addr: SocketAddr,
+    key: String,
+    interval_ms: u64,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/v1/chat/completions");
     let prompts = [
@@ -144,7 +165,11 @@ async fn traffic(addr: SocketAddr, key: String, interval_ms: u64, limit: Option<
     ];
     let mut n = 0u64;
     while limit.is_none_or(|l| n < l) {
-        let model = if fastrand::u8(0..10) < 7 { "deepseek-r1" } else { "qwq-32b" };
+        let model = if fastrand::u8(0..10) < 7 {
+            "deepseek-r1"
+        } else {
+            "qwq-32b"
+        };
         let stream = fastrand::bool();
         let body = serde_json::json!({
             "model": model,
@@ -154,7 +179,10 @@ async fn traffic(addr: SocketAddr, key: String, interval_ms: u64, limit: Option<
         let sent = client
             .post(&url)
             .bearer_auth(&key)
-            .header("x-tollgate-tags", format!("feature=demo,prompt={}", n as usize % prompts.len()))
+            .header(
+                "x-tollgate-tags",
+                format!("feature=demo,prompt={}", n as usize % prompts.len()),
+            )
             .header("content-type", "application/json")
             .body(body.to_string())
             .send()
@@ -174,7 +202,11 @@ async fn traffic(addr: SocketAddr, key: String, interval_ms: u64, limit: Option<
 
 /// Prints each new event of the usage file; returns requests and cost per
 /// served model.
-async fn tail(path: PathBuf, mut offset: u64, stop: std::sync::Arc<tokio::sync::Notify>) -> BTreeMap<String, (u64, Decimal)> {
+async fn tail(
+    path: PathBuf,
+    mut offset: u64,
+    stop: std::sync::Arc<tokio::sync::Notify>,
+) -> BTreeMap<String, (u64, Decimal)> {
     let mut totals: BTreeMap<String, (u64, Decimal)> = BTreeMap::new();
     loop {
         let stopping = tokio::select! {
@@ -219,7 +251,11 @@ fn read_new(path: &Path, offset: &mut u64) -> Vec<UsageEvent> {
 
 fn print_event(e: &UsageEvent) {
     let note = if e.fallback {
-        format!("fallback from {} ({})", e.fallback_from.as_deref().unwrap_or("?"), e.fallback_reason.as_deref().unwrap_or("?"))
+        format!(
+            "fallback from {} ({})",
+            e.fallback_from.as_deref().unwrap_or("?"),
+            e.fallback_reason.as_deref().unwrap_or("?")
+        )
     } else {
         String::new()
     };
@@ -232,6 +268,7 @@ fn print_event(e: &UsageEvent) {
         e.input_tokens,
         e.output_tokens,
         e.latency_ms,
-        e.cost_usd.map_or_else(|| "null".to_string(), |c| c.to_string()),
+        e.cost_usd
+            .map_or_else(|| "null".to_string(), |c| c.to_string()),
     );
 }

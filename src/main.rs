@@ -11,7 +11,11 @@ use tollgate_collector::simulate::{self, SimSettings};
 use tollgate_collector::{Config, Server, auth};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "OpenAI-compatible LLM gateway with a usage ledger")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "OpenAI-compatible LLM gateway with a usage ledger"
+)]
 struct Cli {
     /// Log filter, e.g. `info` or `tollgate_collector=debug` (or RUST_LOG).
     #[arg(long, global = true, env = "TOLLGATE_LOG", default_value = "info")]
@@ -116,7 +120,11 @@ async fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> 
     println!("tollgate gateway listening on http://{addr}");
     println!("usage events -> {}", config.tap.path.display());
     let summary = server.run(shutdown_signal()).await?;
-    tracing::info!(written = summary.events_written, dropped = summary.events_dropped, "gateway stopped");
+    tracing::info!(
+        written = summary.events_written,
+        dropped = summary.events_dropped,
+        "gateway stopped"
+    );
     Ok(())
 }
 
@@ -139,7 +147,10 @@ async fn run_simulator(a: SimulateArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
         .with_context(|| format!("binding {}", a.listen))?;
-    println!("tollgate simulator listening on http://{}", listener.local_addr()?);
+    println!(
+        "tollgate simulator listening on http://{}",
+        listener.local_addr()?
+    );
     simulate::serve(listener, settings, shutdown_signal()).await?;
     Ok(())
 }
@@ -147,7 +158,8 @@ async fn run_simulator(a: SimulateArgs) -> anyhow::Result<()> {
 fn keys(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::New => {
-            let (key, line) = auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+            let (key, line) =
+                auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
             println!("key: {key}");
             println!("(shown once: give it to the consumer now; the gateway keeps only its hash)");
             println!("api_keys = [\"{line}\"]");

@@ -62,7 +62,9 @@ impl Keyring {
         let mut digests = Vec::new();
         for c in configs {
             let models = c.models.as_ref().map(|ms| {
-                ms.iter().filter_map(|m| glob::Pattern::new(m).ok()).collect()
+                ms.iter()
+                    .filter_map(|m| glob::Pattern::new(m).ok())
+                    .collect()
             });
             for d in &c.key_hashes {
                 digests.push((*d, consumers.len()));
@@ -120,7 +122,10 @@ pub fn new_key() -> Result<(String, String), getrandom::Error> {
 
 /// The `sha256:<hex>` form of an existing key.
 pub fn hash_key(key: &str) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(key.trim().as_bytes())))
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(key.trim().as_bytes()))
+    )
 }
 
 #[cfg(test)]
@@ -152,10 +157,25 @@ mod tests {
     #[test]
     fn keys_from_either_header() {
         let r = ring("tg-secret", None);
-        assert_eq!(r.authenticate(&headers("authorization", b"Bearer tg-secret")).unwrap().consumer.name, "app");
-        assert!(r.authenticate(&headers("authorization", b"bearer  tg-secret ")).is_some());
-        assert!(r.authenticate(&headers("x-api-key", b"tg-secret")).is_some());
-        let id = r.authenticate(&headers("x-api-key", b"tg-secret")).unwrap().key_id;
+        assert_eq!(
+            r.authenticate(&headers("authorization", b"Bearer tg-secret"))
+                .unwrap()
+                .consumer
+                .name,
+            "app"
+        );
+        assert!(
+            r.authenticate(&headers("authorization", b"bearer  tg-secret "))
+                .is_some()
+        );
+        assert!(
+            r.authenticate(&headers("x-api-key", b"tg-secret"))
+                .is_some()
+        );
+        let id = r
+            .authenticate(&headers("x-api-key", b"tg-secret"))
+            .unwrap()
+            .key_id;
         assert!(id.as_str().starts_with("k_") && id.as_str().len() == 10);
         assert!(!id.as_str().contains("secret"));
     }
@@ -174,7 +194,11 @@ mod tests {
             ("x-api-key", b""),
         ];
         for (name, value) in cases {
-            assert!(r.authenticate(&headers(name, value)).is_none(), "{name}: {:?}", String::from_utf8_lossy(value));
+            assert!(
+                r.authenticate(&headers(name, value)).is_none(),
+                "{name}: {:?}",
+                String::from_utf8_lossy(value)
+            );
         }
         assert!(r.authenticate(&HeaderMap::new()).is_none());
     }
@@ -182,7 +206,10 @@ mod tests {
     #[test]
     fn model_globs_limit_what_a_consumer_may_call() {
         let r = ring("k", Some(vec!["deepseek-r1", "qwq-*"]));
-        let c = r.authenticate(&headers("x-api-key", b"k")).unwrap().consumer;
+        let c = r
+            .authenticate(&headers("x-api-key", b"k"))
+            .unwrap()
+            .consumer;
         assert!(c.may_use("deepseek-r1"));
         assert!(c.may_use("qwq-32b"));
         assert!(!c.may_use("gpt-4o"));

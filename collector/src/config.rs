@@ -253,7 +253,9 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &path.display().to_string(), |name| std::env::var(name).ok())
+        Self::parse(&text, &path.display().to_string(), |name| {
+            std::env::var(name).ok()
+        })
     }
 
     /// Parses config text; `env` resolves `${NAME}` references.
@@ -271,7 +273,10 @@ impl Config {
 /// Replaces `${NAME}` in string values with the TOML-escaped value of the
 /// variable. Comments are left alone, so a commented-out reference to an
 /// unset variable is not an error.
-fn interpolate(text: &str, env: &impl Fn(&str) -> Option<String>) -> std::result::Result<String, String> {
+fn interpolate(
+    text: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> std::result::Result<String, String> {
     let mut out = String::with_capacity(text.len());
     for (n, line) in text.split_inclusive('\n').enumerate() {
         let code_len = code_part_len(line);
@@ -281,17 +286,20 @@ fn interpolate(text: &str, env: &impl Fn(&str) -> Option<String>) -> std::result
             out.push_str(&rest[..start]);
             let after = &rest[start + 2..];
             let Some(end) = after.find('}') else {
-                return Err(format!("line {}: unterminated ${{ in {:?}", n + 1, line.trim_end()));
+                return Err(format!(
+                    "line {}: unterminated ${{ in {:?}",
+                    n + 1,
+                    line.trim_end()
+                ));
             };
             let name = &after[..end];
-            let valid = !name.is_empty()
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(format!("line {}: bad variable name ${{{name}}}", n + 1));
             }
-            let value = env(name).ok_or_else(|| {
-                format!("line {}: environment variable {name} is not set", n + 1)
-            })?;
+            let value = env(name)
+                .ok_or_else(|| format!("line {}: environment variable {name} is not set", n + 1))?;
             for c in value.chars() {
                 match c {
                     '"' => out.push_str("\\\""),
@@ -340,7 +348,11 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
         let listen = match g.listen {
             None => SocketAddr::from(([127, 0, 0, 1], 8080)),
             Some(s) => s.get_ref().parse().map_err(|e| {
-                at(s.span(), "gateway.listen".into(), format!("{:?} is not an address: {e}", s.get_ref()))
+                at(
+                    s.span(),
+                    "gateway.listen".into(),
+                    format!("{:?} is not an address: {e}", s.get_ref()),
+                )
             })?,
         };
         GatewayConfig {
@@ -354,7 +366,10 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
     };
 
     let tap = TapConfig {
-        path: raw.tap.path.unwrap_or_else(|| PathBuf::from("data/events.jsonl")),
+        path: raw
+            .tap
+            .path
+            .unwrap_or_else(|| PathBuf::from("data/events.jsonl")),
         queue_capacity: raw.tap.queue_capacity.unwrap_or(65_536).max(1),
     };
 
@@ -367,15 +382,26 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
         let kind = match u.kind.as_str() {
             "openai" => {
                 let sim_fields = [
-                    u.latency_ms.is_some(), u.tokens_per_s.is_some(), u.output_tokens.is_some(),
-                    u.reasoning_tokens.is_some(), u.cached_tokens.is_some(), u.error_rate.is_some(),
-                    u.error_status.is_some(), u.usage.is_some(), u.usage_every_chunk.is_some(),
-                    u.usage_style.is_some(), u.fail_after_chunks.is_some(),
+                    u.latency_ms.is_some(),
+                    u.tokens_per_s.is_some(),
+                    u.output_tokens.is_some(),
+                    u.reasoning_tokens.is_some(),
+                    u.cached_tokens.is_some(),
+                    u.error_rate.is_some(),
+                    u.error_status.is_some(),
+                    u.usage.is_some(),
+                    u.usage_every_chunk.is_some(),
+                    u.usage_style.is_some(),
+                    u.fail_after_chunks.is_some(),
                 ];
                 if sim_fields.iter().any(|s| *s) {
-                    return Err(err("simulator settings are only valid with kind = \"simulated\"".into()));
+                    return Err(err(
+                        "simulator settings are only valid with kind = \"simulated\"".into(),
+                    ));
                 }
-                let base_url = u.base_url.ok_or_else(|| err("base_url is required for kind = \"openai\"".into()))?;
+                let base_url = u
+                    .base_url
+                    .ok_or_else(|| err("base_url is required for kind = \"openai\"".into()))?;
                 let parsed = reqwest::Url::parse(&base_url)
                     .map_err(|e| err(format!("base_url {base_url:?} is not a URL: {e}")))?;
                 if !matches!(parsed.scheme(), "http" | "https") {
@@ -385,15 +411,23 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
                     base_url: base_url.trim_end_matches('/').to_string(),
                     api_key: u.api_key.filter(|k| !k.is_empty()).map(Secret),
                     connect_timeout: Duration::from_millis(u.connect_timeout_ms.unwrap_or(2_000)),
-                    first_byte_timeout: Duration::from_millis(u.first_byte_timeout_ms.unwrap_or(60_000)),
+                    first_byte_timeout: Duration::from_millis(
+                        u.first_byte_timeout_ms.unwrap_or(60_000),
+                    ),
                     idle_timeout: Duration::from_millis(u.idle_timeout_ms.unwrap_or(120_000)),
                 })
             }
             "simulated" => {
-                if u.base_url.is_some() || u.api_key.is_some() || u.connect_timeout_ms.is_some()
-                    || u.first_byte_timeout_ms.is_some() || u.idle_timeout_ms.is_some()
+                if u.base_url.is_some()
+                    || u.api_key.is_some()
+                    || u.connect_timeout_ms.is_some()
+                    || u.first_byte_timeout_ms.is_some()
+                    || u.idle_timeout_ms.is_some()
                 {
-                    return Err(err("base_url, api_key and timeouts are only valid with kind = \"openai\"".into()));
+                    return Err(err(
+                        "base_url, api_key and timeouts are only valid with kind = \"openai\""
+                            .into(),
+                    ));
                 }
                 let d = SimSettings::default();
                 let s = SimSettings {
@@ -417,14 +451,23 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
                 UpstreamKind::Simulated(s)
             }
             other => {
-                return Err(err(format!("unknown kind {other:?} (expected \"openai\" or \"simulated\")")));
+                return Err(err(format!(
+                    "unknown kind {other:?} (expected \"openai\" or \"simulated\")"
+                )));
             }
         };
         let provider = u.provider.unwrap_or_else(|| match kind {
             UpstreamKind::Simulated(_) => "simulated".to_string(),
             UpstreamKind::OpenAi(_) => name.clone(),
         });
-        upstreams.insert(name.clone(), UpstreamConfig { name, provider, kind });
+        upstreams.insert(
+            name.clone(),
+            UpstreamConfig {
+                name,
+                provider,
+                kind,
+            },
+        );
     }
 
     let mut routes: Vec<RouteConfig> = Vec::new();
@@ -435,7 +478,8 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
         if r.model.is_empty() {
             return Err(err(".model", "must not be empty".into()));
         }
-        glob::Pattern::new(&r.model).map_err(|e| err(".model", format!("bad glob {:?}: {e}", r.model)))?;
+        glob::Pattern::new(&r.model)
+            .map_err(|e| err(".model", format!("bad glob {:?}: {e}", r.model)))?;
         if routes.iter().any(|o| o.model == r.model) {
             return Err(err(".model", format!("{:?} is routed twice", r.model)));
         }
@@ -449,12 +493,19 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
                 return Err(at(
                     t.upstream.span(),
                     format!("routes[{i}].targets[{j}].upstream"),
-                    format!("unknown upstream {:?} (known: {})", t.upstream.get_ref(), known.join(", ")),
+                    format!(
+                        "unknown upstream {:?} (known: {})",
+                        t.upstream.get_ref(),
+                        known.join(", ")
+                    ),
                 ));
             }
             let weight = t.weight.unwrap_or(1);
             if weight == 0 {
-                return Err(err(&format!(".targets[{j}].weight"), "must be at least 1".into()));
+                return Err(err(
+                    &format!(".targets[{j}].weight"),
+                    "must be at least 1".into(),
+                ));
             }
             targets.push(TargetConfig {
                 upstream: t.upstream.get_ref().clone(),
@@ -466,13 +517,18 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
             model: r.model.clone(),
             targets,
             fallback: r.fallback.iter().map(|f| f.get_ref().clone()).collect(),
-            fallback_on: r.fallback_on.clone().unwrap_or_else(|| DEFAULT_FALLBACK_ON.to_vec()),
+            fallback_on: r
+                .fallback_on
+                .clone()
+                .unwrap_or_else(|| DEFAULT_FALLBACK_ON.to_vec()),
         });
     }
     for (i, spanned) in raw.routes.iter().enumerate() {
         for (j, f) in spanned.get_ref().fallback.iter().enumerate() {
             let (span, f) = (f.span(), f.get_ref());
-            let exists = routes.iter().any(|r| &r.model == f && !r.model.contains(['*', '?', '[']));
+            let exists = routes
+                .iter()
+                .any(|r| &r.model == f && !r.model.contains(['*', '?', '[']));
             if !exists {
                 return Err(at(
                     span,
@@ -481,7 +537,11 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
                 ));
             }
             if f == &routes[i].model {
-                return Err(at(span, format!("routes[{i}].fallback[{j}]"), "a route cannot fall back to itself".into()));
+                return Err(at(
+                    span,
+                    format!("routes[{i}].fallback[{j}]"),
+                    "a route cannot fall back to itself".into(),
+                ));
             }
         }
     }
@@ -501,7 +561,8 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
         for (j, k) in c.api_keys.iter().enumerate() {
             let key_err = |m: String| at(k.span(), format!("consumers[{i}].api_keys[{j}]"), m);
             let hash = parse_key_hash(k.get_ref()).map_err(key_err)?;
-            let taken = consumers.iter().any(|o| o.key_hashes.contains(&hash)) || key_hashes.contains(&hash);
+            let taken = consumers.iter().any(|o| o.key_hashes.contains(&hash))
+                || key_hashes.contains(&hash);
             if taken {
                 return Err(key_err("this key is already assigned".into()));
             }
@@ -510,7 +571,11 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
         if let Some(models) = &c.models {
             for (j, m) in models.iter().enumerate() {
                 glob::Pattern::new(m.get_ref()).map_err(|e| {
-                    at(m.span(), format!("consumers[{i}].models[{j}]"), format!("bad glob {:?}: {e}", m.get_ref()))
+                    at(
+                        m.span(),
+                        format!("consumers[{i}].models[{j}]"),
+                        format!("bad glob {:?}: {e}", m.get_ref()),
+                    )
                 })?;
             }
         }
@@ -518,7 +583,10 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
             name: c.name.clone(),
             team: c.team.clone(),
             key_hashes,
-            models: c.models.as_ref().map(|ms| ms.iter().map(|m| m.get_ref().clone()).collect()),
+            models: c
+                .models
+                .as_ref()
+                .map(|ms| ms.iter().map(|m| m.get_ref().clone()).collect()),
         });
     }
 
@@ -554,7 +622,8 @@ fn default_instance() -> String {
 mod tests {
     use super::*;
 
-    const KEY_HASH: &str = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+    const KEY_HASH: &str =
+        "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
 
     fn env(name: &str) -> Option<String> {
         match name {
@@ -615,7 +684,10 @@ models = ["deepseek-r1", "qwq-*"]
         assert_eq!(ds.api_key.as_ref().unwrap().expose(), "sk-\"quoted\"\\x");
         assert_eq!(format!("{:?}", ds.api_key), "Some(Secret(***))");
         assert_eq!(c.routes[0].fallback, vec!["qwq-32b"]);
-        assert_eq!(c.consumers[0].models.as_deref().unwrap(), ["deepseek-r1", "qwq-*"]);
+        assert_eq!(
+            c.consumers[0].models.as_deref().unwrap(),
+            ["deepseek-r1", "qwq-*"]
+        );
         assert_eq!(c.upstreams["sim-qwq"].provider, "simulated");
         assert_eq!(c.upstreams["deepseek"].provider, "deepseek");
     }
@@ -627,8 +699,16 @@ models = ["deepseek-r1", "qwq-*"]
     #[test]
     fn errors_name_the_field_and_the_line() {
         let cases: &[(&str, &str, &[&str])] = &[
-            ("unknown key", "[gateway]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n", &["line 3", "lisen"]),
-            ("missing env", "[upstreams.a]\nkind = \"openai\"\nbase_url = \"http://x\"\napi_key = \"${NOPE}\"\n", &["line 4", "NOPE"]),
+            (
+                "unknown key",
+                "[gateway]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n",
+                &["line 3", "lisen"],
+            ),
+            (
+                "missing env",
+                "[upstreams.a]\nkind = \"openai\"\nbase_url = \"http://x\"\napi_key = \"${NOPE}\"\n",
+                &["line 4", "NOPE"],
+            ),
             (
                 "unknown upstream",
                 "[upstreams.a]\nkind = \"simulated\"\n\n[[routes]]\nmodel = \"m\"\ntargets = [{ upstream = \"b\" }]\n",
@@ -639,7 +719,11 @@ models = ["deepseek-r1", "qwq-*"]
                 "[upstreams.a]\nkind = \"simulated\"\n[[routes]]\nmodel = \"m\"\ntargets = [{ upstream = \"a\" }]\nfallback = [\"zz\"]\n",
                 &["line 6", "routes[0].fallback[0]", "zz"],
             ),
-            ("bad listen", "[gateway]\nlisten = \"nowhere\"\n", &["line 2", "gateway.listen"]),
+            (
+                "bad listen",
+                "[gateway]\nlisten = \"nowhere\"\n",
+                &["line 2", "gateway.listen"],
+            ),
             (
                 "plaintext key",
                 "[[consumers]]\nname = \"a\"\napi_keys = [\"tg-secret-plaintext\"]\n",
@@ -650,8 +734,16 @@ models = ["deepseek-r1", "qwq-*"]
                 "[upstreams.a]\nkind = \"openai\"\nbase_url = \"http://x\"\nerror_rate = 0.5\n",
                 &["upstreams.a", "simulated"],
             ),
-            ("bad trigger", "[upstreams.a]\nkind = \"simulated\"\n[[routes]]\nmodel = \"m\"\ntargets = [{ upstream = \"a\" }]\nfallback_on = [\"sometimes\"]\n", &["line 6", "sometimes"]),
-            ("bad error rate", "[upstreams.a]\nkind = \"simulated\"\nerror_rate = 2.0\n", &["upstreams.a", "error_rate"]),
+            (
+                "bad trigger",
+                "[upstreams.a]\nkind = \"simulated\"\n[[routes]]\nmodel = \"m\"\ntargets = [{ upstream = \"a\" }]\nfallback_on = [\"sometimes\"]\n",
+                &["line 6", "sometimes"],
+            ),
+            (
+                "bad error rate",
+                "[upstreams.a]\nkind = \"simulated\"\nerror_rate = 2.0\n",
+                &["upstreams.a", "error_rate"],
+            ),
         ];
         for (name, text, needles) in cases {
             let e = error_of(text);
@@ -659,7 +751,10 @@ models = ["deepseek-r1", "qwq-*"]
                 assert!(e.contains(n), "{name}: {e:?} lacks {n:?}");
             }
         }
-        assert!(!error_of("[[consumers]]\nname = \"a\"\napi_keys = [\"tg-secret-plaintext\"]\n").contains("tg-secret"));
+        assert!(
+            !error_of("[[consumers]]\nname = \"a\"\napi_keys = [\"tg-secret-plaintext\"]\n")
+                .contains("tg-secret")
+        );
     }
 
     #[test]

@@ -13,7 +13,10 @@ use tollgate_schemas::Outcome;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     #[error("{message}")]
-    InvalidRequest { message: String, param: Option<&'static str> },
+    InvalidRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
     #[error("Missing or invalid API key. Send it as `Authorization: Bearer <key>`.")]
     Unauthorized,
     #[error("This API key may not use model {model:?}.")]
@@ -43,7 +46,9 @@ impl GatewayError {
             GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
-            GatewayError::ModelNotFound { .. } | GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
+            GatewayError::ModelNotFound { .. } | GatewayError::NotFound { .. } => {
+                StatusCode::NOT_FOUND
+            }
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -67,7 +72,9 @@ impl GatewayError {
             GatewayError::Unauthorized => "authentication_error",
             GatewayError::ModelNotAllowed { .. } => "permission_error",
             GatewayError::UpstreamRateLimited { .. } => "rate_limit_error",
-            GatewayError::Upstream { .. } | GatewayError::UpstreamTimeout { .. } => "upstream_error",
+            GatewayError::Upstream { .. } | GatewayError::UpstreamTimeout { .. } => {
+                "upstream_error"
+            }
         }
     }
 
@@ -85,7 +92,9 @@ impl GatewayError {
     fn param(&self) -> Option<&'static str> {
         match self {
             GatewayError::InvalidRequest { param, .. } => *param,
-            GatewayError::ModelNotAllowed { .. } | GatewayError::ModelNotFound { .. } => Some("model"),
+            GatewayError::ModelNotAllowed { .. } | GatewayError::ModelNotFound { .. } => {
+                Some("model")
+            }
             _ => None,
         }
     }
@@ -98,7 +107,9 @@ impl GatewayError {
             | GatewayError::MethodNotAllowed
             | GatewayError::ModelNotFound { .. }
             | GatewayError::UpstreamRejected { .. } => Outcome::InvalidRequest,
-            GatewayError::Unauthorized | GatewayError::ModelNotAllowed { .. } => Outcome::Unauthorized,
+            GatewayError::Unauthorized | GatewayError::ModelNotAllowed { .. } => {
+                Outcome::Unauthorized
+            }
             GatewayError::UpstreamRateLimited { .. }
             | GatewayError::Upstream { .. }
             | GatewayError::UpstreamTimeout { .. } => Outcome::UpstreamError,
@@ -144,15 +155,42 @@ mod tests {
     #[test]
     fn statuses_follow_the_openai_contract() {
         let cases = [
-            (GatewayError::InvalidRequest { message: "x".into(), param: None }, 400),
+            (
+                GatewayError::InvalidRequest {
+                    message: "x".into(),
+                    param: None,
+                },
+                400,
+            ),
             (GatewayError::Unauthorized, 401),
             (GatewayError::ModelNotAllowed { model: "m".into() }, 403),
             (GatewayError::ModelNotFound { model: "m".into() }, 404),
             (GatewayError::BodyTooLarge { limit: 1 }, 413),
-            (GatewayError::Upstream { message: "x".into() }, 502),
-            (GatewayError::UpstreamTimeout { message: "x".into() }, 504),
-            (GatewayError::UpstreamRateLimited { message: "x".into() }, 429),
-            (GatewayError::UpstreamRejected { status: 422, message: "x".into() }, 422),
+            (
+                GatewayError::Upstream {
+                    message: "x".into(),
+                },
+                502,
+            ),
+            (
+                GatewayError::UpstreamTimeout {
+                    message: "x".into(),
+                },
+                504,
+            ),
+            (
+                GatewayError::UpstreamRateLimited {
+                    message: "x".into(),
+                },
+                429,
+            ),
+            (
+                GatewayError::UpstreamRejected {
+                    status: 422,
+                    message: "x".into(),
+                },
+                422,
+            ),
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e:?}");
@@ -164,7 +202,10 @@ mod tests {
 
     #[test]
     fn redaction_and_echo_bounds() {
-        assert_eq!(redact("bad key sk-abcdef given", &["sk-abcdef"]), "bad key [redacted] given");
+        assert_eq!(
+            redact("bad key sk-abcdef given", &["sk-abcdef"]),
+            "bad key [redacted] given"
+        );
         assert_eq!(shown(&"x".repeat(1000)).len(), 128);
         assert_eq!(shown("a\nb\u{7}"), "ab");
     }

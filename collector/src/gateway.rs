@@ -4,9 +4,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Body;
-use axum::Extension;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Request};
 use axum::response::{IntoResponse, Response};
@@ -94,15 +94,28 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
 }
 
-async fn not_found(State(gw): State<Arc<Gateway>>, peer: Option<Extension<ConnectInfo<SocketAddr>>>, req: Request<Body>) -> Response {
+async fn not_found(
+    State(gw): State<Arc<Gateway>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    req: Request<Body>,
+) -> Response {
     let rec = Record::open(&gw.ledger, "unknown", req.headers(), peer.map(|c| c.0.0));
     let path: String = crate::error::shown(req.uri().path());
     rec.fail(GatewayError::NotFound { path })
 }
 
-async fn method_not_allowed(State(gw): State<Arc<Gateway>>, peer: Option<Extension<ConnectInfo<SocketAddr>>>, req: Request<Body>) -> Response {
+async fn method_not_allowed(
+    State(gw): State<Arc<Gateway>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    req: Request<Body>,
+) -> Response {
     let endpoint = req.uri().path().trim_start_matches("/v1/").to_string();
-    let rec = Record::open(&gw.ledger, &crate::error::shown(&endpoint), req.headers(), peer.map(|c| c.0.0));
+    let rec = Record::open(
+        &gw.ledger,
+        &crate::error::shown(&endpoint),
+        req.headers(),
+        peer.map(|c| c.0.0),
+    );
     rec.fail(GatewayError::MethodNotAllowed)
 }
 
@@ -123,17 +136,20 @@ pub struct Summary {
 
 impl Server {
     pub async fn bind(config: &Config) -> Result<Self, CollectorError> {
-        let (tap, writer) = Tap::open(&config.tap.path, config.tap.queue_capacity).map_err(|source| {
-            CollectorError::Io {
-                context: format!("opening the usage file {}", config.tap.path.display()),
-                source,
-            }
-        })?;
+        let (tap, writer) =
+            Tap::open(&config.tap.path, config.tap.queue_capacity).map_err(|source| {
+                CollectorError::Io {
+                    context: format!("opening the usage file {}", config.tap.path.display()),
+                    source,
+                }
+            })?;
         let gateway = Arc::new(Gateway::new(config, tap.clone())?);
-        let listener = TcpListener::bind(config.gateway.listen).await.map_err(|source| CollectorError::Io {
-            context: format!("binding {}", config.gateway.listen),
-            source,
-        })?;
+        let listener = TcpListener::bind(config.gateway.listen)
+            .await
+            .map_err(|source| CollectorError::Io {
+                context: format!("binding {}", config.gateway.listen),
+                source,
+            })?;
         Ok(Self {
             listener,
             gateway,
@@ -143,17 +159,25 @@ impl Server {
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, CollectorError> {
-        self.listener.local_addr().map_err(|source| CollectorError::Io {
-            context: "reading the bound address".into(),
-            source,
-        })
+        self.listener
+            .local_addr()
+            .map_err(|source| CollectorError::Io {
+                context: "reading the bound address".into(),
+                source,
+            })
     }
 
     /// Serves until `shutdown` resolves, lets in-flight requests finish,
     /// then drains the tap.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<Summary, CollectorError> {
-        let service = MapRequestLayer::new(paths::normalize_request::<Body>).layer(app(self.gateway));
-        let make = axum::ServiceExt::<Request<Body>>::into_make_service_with_connect_info::<SocketAddr>(service);
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<Summary, CollectorError> {
+        let service =
+            MapRequestLayer::new(paths::normalize_request::<Body>).layer(app(self.gateway));
+        let make = axum::ServiceExt::<Request<Body>>::into_make_service_with_connect_info::<
+            SocketAddr,
+        >(service);
         axum::serve(self.listener, make)
             .with_graceful_shutdown(shutdown)
             .await

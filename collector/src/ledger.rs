@@ -15,7 +15,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use tollgate_schemas::{
-    Attempt, CacheStatus, Outcome, PriceCatalog, SCHEMA_VERSION, TokenSource, Tokens, UsageEvent, Usd,
+    Attempt, CacheStatus, Outcome, PriceCatalog, SCHEMA_VERSION, TokenSource, Tokens, UsageEvent,
+    Usd,
 };
 use uuid::Uuid;
 
@@ -57,7 +58,10 @@ impl Pricing {
                 if let Ok(mut warned) = self.warned.lock()
                     && warned.insert(model.to_string())
                 {
-                    tracing::warn!(model, "model has no price in the catalog; its cost is recorded as null");
+                    tracing::warn!(
+                        model,
+                        "model has no price in the catalog; its cost is recorded as null"
+                    );
                 }
                 None
             }
@@ -93,16 +97,26 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn open(ledger: &Arc<Ledger>, endpoint: &str, headers: &HeaderMap, peer: Option<SocketAddr>) -> Self {
+    pub fn open(
+        ledger: &Arc<Ledger>,
+        endpoint: &str,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Self {
         let now = Utc::now();
         let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-            .map_or_else(|| format!("req_{}", Uuid::now_v7().simple()), str::to_string);
+            .map_or_else(
+                || format!("req_{}", Uuid::now_v7().simple()),
+                str::to_string,
+            );
         let client_ip = peer.and_then(|p| match ledger.client_ip {
             ClientIp::Plain => Some(p.ip().to_string()),
-            ClientIp::Hashed => Some(hex::encode(&Sha256::digest(p.ip().to_string().as_bytes())[..8])),
+            ClientIp::Hashed => Some(hex::encode(
+                &Sha256::digest(p.ip().to_string().as_bytes())[..8],
+            )),
             ClientIp::Off => None,
         });
         let event = UsageEvent {
@@ -228,7 +242,14 @@ impl Record {
     }
 
     /// Records a finished attempt (successful or not).
-    pub fn attempt(&mut self, c: &Candidate, status: Option<u16>, error: Option<&str>, latency: Duration, usage: Option<Usage>) {
+    pub fn attempt(
+        &mut self,
+        c: &Candidate,
+        status: Option<u16>,
+        error: Option<&str>,
+        latency: Duration,
+        usage: Option<Usage>,
+    ) {
         self.in_flight = None;
         let Some(ts_start) = self.event.as_ref().map(|e| e.ts_start) else {
             return;
@@ -292,7 +313,13 @@ impl Record {
         if let Some((c, sent)) = self.in_flight.take() {
             // Dropped while an upstream was working: the prompt was billed.
             let usage = self.estimate("", true);
-            self.attempt(&c, None, Some("client_cancelled"), sent.elapsed(), Some(usage));
+            self.attempt(
+                &c,
+                None,
+                Some("client_cancelled"),
+                sent.elapsed(),
+                Some(usage),
+            );
         }
         let Some(mut e) = self.event.take() else {
             return;
@@ -321,7 +348,9 @@ impl Record {
             total.reasoning += t.reasoning;
             cost = cost.zip(a.cost_usd).map(|(x, y)| x + y);
             source = match (source, a.token_source) {
-                (Some(TokenSource::Estimated), _) | (_, Some(TokenSource::Estimated)) => Some(TokenSource::Estimated),
+                (Some(TokenSource::Estimated), _) | (_, Some(TokenSource::Estimated)) => {
+                    Some(TokenSource::Estimated)
+                }
                 (s, None) => s,
                 (_, s) => s,
             };
@@ -357,7 +386,9 @@ fn trace_id(headers: &HeaderMap) -> Option<String> {
     let v = headers.get("traceparent")?.to_str().ok()?;
     let mut parts = v.split('-');
     let (_version, id) = (parts.next()?, parts.next()?);
-    let valid = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id.bytes().any(|b| b != b'0');
+    let valid = id.len() == 32
+        && id.bytes().all(|b| b.is_ascii_hexdigit())
+        && id.bytes().any(|b| b != b'0');
     valid.then(|| id.to_ascii_lowercase())
 }
 
@@ -371,9 +402,13 @@ fn tags(headers: &HeaderMap) -> BTreeMap<String, String> {
     for value in headers.get_all("x-tollgate-tags") {
         let Ok(v) = value.to_str() else { continue };
         for pair in v.split(',') {
-            let Some((k, val)) = pair.split_once('=') else { continue };
+            let Some((k, val)) = pair.split_once('=') else {
+                continue;
+            };
             let (k, val) = (k.trim(), val.trim());
-            let ok = |s: &str| !s.is_empty() && s.len() <= MAX_TAG_LEN && s.bytes().all(|b| b.is_ascii_graphic());
+            let ok = |s: &str| {
+                !s.is_empty() && s.len() <= MAX_TAG_LEN && s.bytes().all(|b| b.is_ascii_graphic())
+            };
             if ok(k) && ok(val) && out.len() < MAX_TAGS {
                 out.insert(k.to_string(), val.to_string());
             }
@@ -390,7 +425,10 @@ mod tests {
     #[test]
     fn tags_are_parsed_and_bounded() {
         let mut h = HeaderMap::new();
-        h.insert("x-tollgate-tags", HeaderValue::from_static("feature=search, env=prod,broken,=x,k="));
+        h.insert(
+            "x-tollgate-tags",
+            HeaderValue::from_static("feature=search, env=prod,broken,=x,k="),
+        );
         let t = tags(&h);
         assert_eq!(t.len(), 2);
         assert_eq!(t["feature"], "search");
@@ -402,9 +440,18 @@ mod tests {
     #[test]
     fn traceparent_gives_the_trace_id() {
         let mut h = HeaderMap::new();
-        h.insert("traceparent", HeaderValue::from_static("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"));
-        assert_eq!(trace_id(&h).as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
-        h.insert("traceparent", HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"));
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"),
+        );
+        assert_eq!(
+            trace_id(&h).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+        );
         assert_eq!(trace_id(&h), None);
     }
 
@@ -414,6 +461,9 @@ mod tests {
         let now = Utc::now();
         assert_eq!(p.cost("mystery", &Tokens::default(), now), Some(Usd::ZERO));
         assert_eq!(p.cost("mystery", &Tokens::new(1, 0, 1, 0), now), None);
-        assert!(p.cost("qwq-32b", &Tokens::new(1_000_000, 0, 0, 0), now).is_some());
+        assert!(
+            p.cost("qwq-32b", &Tokens::new(1_000_000, 0, 0, 0), now)
+                .is_some()
+        );
     }
 }

@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::Extension;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -36,15 +36,30 @@ use crate::usage::ResponseView;
 /// Longest upstream error body read for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
-pub async fn chat_completions(state: State<Arc<Gateway>>, peer: Option<Extension<ConnectInfo<SocketAddr>>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn chat_completions(
+    state: State<Arc<Gateway>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     handle(state, peer, headers, body, Endpoint::ChatCompletions).await
 }
 
-pub async fn completions(state: State<Arc<Gateway>>, peer: Option<Extension<ConnectInfo<SocketAddr>>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn completions(
+    state: State<Arc<Gateway>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     handle(state, peer, headers, body, Endpoint::Completions).await
 }
 
-pub async fn embeddings(state: State<Arc<Gateway>>, peer: Option<Extension<ConnectInfo<SocketAddr>>>, headers: HeaderMap, body: Body) -> Response {
+pub async fn embeddings(
+    state: State<Arc<Gateway>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     handle(state, peer, headers, body, Endpoint::Embeddings).await
 }
 
@@ -64,7 +79,13 @@ async fn handle(
     resp
 }
 
-async fn respond(gw: &Gateway, endpoint: Endpoint, headers: &HeaderMap, body: Body, mut rec: Record) -> Response {
+async fn respond(
+    gw: &Gateway,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+    mut rec: Record,
+) -> Response {
     let Some(caller) = gw.keyring.authenticate(headers) else {
         return rec.fail(GatewayError::Unauthorized);
     };
@@ -79,27 +100,47 @@ async fn respond(gw: &Gateway, endpoint: Endpoint, headers: &HeaderMap, body: Bo
     };
     rec.request(&req.model, req.stream, req.raw.clone(), req.max_tokens);
     if !caller.consumer.may_use(&req.model) {
-        return rec.fail(GatewayError::ModelNotAllowed { model: shown(&req.model) });
+        return rec.fail(GatewayError::ModelNotAllowed {
+            model: shown(&req.model),
+        });
     }
     let Some(route) = gw.routes.resolve(&req.model) else {
-        return rec.fail(GatewayError::ModelNotFound { model: shown(&req.model) });
+        return rec.fail(GatewayError::ModelNotFound {
+            model: shown(&req.model),
+        });
     };
     let plan = gw.routes.plan(route, &req.model);
     let mut last_error = GatewayError::Upstream {
         message: "the route has no usable upstream".into(),
     };
     for (i, candidate) in plan.iter().enumerate() {
-        let may_fall_back = |t: FallbackTrigger| i + 1 < plan.len() && route.fallback_on.contains(&t);
+        let may_fall_back =
+            |t: FallbackTrigger| i + 1 < plan.len() && route.fallback_on.contains(&t);
         let sent_at = rec.sending(candidate);
-        let sent = candidate.upstream.send(endpoint, req.upstream_body(&candidate.model)).await;
+        let sent = candidate
+            .upstream
+            .send(endpoint, req.upstream_body(&candidate.model))
+            .await;
         rec.waited(sent_at.elapsed());
         let resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
                 let (trigger, label, err) = match e {
-                    SendError::Connect(m) => (FallbackTrigger::Connect, "connect", GatewayError::Upstream { message: m }),
-                    SendError::Timeout(m) => (FallbackTrigger::Timeout, "timeout", GatewayError::UpstreamTimeout { message: m }),
-                    SendError::Other(m) => (FallbackTrigger::Connect, "connect", GatewayError::Upstream { message: m }),
+                    SendError::Connect(m) => (
+                        FallbackTrigger::Connect,
+                        "connect",
+                        GatewayError::Upstream { message: m },
+                    ),
+                    SendError::Timeout(m) => (
+                        FallbackTrigger::Timeout,
+                        "timeout",
+                        GatewayError::UpstreamTimeout { message: m },
+                    ),
+                    SendError::Other(m) => (
+                        FallbackTrigger::Connect,
+                        "connect",
+                        GatewayError::Upstream { message: m },
+                    ),
                 };
                 tracing::warn!(upstream = candidate.upstream.name(), error = %err, "upstream attempt failed");
                 rec.attempt(candidate, None, Some(label), sent_at.elapsed(), None);
@@ -119,14 +160,27 @@ async fn respond(gw: &Gateway, endpoint: Endpoint, headers: &HeaderMap, body: Bo
             };
             let text = read_error_body(resp, candidate.upstream.secret()).await;
             rec.waited(Duration::ZERO);
-            rec.attempt(candidate, Some(status), Some(label), sent_at.elapsed(), None);
-            tracing::warn!(upstream = candidate.upstream.name(), status, "upstream answered with an error");
+            rec.attempt(
+                candidate,
+                Some(status),
+                Some(label),
+                sent_at.elapsed(),
+                None,
+            );
+            tracing::warn!(
+                upstream = candidate.upstream.name(),
+                status,
+                "upstream answered with an error"
+            );
             last_error = match status {
                 429 => GatewayError::UpstreamRateLimited { message: text },
                 500.. => GatewayError::Upstream {
                     message: format!("{} answered {status}: {text}", candidate.upstream.name()),
                 },
-                _ => GatewayError::UpstreamRejected { status, message: text },
+                _ => GatewayError::UpstreamRejected {
+                    status,
+                    message: text,
+                },
             };
             if may_fall_back(trigger) {
                 continue;
@@ -142,7 +196,13 @@ async fn respond(gw: &Gateway, endpoint: Endpoint, headers: &HeaderMap, body: Bo
         match read {
             Ok(bytes) => return complete(rec, candidate, bytes, sent_at, &req),
             Err(ReadError::Timeout) => {
-                rec.attempt(candidate, Some(200), Some("timeout"), sent_at.elapsed(), None);
+                rec.attempt(
+                    candidate,
+                    Some(200),
+                    Some("timeout"),
+                    sent_at.elapsed(),
+                    None,
+                );
                 last_error = GatewayError::UpstreamTimeout {
                     message: "the upstream stalled while sending its response".into(),
                 };
@@ -151,7 +211,13 @@ async fn respond(gw: &Gateway, endpoint: Endpoint, headers: &HeaderMap, body: Bo
                 }
             }
             Err(ReadError::Broken(m)) => {
-                rec.attempt(candidate, Some(200), Some("stream_error"), sent_at.elapsed(), None);
+                rec.attempt(
+                    candidate,
+                    Some(200),
+                    Some("stream_error"),
+                    sent_at.elapsed(),
+                    None,
+                );
                 last_error = GatewayError::Upstream { message: m };
                 if may_fall_back(FallbackTrigger::Connect) {
                     continue;
@@ -165,7 +231,13 @@ async fn respond(gw: &Gateway, endpoint: Endpoint, headers: &HeaderMap, body: Bo
 
 /// A complete (non-streamed) upstream answer, passed on with the client's
 /// model name.
-fn complete(mut rec: Record, candidate: &Candidate, bytes: Bytes, sent_at: Instant, req: &ClientRequest) -> Response {
+fn complete(
+    mut rec: Record,
+    candidate: &Candidate,
+    bytes: Bytes,
+    sent_at: Instant,
+    req: &ClientRequest,
+) -> Response {
     let (usage, served, valid) = match serde_json::from_slice::<ResponseView>(&bytes) {
         Ok(view) => {
             let usage = match view.usage.as_ref().and_then(|u| u.normalize()) {
@@ -184,7 +256,13 @@ fn complete(mut rec: Record, candidate: &Candidate, bytes: Bytes, sent_at: Insta
         Err(_) => (rec.estimate("", true), None, false),
     };
     if !valid {
-        rec.attempt(candidate, Some(200), Some("invalid_response"), sent_at.elapsed(), Some(usage));
+        rec.attempt(
+            candidate,
+            Some(200),
+            Some("invalid_response"),
+            sent_at.elapsed(),
+            Some(usage),
+        );
         return rec.fail(GatewayError::Upstream {
             message: "the upstream returned a response that is not JSON".into(),
         });
@@ -194,7 +272,10 @@ fn complete(mut rec: Record, candidate: &Candidate, bytes: Bytes, sent_at: Insta
     let body = Rename::new(&req.model).apply(bytes, served.as_deref());
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Ok(v) = HeaderValue::from_str(&candidate.model) {
         h.insert("x-tollgate-served-model", v);
     }
@@ -203,15 +284,31 @@ fn complete(mut rec: Record, candidate: &Candidate, bytes: Bytes, sent_at: Insta
     resp
 }
 
-fn stream(mut rec: Record, candidate: &Candidate, upstream: UpstreamResponse, sent_at: Instant, req: &ClientRequest) -> Response {
+fn stream(
+    mut rec: Record,
+    candidate: &Candidate,
+    upstream: UpstreamResponse,
+    sent_at: Instant,
+    req: &ClientRequest,
+) -> Response {
     rec.served_by(candidate);
     rec.responded();
     let status = upstream.status;
-    let relay = Relay::new(rec, candidate.clone(), upstream, sent_at, &req.model, req.include_usage);
+    let relay = Relay::new(
+        rec,
+        candidate.clone(),
+        upstream,
+        sent_at,
+        &req.model,
+        req.include_usage,
+    );
     let mut resp = Response::new(Body::from_stream(relay));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&candidate.model) {
         h.insert("x-tollgate-served-model", v);
@@ -251,7 +348,9 @@ async fn read_all(mut body: BodyStream, limit: usize, idle: Duration) -> Result<
             Ok(Some(Err(e))) => return Err(ReadError::Broken(e)),
             Ok(Some(Ok(chunk))) => {
                 if buf.len() + chunk.len() + single.as_ref().map_or(0, Bytes::len) > limit {
-                    return Err(ReadError::Broken(format!("upstream response exceeds {limit} bytes")));
+                    return Err(ReadError::Broken(format!(
+                        "upstream response exceeds {limit} bytes"
+                    )));
                 }
                 match single.take() {
                     None if buf.is_empty() => single = Some(chunk),
@@ -269,16 +368,30 @@ async fn read_all(mut body: BodyStream, limit: usize, idle: Duration) -> Result<
 
 /// The message of an upstream error body, scrubbed of the upstream's key.
 async fn read_error_body(resp: UpstreamResponse, secret: Option<&str>) -> String {
-    let text = match read_all(resp.body, MAX_ERROR_BODY, resp.idle_timeout.min(Duration::from_secs(10))).await {
+    let text = match read_all(
+        resp.body,
+        MAX_ERROR_BODY,
+        resp.idle_timeout.min(Duration::from_secs(10)),
+    )
+    .await
+    {
         Ok(bytes) => {
             let v: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
-            match v.as_ref().and_then(|v| v.pointer("/error/message")).and_then(|m| m.as_str()) {
+            match v
+                .as_ref()
+                .and_then(|v| v.pointer("/error/message"))
+                .and_then(|m| m.as_str())
+            {
                 Some(m) => m.to_string(),
                 None => String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
             }
         }
         Err(_) => "(no body)".to_string(),
     };
-    let text: String = text.chars().filter(|c| !c.is_control()).take(1024).collect();
+    let text: String = text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(1024)
+        .collect();
     redact(&text, &secret.into_iter().collect::<Vec<_>>())
 }

@@ -50,7 +50,14 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(record: Record, candidate: Candidate, upstream: UpstreamResponse, sent_at: Instant, requested: &str, client_wants_usage: bool) -> Self {
+    pub fn new(
+        record: Record,
+        candidate: Candidate,
+        upstream: UpstreamResponse,
+        sent_at: Instant,
+        requested: &str,
+        client_wants_usage: bool,
+    ) -> Self {
         let idle = Box::pin(tokio::time::sleep(upstream.idle_timeout));
         Self {
             record: Some(record),
@@ -70,7 +77,11 @@ impl Relay {
     }
 
     /// Turns complete events into bytes for the client.
-    fn drain_events(&mut self, out: &mut Option<BytesMut>, single: &mut Option<Bytes>) -> Result<(), sse::Overflow> {
+    fn drain_events(
+        &mut self,
+        out: &mut Option<BytesMut>,
+        single: &mut Option<Bytes>,
+    ) -> Result<(), sse::Overflow> {
         while let Some(ev) = self.parser.next_event()? {
             if let Some(bytes) = self.process(ev) {
                 push_out(out, single, bytes);
@@ -188,7 +199,9 @@ impl Stream for Relay {
                     let (mut out, mut single) = (None, None);
                     if this.drain_events(&mut out, &mut single).is_err() {
                         this.close(Some("stream_error"), Outcome::UpstreamError);
-                        return Poll::Ready(Some(Ok(Self::error_event("upstream sent an oversized event"))));
+                        return Poll::Ready(Some(Ok(Self::error_event(
+                            "upstream sent an oversized event",
+                        ))));
                     }
                     let bytes = match (out, single) {
                         (Some(buf), _) => buf.freeze(),
@@ -226,7 +239,9 @@ impl Stream for Relay {
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
                         this.close(Some("timeout"), Outcome::UpstreamError);
-                        return Poll::Ready(Some(Ok(Self::error_event("the upstream stream stalled"))));
+                        return Poll::Ready(Some(Ok(Self::error_event(
+                            "the upstream stream stalled",
+                        ))));
                     }
                     return Poll::Pending;
                 }

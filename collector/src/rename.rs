@@ -38,7 +38,10 @@ impl Rename {
         if self.finder.as_ref().is_none_or(|(name, _)| name != served) {
             let mut needle = b"\"model\":".to_vec();
             needle.extend_from_slice(&json_string(served));
-            self.finder = Some((served.to_string(), memmem::Finder::new(&needle).into_owned()));
+            self.finder = Some((
+                served.to_string(),
+                memmem::Finder::new(&needle).into_owned(),
+            ));
         }
         let Some((_, finder)) = &self.finder else {
             return json;
@@ -97,13 +100,19 @@ mod tests {
         let out = r.apply(chunk, Some("deepseek-reasoner"));
         let text = std::str::from_utf8(&out).unwrap();
         assert!(text.contains("\"model\":\"deepseek-r1\""), "{text}");
-        assert!(text.contains("\\\"model\\\":\\\"deepseek-reasoner\\\""), "content is untouched: {text}");
+        assert!(
+            text.contains("\\\"model\\\":\\\"deepseek-reasoner\\\""),
+            "content is untouched: {text}"
+        );
     }
 
     #[test]
     fn spaced_json_falls_back_to_reserialising() {
         let mut r = Rename::new("m-public");
-        let out = r.apply(Bytes::from_static(b"data: {\"model\" : \"m-up\", \"a\": 1}\r\n\r\n"), Some("m-up"));
+        let out = r.apply(
+            Bytes::from_static(b"data: {\"model\" : \"m-up\", \"a\": 1}\r\n\r\n"),
+            Some("m-up"),
+        );
         assert_eq!(&out[..], b"data: {\"a\":1,\"model\":\"m-public\"}\r\n\r\n");
         let doc = r.apply(Bytes::from_static(b"{ \"model\": \"m-up\" }"), Some("m-up"));
         assert_eq!(&doc[..], b"{\"model\":\"m-public\"}");

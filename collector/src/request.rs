@@ -56,12 +56,16 @@ pub struct ClientRequest {
 
 impl ClientRequest {
     pub fn parse(endpoint: Endpoint, raw: Bytes) -> Result<Self, GatewayError> {
-        let bad = |m: String| GatewayError::InvalidRequest { message: m, param: None };
+        let bad = |m: String| GatewayError::InvalidRequest {
+            message: m,
+            param: None,
+        };
         let bad_param = |p: &'static str, m: &str| GatewayError::InvalidRequest {
             message: m.to_string(),
             param: Some(p),
         };
-        let text = std::str::from_utf8(&raw).map_err(|_| bad("request body is not valid UTF-8".into()))?;
+        let text =
+            std::str::from_utf8(&raw).map_err(|_| bad("request body is not valid UTF-8".into()))?;
         let mut de = serde_json::Deserializer::from_str(text);
         let value = StrictValue::deserialize(&mut de)
             .and_then(|v| de.end().map(|()| v))
@@ -72,7 +76,9 @@ impl ClientRequest {
         };
         let model = match body.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
-            Some(Value::String(_)) | None => return Err(bad_param("model", "you must provide a model parameter")),
+            Some(Value::String(_)) | None => {
+                return Err(bad_param("model", "you must provide a model parameter"));
+            }
             Some(_) => return Err(bad_param("model", "model must be a string")),
         };
         let stream = match body.get("stream") {
@@ -88,9 +94,19 @@ impl ClientRequest {
             Some(Value::Object(o)) => match o.get("include_usage") {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(bad_param("stream_options", "stream_options.include_usage must be a boolean")),
+                Some(_) => {
+                    return Err(bad_param(
+                        "stream_options",
+                        "stream_options.include_usage must be a boolean",
+                    ));
+                }
             },
-            Some(_) => return Err(bad_param("stream_options", "stream_options must be an object")),
+            Some(_) => {
+                return Err(bad_param(
+                    "stream_options",
+                    "stream_options must be an object",
+                ));
+            }
         };
         let mut max_tokens = None;
         for key in ["max_completion_tokens", "max_tokens"] {
@@ -100,7 +116,11 @@ impl ClientRequest {
                     max_tokens = max_tokens.or(n.as_u64());
                 }
                 Some(_) => {
-                    let param = if key == "max_tokens" { "max_tokens" } else { "max_completion_tokens" };
+                    let param = if key == "max_tokens" {
+                        "max_tokens"
+                    } else {
+                        "max_completion_tokens"
+                    };
                     return Err(bad_param(param, "must be a non-negative integer"));
                 }
             }
@@ -108,8 +128,15 @@ impl ClientRequest {
         match endpoint {
             Endpoint::ChatCompletions => match body.get("messages") {
                 Some(Value::Array(m)) if !m.is_empty() => {}
-                Some(Value::Array(_)) => return Err(bad_param("messages", "messages must not be empty")),
-                _ => return Err(bad_param("messages", "messages must be an array of messages")),
+                Some(Value::Array(_)) => {
+                    return Err(bad_param("messages", "messages must not be empty"));
+                }
+                _ => {
+                    return Err(bad_param(
+                        "messages",
+                        "messages must be an array of messages",
+                    ));
+                }
             },
             Endpoint::Completions => {
                 if !body.contains_key("prompt") {
@@ -232,28 +259,70 @@ mod tests {
     #[test]
     fn hostile_bodies_are_400s() {
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
-        let deep_obj = format!(r#"{{"model":"m","messages":{}1{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+        let deep_obj = format!(
+            r#"{{"model":"m","messages":{}1{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
         let cases: Vec<(&str, String, &str)> = vec![
             ("deep array", deep, "recursion limit"),
             ("deep inside", deep_obj, "recursion limit"),
-            ("dup top", r#"{"model":"a","model":"b","messages":[{}]}"#.into(), "duplicate key \"model\""),
-            ("dup nested", r#"{"model":"a","messages":[{"role":"user","role":"system"}]}"#.into(), "duplicate key"),
-            ("stream string", r#"{"model":"a","messages":[{}],"stream":"true"}"#.into(), "stream must be a boolean"),
-            ("NaN", r#"{"model":"a","messages":[{}],"temperature":NaN}"#.into(), "not valid JSON"),
-            ("lone surrogate", r#"{"model":"a\ud800","messages":[{}]}"#.into(), "not valid JSON"),
-            ("trailing", r#"{"model":"a","messages":[{}]} x"#.into(), "not valid JSON"),
+            (
+                "dup top",
+                r#"{"model":"a","model":"b","messages":[{}]}"#.into(),
+                "duplicate key \"model\"",
+            ),
+            (
+                "dup nested",
+                r#"{"model":"a","messages":[{"role":"user","role":"system"}]}"#.into(),
+                "duplicate key",
+            ),
+            (
+                "stream string",
+                r#"{"model":"a","messages":[{}],"stream":"true"}"#.into(),
+                "stream must be a boolean",
+            ),
+            (
+                "NaN",
+                r#"{"model":"a","messages":[{}],"temperature":NaN}"#.into(),
+                "not valid JSON",
+            ),
+            (
+                "lone surrogate",
+                r#"{"model":"a\ud800","messages":[{}]}"#.into(),
+                "not valid JSON",
+            ),
+            (
+                "trailing",
+                r#"{"model":"a","messages":[{}]} x"#.into(),
+                "not valid JSON",
+            ),
             ("not object", "[1]".into(), "must be a JSON object"),
             ("no model", r#"{"messages":[{}]}"#.into(), "model"),
-            ("model number", r#"{"model":1,"messages":[{}]}"#.into(), "model must be a string"),
+            (
+                "model number",
+                r#"{"model":1,"messages":[{}]}"#.into(),
+                "model must be a string",
+            ),
             ("no messages", r#"{"model":"m"}"#.into(), "messages"),
-            ("bad max_tokens", r#"{"model":"m","messages":[{}],"max_tokens":-1}"#.into(), "non-negative"),
+            (
+                "bad max_tokens",
+                r#"{"model":"m","messages":[{}],"max_tokens":-1}"#.into(),
+                "non-negative",
+            ),
             ("empty", "".into(), "not valid JSON"),
         ];
         for (name, body, needle) in cases {
             let m = msg_of(parse(&body));
             assert!(m.contains(needle), "{name}: {m}");
         }
-        assert!(msg_of(ClientRequest::parse(Endpoint::ChatCompletions, Bytes::from_static(b"\xff\xfe"))).contains("UTF-8"));
+        assert!(
+            msg_of(ClientRequest::parse(
+                Endpoint::ChatCompletions,
+                Bytes::from_static(b"\xff\xfe")
+            ))
+            .contains("UTF-8")
+        );
     }
 
     #[test]

@@ -77,17 +77,26 @@ impl Routes {
             });
         }
         for (i, c) in configs.iter().enumerate() {
-            routes[i].fallback = c.fallback.iter().filter_map(|f| exact.get(f).copied()).collect();
+            routes[i].fallback = c
+                .fallback
+                .iter()
+                .filter_map(|f| exact.get(f).copied())
+                .collect();
         }
-        Self { routes, exact, globs }
+        Self {
+            routes,
+            exact,
+            globs,
+        }
     }
 
     pub fn resolve(&self, model: &str) -> Option<&Route> {
-        let i = self
-            .exact
-            .get(model)
-            .copied()
-            .or_else(|| self.globs.iter().find(|(g, _)| g.matches(model)).map(|(_, i)| *i))?;
+        let i = self.exact.get(model).copied().or_else(|| {
+            self.globs
+                .iter()
+                .find(|(g, _)| g.matches(model))
+                .map(|(_, i)| *i)
+        })?;
         self.routes.get(i)
     }
 
@@ -147,8 +156,13 @@ mod tests {
             .upstreams
             .values()
             .map(|u| {
-                let UpstreamKind::Simulated(s) = &u.kind else { panic!("simulated only") };
-                (u.name.clone(), Arc::new(Upstream::simulated(&u.name, &u.provider, s.clone())))
+                let UpstreamKind::Simulated(s) = &u.kind else {
+                    panic!("simulated only")
+                };
+                (
+                    u.name.clone(),
+                    Arc::new(Upstream::simulated(&u.name, &u.provider, s.clone())),
+                )
             })
             .collect();
         Routes::new(&cfg.routes, &ups)
@@ -181,7 +195,10 @@ mod tests {
         assert_eq!(r.resolve("qwen-plus").unwrap().model, "qwen-*");
         assert_eq!(r.resolve("anything").unwrap().model, "*");
         let plan = r.plan(r.resolve("qwen-plus").unwrap(), "qwen-plus");
-        assert_eq!(plan[0].model, "qwen-plus", "a glob route passes the client's name on");
+        assert_eq!(
+            plan[0].model, "qwen-plus",
+            "a glob route passes the client's name on"
+        );
         assert_eq!(r.plan(r.resolve("x").unwrap(), "x")[0].model, "catch-all");
     }
 

@@ -73,13 +73,22 @@ impl Default for SimSettings {
 impl SimSettings {
     pub fn check(&self) -> Result<(), String> {
         if !(0.0..=1.0).contains(&self.error_rate) {
-            return Err(format!("error_rate must be within 0..=1, not {}", self.error_rate));
+            return Err(format!(
+                "error_rate must be within 0..=1, not {}",
+                self.error_rate
+            ));
         }
         if !(self.tokens_per_s >= 0.0 && self.tokens_per_s.is_finite()) {
-            return Err(format!("tokens_per_s must be >= 0, not {}", self.tokens_per_s));
+            return Err(format!(
+                "tokens_per_s must be >= 0, not {}",
+                self.tokens_per_s
+            ));
         }
         if StatusCode::from_u16(self.error_status).is_err() || self.error_status < 400 {
-            return Err(format!("error_status must be an HTTP error status, not {}", self.error_status));
+            return Err(format!(
+                "error_status must be an HTTP error status, not {}",
+                self.error_status
+            ));
         }
         if self.reasoning_tokens > self.output_tokens {
             return Err("reasoning_tokens cannot exceed output_tokens".into());
@@ -95,6 +104,8 @@ pub enum UsageStyle {
     OpenAi,
     /// `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens`.
     DeepSeek,
+    /// Every count an explicit zero, as some self-hosted servers report.
+    Zeros,
 }
 
 impl FromStr for UsageStyle {
@@ -103,7 +114,10 @@ impl FromStr for UsageStyle {
         match s {
             "openai" => Ok(UsageStyle::OpenAi),
             "deepseek" => Ok(UsageStyle::DeepSeek),
-            other => Err(format!("usage_style must be \"openai\" or \"deepseek\", not {other:?}")),
+            "zeros" => Ok(UsageStyle::Zeros),
+            other => Err(format!(
+                "usage_style must be \"openai\", \"deepseek\" or \"zeros\", not {other:?}"
+            )),
         }
     }
 }
@@ -129,8 +143,8 @@ pub fn router(settings: SimSettings) -> Router {
 }
 
 const WORDS: [&str; 16] = [
-    " the", " gateway", " routes", " every", " request", " and", " counts", " each",
-    " token", " to", " the", " cent", " so", " finance", " trusts", " it",
+    " the", " gateway", " routes", " every", " request", " and", " counts", " each", " token",
+    " to", " the", " cent", " 成本", " finance", " trusts", " it",
 ];
 
 #[derive(Deserialize)]
@@ -207,20 +221,31 @@ impl Sim {
         if got == Some(want.as_str()) {
             None
         } else {
-            Some(error(StatusCode::UNAUTHORIZED, "invalid api key", "authentication_error"))
+            Some(error(
+                StatusCode::UNAUTHORIZED,
+                "invalid api key",
+                "authentication_error",
+            ))
         }
     }
 
     fn roll_error(&self) -> Option<Response> {
         let s = &self.settings;
         if s.error_rate > 0.0 && fastrand::f64() < s.error_rate {
-            let status = StatusCode::from_u16(s.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let status =
+                StatusCode::from_u16(s.error_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
             return Some(error(status, "simulated upstream failure", "server_error"));
         }
         None
     }
 
-    fn plan(&self, model: Option<&str>, prompt_tokens: u64, max_tokens: Option<u64>, usage: bool) -> Plan {
+    fn plan(
+        &self,
+        model: Option<&str>,
+        prompt_tokens: u64,
+        max_tokens: Option<u64>,
+        usage: bool,
+    ) -> Plan {
         let s = &self.settings;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let wanted = u64::from(s.output_tokens);
@@ -229,7 +254,8 @@ impl Sim {
         Plan {
             id: format!("sim-{n}"),
             created: chrono::Utc::now().timestamp().max(0) as u64,
-            model_json: serde_json::to_string(model.unwrap_or("simulated")).unwrap_or_else(|_| "\"simulated\"".into()),
+            model_json: serde_json::to_string(model.unwrap_or("simulated"))
+                .unwrap_or_else(|_| "\"simulated\"".into()),
             prompt_tokens: prompt_tokens.max(1),
             output,
             reasoning,
@@ -256,6 +282,9 @@ impl Sim {
                 p.prompt_tokens,
                 p.prompt_tokens - cached
             ),
+            UsageStyle::Zeros => {
+                "{\"prompt_tokens\":0,\"completion_tokens\":0,\"total_tokens\":0}".to_string()
+            }
         }
     }
 
@@ -266,7 +295,8 @@ impl Sim {
     }
 
     fn token_gap(&self) -> Option<Duration> {
-        (self.settings.tokens_per_s > 0.0).then(|| Duration::from_secs_f64(1.0 / self.settings.tokens_per_s))
+        (self.settings.tokens_per_s > 0.0)
+            .then(|| Duration::from_secs_f64(1.0 / self.settings.tokens_per_s))
     }
 }
 
@@ -275,9 +305,14 @@ fn error(status: StatusCode, message: &str, kind: &str) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, &format!("invalid request body: {e}"), "invalid_request_error"))
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid request body: {e}"),
+            "invalid_request_error",
+        ))
+    })
 }
 
 async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -286,13 +321,18 @@ async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> R
     }
     let req: ChatBody = match parse(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Some(r) = sim.roll_error() {
         sim.wait_first_byte().await;
         return r;
     }
-    let prompt: u64 = req.messages.iter().map(|m| text_tokens(&m.content) + 4).sum::<u64>() + 3;
+    let prompt: u64 = req
+        .messages
+        .iter()
+        .map(|m| text_tokens(&m.content) + 4)
+        .sum::<u64>()
+        + 3;
     let max = req.max_completion_tokens.or(req.max_tokens);
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let report = sim.settings.usage && (!req.stream || include_usage);
@@ -308,7 +348,11 @@ async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> R
     let mut content = String::new();
     for i in 0..plan.output {
         let w = WORDS[(i % WORDS.len() as u64) as usize];
-        if i < plan.reasoning { reasoning.push_str(w) } else { content.push_str(w) }
+        if i < plan.reasoning {
+            reasoning.push_str(w)
+        } else {
+            content.push_str(w)
+        }
     }
     let mut message = json!({"role": "assistant", "content": content});
     if plan.reasoning > 0 {
@@ -322,7 +366,8 @@ async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> R
         "choices": [{"index": 0, "message": message, "finish_reason": plan.finish}],
     });
     if plan.usage {
-        out["usage"] = serde_json::from_str(&sim.usage_json(&plan, plan.output)).unwrap_or(Value::Null);
+        out["usage"] =
+            serde_json::from_str(&sim.usage_json(&plan, plan.output)).unwrap_or(Value::Null);
     }
     axum::Json(out).into_response()
 }
@@ -333,7 +378,7 @@ async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Byte
     }
     let req: CompletionBody = match parse(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Some(r) = sim.roll_error() {
         sim.wait_first_byte().await;
@@ -341,7 +386,12 @@ async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Byte
     }
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let report = sim.settings.usage && (!req.stream || include_usage);
-    let mut plan = sim.plan(req.model.as_deref(), text_tokens(&req.prompt), req.max_tokens, report);
+    let mut plan = sim.plan(
+        req.model.as_deref(),
+        text_tokens(&req.prompt),
+        req.max_tokens,
+        report,
+    );
     plan.reasoning = 0;
     sim.wait_first_byte().await;
     if req.stream {
@@ -350,7 +400,9 @@ async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Byte
     if let Some(gap) = sim.token_gap() {
         tokio::time::sleep(gap * plan.output as u32).await;
     }
-    let text: String = (0..plan.output).map(|i| WORDS[(i % WORDS.len() as u64) as usize]).collect();
+    let text: String = (0..plan.output)
+        .map(|i| WORDS[(i % WORDS.len() as u64) as usize])
+        .collect();
     let mut out = json!({
         "id": format!("cmpl-{}", plan.id),
         "object": "text_completion",
@@ -359,7 +411,8 @@ async fn completions(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Byte
         "choices": [{"index": 0, "text": text, "finish_reason": plan.finish, "logprobs": null}],
     });
     if plan.usage {
-        out["usage"] = serde_json::from_str(&sim.usage_json(&plan, plan.output)).unwrap_or(Value::Null);
+        out["usage"] =
+            serde_json::from_str(&sim.usage_json(&plan, plan.output)).unwrap_or(Value::Null);
     }
     axum::Json(out).into_response()
 }
@@ -380,7 +433,13 @@ fn stream_response(sim: Arc<Sim>, plan: Plan, kind: Kind) -> Response {
     let state = (sim, plan, 0u64);
     let body = stream::unfold(state, move |(sim, plan, n)| async move {
         if fail_after.is_some_and(|f| n >= f) {
-            let err = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated stream failure");
+            // Let what was sent reach the wire before the connection drops,
+            // as with a real upstream that dies mid-generation.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let err = std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "simulated stream failure",
+            );
             return Some((Err(err), (sim, plan, u64::MAX)));
         }
         if n == u64::MAX {
@@ -399,22 +458,41 @@ fn stream_response(sim: Arc<Sim>, plan: Plan, kind: Kind) -> Response {
             );
         };
         let next = if n < plan.output {
-            if n > 0 && let Some(gap) = gap {
+            if n > 0
+                && let Some(gap) = gap
+            {
                 tokio::time::sleep(gap).await;
             }
             let w = WORDS[(n % WORDS.len() as u64) as usize];
             head(&mut out);
             match kind {
                 Kind::Chat if n < plan.reasoning => {
-                    let role = if n == 0 { "\"role\":\"assistant\",\"content\":null," } else { "" };
-                    let _ = write!(out, "[{{\"index\":0,\"delta\":{{{role}\"reasoning_content\":\"{w}\"}},\"finish_reason\":null}}]");
+                    let role = if n == 0 {
+                        "\"role\":\"assistant\",\"content\":null,"
+                    } else {
+                        ""
+                    };
+                    let _ = write!(
+                        out,
+                        "[{{\"index\":0,\"delta\":{{{role}\"reasoning_content\":\"{w}\"}},\"finish_reason\":null}}]"
+                    );
                 }
                 Kind::Chat => {
-                    let role = if n == 0 { "\"role\":\"assistant\"," } else { "" };
-                    let _ = write!(out, "[{{\"index\":0,\"delta\":{{{role}\"content\":\"{w}\"}},\"finish_reason\":null}}]");
+                    let role = if n == 0 {
+                        "\"role\":\"assistant\","
+                    } else {
+                        ""
+                    };
+                    let _ = write!(
+                        out,
+                        "[{{\"index\":0,\"delta\":{{{role}\"content\":\"{w}\"}},\"finish_reason\":null}}]"
+                    );
                 }
                 Kind::Completion => {
-                    let _ = write!(out, "[{{\"index\":0,\"text\":\"{w}\",\"finish_reason\":null}}]");
+                    let _ = write!(
+                        out,
+                        "[{{\"index\":0,\"text\":\"{w}\",\"finish_reason\":null}}]"
+                    );
                 }
             }
             if every {
@@ -426,10 +504,18 @@ fn stream_response(sim: Arc<Sim>, plan: Plan, kind: Kind) -> Response {
             head(&mut out);
             match kind {
                 Kind::Chat => {
-                    let _ = write!(out, "[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"{}\"}}]", plan.finish);
+                    let _ = write!(
+                        out,
+                        "[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"{}\"}}]",
+                        plan.finish
+                    );
                 }
                 Kind::Completion => {
-                    let _ = write!(out, "[{{\"index\":0,\"text\":\"\",\"finish_reason\":\"{}\"}}]", plan.finish);
+                    let _ = write!(
+                        out,
+                        "[{{\"index\":0,\"text\":\"\",\"finish_reason\":\"{}\"}}]",
+                        plan.finish
+                    );
                 }
             }
             if every {
@@ -439,7 +525,11 @@ fn stream_response(sim: Arc<Sim>, plan: Plan, kind: Kind) -> Response {
             if plan.usage { n + 1 } else { n + 2 }
         } else if n == plan.output + 1 {
             head(&mut out);
-            let _ = write!(out, "[],\"usage\":{}}}\n\n", sim.usage_json(&plan, plan.output));
+            let _ = write!(
+                out,
+                "[],\"usage\":{}}}\n\n",
+                sim.usage_json(&plan, plan.output)
+            );
             n + 1
         } else if n == plan.output + 2 {
             out.push_str("data: [DONE]\n\n");
@@ -454,7 +544,13 @@ fn stream_response(sim: Arc<Sim>, plan: Plan, kind: Kind) -> Response {
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
         .body(Body::from_stream(body))
-        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response build failed", "server_error"))
+        .unwrap_or_else(|_| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "response build failed",
+                "server_error",
+            )
+        })
 }
 
 async fn embeddings(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -463,7 +559,7 @@ async fn embeddings(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes
     }
     let req: EmbeddingBody = match parse(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     if let Some(r) = sim.roll_error() {
         sim.wait_first_byte().await;
@@ -472,7 +568,10 @@ async fn embeddings(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes
     sim.wait_first_byte().await;
     let inputs: Vec<String> = match req.input {
         Value::String(s) => vec![s],
-        Value::Array(items) => items.into_iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).collect(),
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            .collect(),
         other => vec![other.to_string()],
     };
     let dims = req.dimensions.unwrap_or(64).clamp(1, 4096);
@@ -510,7 +609,12 @@ pub fn embed(text: &str, dims: usize) -> Vec<f32> {
             ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect();
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::EPSILON);
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
     v.iter_mut().for_each(|x| *x /= norm);
     v
 }
@@ -526,7 +630,9 @@ pub async fn serve(
     settings: SimSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(settings)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(settings))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 #[cfg(test)]
@@ -541,40 +647,77 @@ mod tests {
             .unwrap();
         let resp = router(settings).oneshot(req).await.unwrap();
         let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
         (status, String::from_utf8(bytes.to_vec()).unwrap())
     }
 
     #[tokio::test]
     async fn non_stream_reports_usage_and_reasoning() {
-        let s = SimSettings { output_tokens: 10, reasoning_tokens: 4, cached_tokens: 2, ..Default::default() };
-        let (status, body) = call(s, "/v1/chat/completions", json!({"model": "m", "messages": [{"role": "user", "content": "hello world!"}]})).await;
+        let s = SimSettings {
+            output_tokens: 10,
+            reasoning_tokens: 4,
+            cached_tokens: 2,
+            ..Default::default()
+        };
+        let (status, body) = call(
+            s,
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "hello world!"}]}),
+        )
+        .await;
         assert_eq!(status, 200);
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["model"], "m");
         assert_eq!(v["usage"]["completion_tokens"], 10);
-        assert_eq!(v["usage"]["completion_tokens_details"]["reasoning_tokens"], 4);
+        assert_eq!(
+            v["usage"]["completion_tokens_details"]["reasoning_tokens"],
+            4
+        );
         assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
-        assert!(v["choices"][0]["message"]["reasoning_content"].as_str().unwrap().len() > 0);
+        assert!(
+            v["choices"][0]["message"]["reasoning_content"]
+                .as_str()
+                .unwrap()
+                .len()
+                > 0
+        );
     }
 
     #[tokio::test]
     async fn stream_ends_with_usage_then_done_only_when_asked() {
-        let s = SimSettings { output_tokens: 3, ..Default::default() };
+        let s = SimSettings {
+            output_tokens: 3,
+            ..Default::default()
+        };
         let (_, with) = call(s.clone(), "/v1/chat/completions", json!({"model": "m", "messages": [], "stream": true, "stream_options": {"include_usage": true}})).await;
         let events: Vec<&str> = with.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(events.len(), 3 + 1 + 1 + 1, "{with}");
         assert!(events[4].contains("\"choices\":[],\"usage\""));
         assert_eq!(events[5], "data: [DONE]");
-        let (_, without) = call(s, "/v1/chat/completions", json!({"model": "m", "messages": [], "stream": true})).await;
+        let (_, without) = call(
+            s,
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "stream": true}),
+        )
+        .await;
         assert!(!without.contains("usage"));
         assert!(without.ends_with("data: [DONE]\n\n"));
     }
 
     #[tokio::test]
     async fn max_tokens_caps_output() {
-        let s = SimSettings { output_tokens: 50, ..Default::default() };
-        let (_, body) = call(s, "/v1/completions", json!({"model": "m", "prompt": "x", "max_tokens": 5})).await;
+        let s = SimSettings {
+            output_tokens: 50,
+            ..Default::default()
+        };
+        let (_, body) = call(
+            s,
+            "/v1/completions",
+            json!({"model": "m", "prompt": "x", "max_tokens": 5}),
+        )
+        .await;
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["usage"]["completion_tokens"], 5);
         assert_eq!(v["choices"][0]["finish_reason"], "length");
@@ -582,8 +725,18 @@ mod tests {
 
     #[tokio::test]
     async fn embeddings_are_deterministic_unit_vectors() {
-        let (_, a) = call(SimSettings::default(), "/v1/embeddings", json!({"model": "e", "input": ["a", "b"], "dimensions": 8})).await;
-        let (_, b) = call(SimSettings::default(), "/v1/embeddings", json!({"model": "e", "input": ["a", "b"], "dimensions": 8})).await;
+        let (_, a) = call(
+            SimSettings::default(),
+            "/v1/embeddings",
+            json!({"model": "e", "input": ["a", "b"], "dimensions": 8}),
+        )
+        .await;
+        let (_, b) = call(
+            SimSettings::default(),
+            "/v1/embeddings",
+            json!({"model": "e", "input": ["a", "b"], "dimensions": 8}),
+        )
+        .await;
         assert_eq!(a, b);
         let v: Value = serde_json::from_str(&a).unwrap();
         let e: Vec<f64> = serde_json::from_value(v["data"][0]["embedding"].clone()).unwrap();
@@ -593,8 +746,17 @@ mod tests {
 
     #[tokio::test]
     async fn errors_at_the_configured_rate() {
-        let s = SimSettings { error_rate: 1.0, error_status: 429, ..Default::default() };
-        let (status, body) = call(s, "/v1/chat/completions", json!({"model": "m", "messages": []})).await;
+        let s = SimSettings {
+            error_rate: 1.0,
+            error_status: 429,
+            ..Default::default()
+        };
+        let (status, body) = call(
+            s,
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": []}),
+        )
+        .await;
         assert_eq!(status, 429);
         assert!(body.contains("simulated upstream failure"));
     }

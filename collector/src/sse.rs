@@ -168,7 +168,11 @@ mod tests {
         for (input, want) in cases {
             let got: Vec<String> = parse_whole(input)
                 .iter()
-                .filter_map(|e| e.data.as_ref().map(|d| String::from_utf8_lossy(d).into_owned()))
+                .filter_map(|e| {
+                    e.data
+                        .as_ref()
+                        .map(|d| String::from_utf8_lossy(d).into_owned())
+                })
                 .collect();
             assert_eq!(&got, want, "{:?}", String::from_utf8_lossy(input));
         }

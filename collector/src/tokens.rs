@@ -12,7 +12,9 @@ fn count(text: &str) -> u64 {
     if text.is_empty() {
         return 0;
     }
-    tiktoken_rs::cl100k_base_singleton().encode_ordinary(text).len() as u64
+    tiktoken_rs::cl100k_base_singleton()
+        .encode_ordinary(text)
+        .len() as u64
 }
 
 /// Output tokens of generated `text`, capped by the request's `max_tokens`
@@ -87,7 +89,8 @@ mod tests {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hello world"}]}"#;
         // 3 priming + 3 framing + "user" (1) + "hello world" (2)
         assert_eq!(input(body), 9);
-        let parts = br#"{"messages":[{"role":"user","content":[{"type":"text","text":"hello world"}]}]}"#;
+        let parts =
+            br#"{"messages":[{"role":"user","content":[{"type":"text","text":"hello world"}]}]}"#;
         assert_eq!(input(parts), 9);
         assert_eq!(input(br#"{"prompt":"hello world"}"#), 2);
         assert_eq!(input(br#"{"input":["hello","world"]}"#), 2);

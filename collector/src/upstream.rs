@@ -60,7 +60,9 @@ impl Upstream {
     pub fn new(config: &UpstreamConfig) -> Result<Self, reqwest::Error> {
         match &config.kind {
             UpstreamKind::OpenAi(c) => Self::http(&config.name, &config.provider, c),
-            UpstreamKind::Simulated(s) => Ok(Self::simulated(&config.name, &config.provider, s.clone())),
+            UpstreamKind::Simulated(s) => {
+                Ok(Self::simulated(&config.name, &config.provider, s.clone()))
+            }
         }
     }
 
@@ -110,7 +112,11 @@ impl Upstream {
     }
 
     /// Sends one attempt and waits for the response head.
-    pub async fn send(&self, endpoint: Endpoint, body: Bytes) -> Result<UpstreamResponse, SendError> {
+    pub async fn send(
+        &self,
+        endpoint: Endpoint,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, SendError> {
         match &self.transport {
             Transport::Http {
                 base_url,
@@ -153,7 +159,11 @@ impl Upstream {
                     .await
                     .map_err(|e| SendError::Other(e.to_string()))?;
                 let status = resp.status().as_u16();
-                let body = resp.into_body().into_data_stream().map_err(|e| e.to_string()).boxed();
+                let body = resp
+                    .into_body()
+                    .into_data_stream()
+                    .map_err(|e| e.to_string())
+                    .boxed();
                 Ok(UpstreamResponse {
                     status,
                     body,

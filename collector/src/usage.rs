@@ -56,7 +56,9 @@ impl RawUsage {
             let output = self.completion_tokens.or(self.output_tokens).unwrap_or(0);
             return Some(Tokens::new(prompt, cached, output, reasoning));
         }
-        if let (Some(hit), Some(miss)) = (self.prompt_cache_hit_tokens, self.prompt_cache_miss_tokens) {
+        if let (Some(hit), Some(miss)) =
+            (self.prompt_cache_hit_tokens, self.prompt_cache_miss_tokens)
+        {
             let output = self.completion_tokens.unwrap_or(0);
             return Some(Tokens::new(hit + miss, hit, output, reasoning));
         }
@@ -134,7 +136,10 @@ impl ResponseView<'_> {
                 out.push_str(t);
             }
             for m in [&c.delta, &c.message].into_iter().flatten() {
-                for t in [&m.reasoning_content, &m.content, &m.refusal].into_iter().flatten() {
+                for t in [&m.reasoning_content, &m.content, &m.refusal]
+                    .into_iter()
+                    .flatten()
+                {
                     out.push_str(t);
                 }
                 for call in m.tool_calls.iter().flatten() {
@@ -238,8 +243,16 @@ mod tests {
                 r#"{"input_tokens":90,"output_tokens":9,"input_tokens_details":{"cached_tokens":30},"output_tokens_details":{"reasoning_tokens":4}}"#,
                 Some(Tokens::new(90, 30, 9, 4)),
             ),
-            ("explicit zeros", r#"{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}"#, Some(Tokens::default())),
-            ("null details", r#"{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":null}"#, Some(Tokens::new(3, 0, 2, 0))),
+            (
+                "explicit zeros",
+                r#"{"prompt_tokens":0,"completion_tokens":0,"total_tokens":0}"#,
+                Some(Tokens::default()),
+            ),
+            (
+                "null details",
+                r#"{"prompt_tokens":3,"completion_tokens":2,"prompt_tokens_details":null}"#,
+                Some(Tokens::new(3, 0, 2, 0)),
+            ),
             ("empty", "{}", None),
         ];
         for (name, json, want) in cases {

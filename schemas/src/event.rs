@@ -261,7 +261,10 @@ mod tests {
             Outcome::InvalidRequest,
             Outcome::Unauthorized,
         ] {
-            assert_eq!(serde_json::to_string(&o).unwrap(), format!("\"{}\"", o.as_str()));
+            assert_eq!(
+                serde_json::to_string(&o).unwrap(),
+                format!("\"{}\"", o.as_str())
+            );
         }
     }
 }

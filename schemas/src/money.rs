@@ -25,7 +25,8 @@ impl Usd {
 
     /// `tokens` at `per_million` dollars per 1M tokens.
     pub fn for_tokens(tokens: u64, per_million: Decimal) -> Usd {
-        let amount = Decimal::from(tokens) * per_million / Decimal::ONE_THOUSAND / Decimal::ONE_THOUSAND;
+        let amount =
+            Decimal::from(tokens) * per_million / Decimal::ONE_THOUSAND / Decimal::ONE_THOUSAND;
         Usd(amount.round_dp(Self::SCALE).normalize())
     }
 
@@ -110,12 +111,21 @@ mod tests {
     fn one_token_at_published_prices_is_exact() {
         assert_eq!(Usd::for_tokens(1, Decimal::new(14, 2)), usd("0.00000014"));
         assert_eq!(Usd::for_tokens(1000, Decimal::new(219, 2)), usd("0.00219"));
-        assert_eq!(Usd::for_tokens(3, Decimal::new(375, 4)), usd("0.0000001125"));
+        assert_eq!(
+            Usd::for_tokens(3, Decimal::new(375, 4)),
+            usd("0.0000001125")
+        );
     }
 
     #[test]
     fn json_round_trip_keeps_every_digit() {
-        for s in ["0", "0.00000014", "123.4567890123", "0.0000000001", "99999.9999999999"] {
+        for s in [
+            "0",
+            "0.00000014",
+            "123.4567890123",
+            "0.0000000001",
+            "99999.9999999999",
+        ] {
             let v = usd(s);
             let json = serde_json::to_string(&v).unwrap();
             assert_eq!(json, s, "written as a bare number");

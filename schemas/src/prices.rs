@@ -94,7 +94,10 @@ impl PriceCatalog {
             let names = std::iter::once(&price.model).chain(&price.aliases);
             for name in names {
                 let entries = by_name.entry(name.to_ascii_lowercase()).or_default();
-                if entries.iter().any(|p| p.effective_from == price.effective_from) {
+                if entries
+                    .iter()
+                    .any(|p| p.effective_from == price.effective_from)
+                {
                     return Err(CatalogError::Invalid {
                         origin: origin.to_string(),
                         message: format!(
@@ -146,9 +149,19 @@ mod tests {
         let c = PriceCatalog::shipped().unwrap();
         let now = at("2025-11-26T00:00:00Z");
         for m in [
-            "deepseek-r1", "deepseek-reasoner", "deepseek-v3", "deepseek-chat", "qwq-32b",
-            "qwen-max", "qwen-plus", "qwen-turbo", "gpt-4o", "gpt-4o-mini", "gpt-4.1",
-            "o3-mini", "claude-sonnet-4",
+            "deepseek-r1",
+            "deepseek-reasoner",
+            "deepseek-v3",
+            "deepseek-chat",
+            "qwq-32b",
+            "qwen-max",
+            "qwen-plus",
+            "qwen-turbo",
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4.1",
+            "o3-mini",
+            "claude-sonnet-4",
         ] {
             assert!(c.price(m, now).is_some(), "{m} missing");
         }
@@ -190,8 +203,14 @@ mod tests {
             source = "new"
         "#;
         let c = PriceCatalog::parse(text, "test").unwrap();
-        assert_eq!(c.price("m", at("2025-03-01T00:00:00Z")).unwrap().source, "old");
-        assert_eq!(c.price("m", at("2025-06-01T00:00:00Z")).unwrap().source, "new");
+        assert_eq!(
+            c.price("m", at("2025-03-01T00:00:00Z")).unwrap().source,
+            "old"
+        );
+        assert_eq!(
+            c.price("m", at("2025-06-01T00:00:00Z")).unwrap().source,
+            "new"
+        );
         assert!(c.price("m", at("2024-12-31T23:59:59Z")).is_none());
         assert_eq!(c.version(), "v2");
     }
