@@ -775,6 +775,18 @@ models = ["deepseek-r1", "qwq-*"]
     }
 
     #[test]
+    fn the_shipped_examples_are_valid() {
+        let env = |name: &str| (name == "DEEPSEEK_API_KEY").then(|| "sk-test".to_string());
+        for (name, text) in [
+            ("tollgate.toml", include_str!("../../examples/tollgate.toml")),
+            ("simulated.toml", include_str!("../../examples/simulated.toml")),
+        ] {
+            let c = Config::parse(text, name, env).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!c.routes.is_empty() && !c.consumers.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
     fn comment_detection_respects_strings() {
         assert_eq!(code_part_len("a = \"#x\" # c"), 9);
         assert_eq!(code_part_len("a = '#x'"), 8);

@@ -677,11 +677,10 @@ mod tests {
         );
         assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
         assert!(
-            v["choices"][0]["message"]["reasoning_content"]
+            !v["choices"][0]["message"]["reasoning_content"]
                 .as_str()
                 .unwrap()
-                .len()
-                > 0
+                .is_empty()
         );
     }
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit and end-to-end tests (real processes on
+# 127.0.0.1), then the official openai Python SDK against the gateway, then a
+# sweep of every log, event and response body the tests kept for the canary
+# secrets they used. Installs what it needs first; quick when already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
+VENV="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
+ARTIFACTS="$CARGO_TARGET_DIR/tmp/e2e"
+
+# Python clients, in a venv outside the clone.
+if ! "$VENV/bin/python" -c "import openai, pytest" 2>/dev/null; then
+  echo "==> installing Python test clients into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+fi
+
+rm -rf "$ARTIFACTS"
+mkdir -p "$ARTIFACTS"
+
+echo "==> cargo test (workspace)"
+cargo test --workspace --all-targets
+
+echo "==> openai SDK tests"
+TOLLGATE_BIN="$CARGO_TARGET_DIR/debug/tollgate" TOLLGATE_ARTIFACTS="$ARTIFACTS/python" \
+  "$VENV/bin/python" -m pytest tests/python -q -p no:cacheprovider
+
+echo "==> canary secret sweep over $ARTIFACTS"
+if grep -rIl -e "tg-canary-" -e "sk-canary-" "$ARTIFACTS"; then
+  echo "FAIL: a canary secret appears in the files above (logs, events or bodies)" >&2
+  exit 1
+fi
+echo "no secret found in $(find "$ARTIFACTS" -type f | wc -l) files"

@@ -1,0 +1,106 @@
+"""Starts a simulator and a gateway (the real `tollgate` binary) for the SDK tests."""
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import threading
+
+import pytest
+
+BIN = os.environ.get("TOLLGATE_BIN", "target/debug/tollgate")
+KEY = "tg-canary-python-3c2b1a09f8e7"
+LIMITED_KEY = "tg-canary-python-limited-4d3c2b1a"
+UPSTREAM_KEY = "sk-canary-upstream-python-0a1b2c3d"
+
+
+def sha(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class Proc:
+    """A tollgate child process; its address comes from its `listening on` line."""
+
+    def __init__(self, args, log, env=None):
+        self.log = log
+        self.p = subprocess.Popen(
+            [BIN, *args],
+            stdout=subprocess.PIPE,
+            stderr=open(log, "wb"),
+            env={**os.environ, **(env or {}), "TOLLGATE_LOG": "info"},
+            text=True,
+        )
+        for line in self.p.stdout:
+            if "listening on http://" in line:
+                self.addr = line.strip().split("listening on http://")[1]
+                break
+        else:
+            raise RuntimeError(f"{args} exited early: {pathlib.Path(log).read_text()}")
+        # Keep reading stdout so the child never blocks on a full pipe.
+        threading.Thread(target=self.p.stdout.read, daemon=True).start()
+
+    def stop(self):
+        self.p.kill()
+        self.p.wait()
+
+
+@pytest.fixture(scope="session")
+def artifacts():
+    d = pathlib.Path(os.environ.get("TOLLGATE_ARTIFACTS", "target/tmp/e2e/python"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def gateway(artifacts):
+    sim_env = {"TOLLGATE_SIM_API_KEY": UPSTREAM_KEY}
+    r1 = Proc(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "16", "--reasoning-tokens", "6",
+               "--usage-style", "deepseek"], artifacts / "sim-r1.log", sim_env)
+    qwq = Proc(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "12"], artifacts / "sim-qwq.log", sim_env)
+    down = Proc(["simulate", "--listen", "127.0.0.1:0", "--error-rate", "1", "--error-status", "503"],
+                artifacts / "sim-down.log", sim_env)
+    events = artifacts / "events.jsonl"
+    events.unlink(missing_ok=True)
+
+    def upstream(name, sim):
+        return (f'[upstreams.{name}]\nkind = "openai"\nbase_url = "http://{sim.addr}/v1"\n'
+                f'api_key = "${{UPSTREAM_KEY}}"\n\n')
+
+    config = f"""
+[gateway]
+listen = "127.0.0.1:0"
+
+[tap]
+path = "{events}"
+
+{upstream("r1", r1)}{upstream("qwq", qwq)}{upstream("down", down)}
+[[routes]]
+model = "deepseek-r1"
+targets = [{{ upstream = "r1", model = "deepseek-reasoner" }}]
+fallback = ["qwq-32b"]
+
+[[routes]]
+model = "flaky-r1"
+targets = [{{ upstream = "down", model = "deepseek-reasoner" }}]
+fallback = ["qwq-32b"]
+
+[[routes]]
+model = "qwq-32b"
+targets = [{{ upstream = "qwq" }}]
+
+[[consumers]]
+name = "python-app"
+api_keys = ["{sha(KEY)}"]
+
+[[consumers]]
+name = "qwq-only"
+api_keys = ["{sha(LIMITED_KEY)}"]
+models = ["qwq-*"]
+"""
+    path = artifacts / "tollgate.toml"
+    path.write_text(config)
+    gw = Proc(["serve", "--config", str(path)], artifacts / "gateway.log", {"UPSTREAM_KEY": UPSTREAM_KEY})
+    gw.events = events
+    yield gw
+    for p in (gw, r1, qwq, down):
+        p.stop()
