@@ -1,6 +1,7 @@
 //! `tollgate`: the gateway, its simulator and its demo in one binary.
 
 mod demo;
+mod loadgen;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +40,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Serve a simulated OpenAI-compatible upstream.
     Simulate(SimulateArgs),
+    /// Open-loop load at a fixed rate (latency, time to first byte) or many
+    /// open streams at once; prints JSON. Used by scripts/bench.sh.
+    Loadgen(loadgen::LoadgenArgs),
     /// Manage consumer API keys.
     Keys {
         #[command(subcommand)]
@@ -106,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve { config, listen } => serve(config, listen).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Simulate(args) => run_simulator(args).await,
+        Command::Loadgen(args) => loadgen::run(args).await,
         Command::Keys { command } => keys(command),
     }
 }

@@ -778,8 +778,14 @@ models = ["deepseek-r1", "qwq-*"]
     fn the_shipped_examples_are_valid() {
         let env = |name: &str| (name == "DEEPSEEK_API_KEY").then(|| "sk-test".to_string());
         for (name, text) in [
-            ("tollgate.toml", include_str!("../../examples/tollgate.toml")),
-            ("simulated.toml", include_str!("../../examples/simulated.toml")),
+            (
+                "tollgate.toml",
+                include_str!("../../examples/tollgate.toml"),
+            ),
+            (
+                "simulated.toml",
+                include_str!("../../examples/simulated.toml"),
+            ),
         ] {
             let c = Config::parse(text, name, env).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!c.routes.is_empty() && !c.consumers.is_empty(), "{name}");

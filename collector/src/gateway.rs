@@ -178,7 +178,11 @@ impl Server {
         let make = axum::ServiceExt::<Request<Body>>::into_make_service_with_connect_info::<
             SocketAddr,
         >(service);
-        axum::serve(self.listener, make)
+        // Small SSE writes must leave at once, not wait on Nagle + delayed ACK.
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, make)
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|source| CollectorError::Io {

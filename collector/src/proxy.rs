@@ -94,7 +94,7 @@ async fn respond(
         Ok(raw) => raw,
         Err(e) => return rec.fail(e),
     };
-    let req = match ClientRequest::parse(endpoint, raw) {
+    let mut req = match ClientRequest::parse(endpoint, raw) {
         Ok(r) => r,
         Err(e) => return rec.fail(e),
     };

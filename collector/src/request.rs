@@ -20,9 +20,9 @@ use crate::error::GatewayError;
 /// The endpoints the gateway proxies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
-    ChatCompletions,
-    Completions,
-    Embeddings,
+    ChatCompletions = 0,
+    Completions = 1,
+    Embeddings = 2,
 }
 
 impl Endpoint {
@@ -159,12 +159,14 @@ impl ClientRequest {
     }
 
     /// The body for one upstream attempt: `model` replaced by the target's
-    /// name and, on streams, usage requested so the ledger is exact.
-    pub fn upstream_body(&self, model: &str) -> Bytes {
-        let mut body = self.body.clone();
-        body.insert("model".into(), Value::String(model.to_string()));
+    /// name and, on streams, usage requested so the ledger is exact. The
+    /// body is edited in place (`model` is kept on `self`), not copied.
+    pub fn upstream_body(&mut self, model: &str) -> Bytes {
+        self.body
+            .insert("model".into(), Value::String(model.to_string()));
         if self.stream && !self.include_usage {
-            let opts = body
+            let opts = self
+                .body
                 .entry("stream_options")
                 .or_insert_with(|| Value::Object(Map::new()));
             if let Value::Object(o) = opts {
@@ -172,7 +174,7 @@ impl ClientRequest {
             }
         }
         // A map of plain JSON values always serialises.
-        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+        Bytes::from(serde_json::to_vec(&self.body).unwrap_or_default())
     }
 }
 
@@ -327,13 +329,13 @@ mod tests {
 
     #[test]
     fn upstream_body_swaps_model_and_asks_for_usage() {
-        let r = parse(r#"{"model":"deepseek-r1","messages":[{"role":"user","content":"hi"}],"stream":true,"api_base":"http://evil","x":{"y":1}}"#).unwrap();
+        let mut r = parse(r#"{"model":"deepseek-r1","messages":[{"role":"user","content":"hi"}],"stream":true,"api_base":"http://evil","x":{"y":1}}"#).unwrap();
         assert!(r.stream && !r.include_usage);
         let up: Value = serde_json::from_slice(&r.upstream_body("deepseek-reasoner")).unwrap();
         assert_eq!(up["model"], "deepseek-reasoner");
         assert_eq!(up["stream_options"]["include_usage"], true);
         assert_eq!(up["x"]["y"], 1, "unknown fields are forwarded");
-        let plain = parse(r#"{"model":"m","messages":[{}]}"#).unwrap();
+        let mut plain = parse(r#"{"model":"m","messages":[{}]}"#).unwrap();
         let up: Value = serde_json::from_slice(&plain.upstream_body("t")).unwrap();
         assert!(up.get("stream_options").is_none());
     }

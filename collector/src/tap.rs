@@ -11,14 +11,15 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tollgate_schemas::UsageEvent;
 
 pub struct Tap {
-    tx: SyncSender<UsageEvent>,
+    /// Boxed: the channel allocates its capacity up front, so slots stay small.
+    tx: SyncSender<Box<UsageEvent>>,
     emitted: AtomicU64,
     dropped: AtomicU64,
 }
@@ -60,7 +61,7 @@ impl Tap {
     }
 
     pub fn emit(&self, event: UsageEvent) {
-        match self.tx.try_send(event) {
+        match self.tx.try_send(Box::new(event)) {
             Ok(()) => {
                 self.emitted.fetch_add(1, Ordering::Relaxed);
             }
@@ -101,24 +102,48 @@ impl TapWriter {
 }
 
 const BATCH: usize = 1024;
+const MIN_NAP: Duration = Duration::from_millis(2);
+const MAX_NAP: Duration = Duration::from_millis(50);
 
-fn write_loop(rx: Receiver<UsageEvent>, file: File, stop: &AtomicBool) -> io::Result<u64> {
+/// The writer polls the queue instead of blocking on it: a blocked receiver
+/// makes every `emit` pay for a futex wake-up and a context switch, which is
+/// most of what an event would otherwise cost the request path. Naps grow
+/// while the queue stays empty, so an idle gateway hardly wakes.
+fn write_loop(rx: Receiver<Box<UsageEvent>>, file: File, stop: &AtomicBool) -> io::Result<u64> {
     let mut out = BufWriter::with_capacity(256 * 1024, file);
     let mut written = 0u64;
+    let mut nap = MIN_NAP;
     loop {
-        let first = match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(e) => e,
-            Err(RecvTimeoutError::Timeout) if stop.load(Ordering::Acquire) => break,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        write_one(&mut out, &first)?;
-        written += 1;
-        for e in rx.try_iter().take(BATCH - 1) {
-            write_one(&mut out, &e)?;
-            written += 1;
+        let mut batch = 0u64;
+        loop {
+            match rx.try_recv() {
+                Ok(e) => {
+                    write_one(&mut out, &e)?;
+                    batch += 1;
+                    if batch == BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    written += batch;
+                    out.flush()?;
+                    out.get_ref().sync_data()?;
+                    return Ok(written);
+                }
+            }
         }
-        out.flush()?;
+        if batch > 0 {
+            written += batch;
+            out.flush()?;
+            nap = MIN_NAP;
+            continue;
+        }
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(MAX_NAP);
     }
     out.flush()?;
     out.get_ref().sync_data()?;

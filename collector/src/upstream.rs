@@ -45,7 +45,8 @@ pub struct Upstream {
 
 enum Transport {
     Http {
-        base_url: String,
+        /// One pre-parsed URL per endpoint (parsing per request is costly).
+        urls: Box<[reqwest::Url; 3]>,
         api_key: Option<Secret>,
         client: reqwest::Client,
         first_byte_timeout: Duration,
@@ -57,7 +58,7 @@ enum Transport {
 const SIMULATED_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Upstream {
-    pub fn new(config: &UpstreamConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, UpstreamError> {
         match &config.kind {
             UpstreamKind::OpenAi(c) => Self::http(&config.name, &config.provider, c),
             UpstreamKind::Simulated(s) => {
@@ -74,7 +75,7 @@ impl Upstream {
         }
     }
 
-    fn http(name: &str, provider: &str, c: &OpenAiUpstreamConfig) -> Result<Self, reqwest::Error> {
+    fn http(name: &str, provider: &str, c: &OpenAiUpstreamConfig) -> Result<Self, UpstreamError> {
         let client = reqwest::Client::builder()
             .connect_timeout(c.connect_timeout)
             .tcp_nodelay(true)
@@ -86,7 +87,7 @@ impl Upstream {
             name: name.to_string(),
             provider: provider.to_string(),
             transport: Transport::Http {
-                base_url: c.base_url.clone(),
+                urls: Box::new(endpoint_urls(&c.base_url)?),
                 api_key: c.api_key.clone(),
                 client,
                 first_byte_timeout: c.first_byte_timeout,
@@ -119,14 +120,14 @@ impl Upstream {
     ) -> Result<UpstreamResponse, SendError> {
         match &self.transport {
             Transport::Http {
-                base_url,
+                urls,
                 api_key,
                 client,
                 first_byte_timeout,
                 idle_timeout,
             } => {
                 let mut req = client
-                    .post(format!("{base_url}/{}", endpoint.path()))
+                    .post(urls[endpoint as usize].clone())
                     .header(http::header::CONTENT_TYPE, "application/json")
                     .body(body);
                 if let Some(key) = api_key {
@@ -172,6 +173,27 @@ impl Upstream {
             }
         }
     }
+}
+
+fn endpoint_urls(base: &str) -> Result<[reqwest::Url; 3], UpstreamError> {
+    let url = |e: Endpoint| {
+        let text = format!("{base}/{}", e.path());
+        reqwest::Url::parse(&text).map_err(|err| UpstreamError::Url(format!("{text}: {err}")))
+    };
+    Ok([
+        url(Endpoint::ChatCompletions)?,
+        url(Endpoint::Completions)?,
+        url(Endpoint::Embeddings)?,
+    ])
+}
+
+/// Why an upstream could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("bad URL {0}")]
+    Url(String),
+    #[error("HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
 }
 
 fn classify(e: &reqwest::Error) -> SendError {

@@ -1,0 +1,243 @@
+"""Runs the gateway benchmark (see scripts/bench.sh) and writes BENCHMARKS.md.
+
+Layout on a 2-core machine: the gateway is pinned to core 0; the load
+generator and the simulator share core 1. "direct" = load generator ->
+simulator; "gateway" = load generator -> gateway -> simulator. Both run in
+this one invocation, so their ratio is meaningful on a shared, noisy machine.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = sys.argv[1]
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+GW_CORE, LOAD_CORE = "0", "1"
+KEY = "tg-bench-" + os.urandom(8).hex()
+WORK = tempfile.mkdtemp(prefix="tollgate-bench-")
+CHAT = {"model": "qwq-32b", "messages": [{"role": "user", "content": "Summarise the gateway's cost per consumer for last week."}]}
+
+
+def start(args, name, core):
+    out = open(os.path.join(WORK, name + ".out"), "w+")
+    p = subprocess.Popen(["taskset", "-c", core, BIN, *args], stdout=out, stderr=subprocess.STDOUT,
+                         env={**os.environ, "TOLLGATE_LOG": "warn"})
+    for _ in range(300):
+        out.seek(0)
+        m = re.search(r"listening on http://(\S+)", out.read())
+        if m:
+            return p, m.group(1)
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not start")
+
+
+def wrk(url, body, conns, auth=True):
+    script = os.path.join(WORK, "post.lua")
+    headers = 'wrk.headers["Content-Type"] = "application/json"\n'
+    if auth:
+        headers += f'wrk.headers["Authorization"] = "Bearer {KEY}"\n'
+    with open(script, "w") as f:
+        f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(json.dumps(body))}\n{headers}')
+    threads = 1 if conns == 1 else 2
+    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t", str(threads), "-c", str(conns), "-d", f"{SECONDS}s",
+                          "--latency", "-s", script, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = sum(int(x) for x in re.findall(r"(?:Non-2xx or 3xx responses|Socket errors:.*?timeout) (\d+)", out))
+    lat = {p: to_us(v) for p, v in re.findall(r"\s(50|99)%\s+([\d.]+\w+)", out)}
+    return {"rps": rps, "requests": total, "errors": errors, "p50_us": lat.get("50"), "p99_us": lat.get("99")}
+
+
+def to_us(v):
+    n, unit = re.match(r"([\d.]+)(\w+)", v).groups()
+    return float(n) * {"us": 1, "ms": 1000, "s": 1_000_000}[unit]
+
+
+def cpu_ticks(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def status_kb(pid, key):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def loadgen(url, **kw):
+    args = ["taskset", "-c", LOAD_CORE, BIN, "loadgen", "--url", url, "--key", KEY]
+    for k, v in kw.items():
+        if v is True:
+            args.append("--" + k.replace("_", "-"))
+        else:
+            args += ["--" + k.replace("_", "-"), str(v)]
+    return json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+
+
+def main():
+    sim, sim_addr = start(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "16"], "sim", LOAD_CORE)
+    slow, slow_addr = start(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "60", "--tokens-per-s", "4"],
+                            "slow", LOAD_CORE)
+    config = f"""
+[gateway]
+listen = "127.0.0.1:0"
+instance = "bench"
+[tap]
+path = "{WORK}/events.jsonl"
+[upstreams.sim]
+kind = "openai"
+base_url = "http://{sim_addr}/v1"
+[upstreams.slow]
+kind = "openai"
+base_url = "http://{slow_addr}/v1"
+[[routes]]
+model = "qwq-32b"
+targets = [{{ upstream = "sim" }}]
+[[routes]]
+model = "slow-stream"
+targets = [{{ upstream = "slow" }}]
+[[consumers]]
+name = "bench"
+api_keys = ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
+"""
+    path = os.path.join(WORK, "tollgate.toml")
+    open(path, "w").write(config)
+    gw, gw_addr = start(["serve", "--config", path], "gateway", GW_CORE)
+    direct_url = f"http://{sim_addr}/v1/chat/completions"
+    gw_url = f"http://{gw_addr}/v1/chat/completions"
+
+    rows = []
+    cpu = {}
+    try:
+        for stream in (False, True):
+            body = {**CHAT, "stream": stream}
+            for conns in (1, 64, 256):
+                d = wrk(direct_url, body, conns, auth=False)
+                t0 = cpu_ticks(gw.pid)
+                g = wrk(gw_url, body, conns)
+                ticks = cpu_ticks(gw.pid) - t0
+                us_per_req = ticks * (1_000_000 / os.sysconf("SC_CLK_TCK")) / max(g["requests"], 1)
+                cpu[(stream, conns)] = us_per_req
+                rows.append((stream, conns, d, g, us_per_req))
+                print(f"{'stream' if stream else 'json':6} c={conns:<4} direct {d['rps']:>9.0f} rps  gateway {g['rps']:>9.0f} rps"
+                      f"  ratio {g['rps'] / d['rps']:.2f}  gw cpu {us_per_req:.1f} us/req", flush=True)
+        steady_hwm = status_kb(gw.pid, "VmHWM")
+
+        fixed = {}
+        for stream in (False, True):
+            kw = {"rate": 1000, "duration_s": SECONDS, "model": "qwq-32b"}
+            if stream:
+                kw["stream"] = True
+            fixed[(stream, "direct")] = loadgen(direct_url, **kw)
+            fixed[(stream, "gateway")] = loadgen(gw_url, **kw)
+            print(f"1000 req/s {'stream' if stream else 'json'}: direct {fixed[(stream, 'direct')]}  gateway {fixed[(stream, 'gateway')]}",
+                  flush=True)
+
+        rss_before = status_kb(gw.pid, "VmRSS")
+        holder = subprocess.Popen(["taskset", "-c", LOAD_CORE, BIN, "loadgen", "--url", gw_url, "--key", KEY,
+                                   "--model", "slow-stream", "--stream", "--rate", "0", "--open", "1000"],
+                                  stdout=subprocess.PIPE, text=True)
+        peak_open = 0
+        for _ in range(100):
+            time.sleep(0.1)
+            peak_open = max(peak_open, status_kb(gw.pid, "VmRSS"))
+        held = json.loads(holder.communicate(timeout=120)[0])
+        print(f"1000 open streams: rss {peak_open / 1024:.1f} MB ({held})", flush=True)
+    finally:
+        for p in (gw, sim, slow):
+            p.terminate()
+        for p in (gw, sim, slow):
+            p.wait()
+
+    write_report(rows, fixed, steady_hwm, rss_before, peak_open, held)
+
+
+def machine():
+    cpu = "unknown"
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(open("/proc/meminfo").readline().split()[1]) // 1024 // 1024
+    return f"{os.cpu_count()} cores ({cpu}), {mem} GiB RAM, Linux {platform.release()}"
+
+
+def ms(us):
+    return f"{us / 1000:.2f}" if us is not None else "-"
+
+
+def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
+    lines = []
+    lines.append("# Benchmarks\n")
+    lines.append(f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, release build, `scripts/bench.sh` "
+                 f"({SECONDS} s per run).\n")
+    lines.append("## Method\n")
+    lines.append(
+        "- Upstream: `tollgate simulate` with zero latency and 16 output tokens per completion "
+        "(streams: one SSE event per token, usage chunk, `[DONE]`).\n"
+        "- The gateway is pinned to core 0 (`taskset`); the load generator and the simulator share core 1. "
+        "*direct* = load generator -> simulator; *gateway* = load generator -> gateway -> simulator. "
+        "Both are measured in the same run, so the ratio holds on a noisy shared machine.\n"
+        "- Throughput and closed-loop latency: `wrk` (Debian) with a POST body, keep-alive connections. "
+        "The gateway authenticates the key, parses and rewrites the body, injects `include_usage` on streams, "
+        "relays, renames the model, strips the usage chunk and writes one usage event per request.\n"
+        "- Gateway CPU per request: utime+stime of the gateway process (`/proc/PID/stat`) over the gateway run, "
+        "divided by the requests wrk completed.\n"
+        "- Fixed rate: `tollgate loadgen` (open loop, 1,000 req/s, new request every 1 ms regardless of responses) "
+        "direct vs. gateway; time to first byte is the first body chunk of a stream.\n"
+        "- Memory: the gateway's VmHWM after the throughput runs; VmRSS while 1,000 streams are held open "
+        "(a simulator at 4 tokens/s keeps each open ~15 s).\n")
+    lines.append("## Throughput (wrk)\n")
+    lines.append("| body | conns | direct req/s | gateway req/s | gateway/direct | direct p50 / p99 ms | gateway p50 / p99 ms | gateway CPU us/req |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for stream, conns, d, g, us in rows:
+        lines.append(f"| {'stream' if stream else 'json'} | {conns} | {d['rps']:.0f} | {g['rps']:.0f} | {g['rps'] / d['rps']:.2f} | "
+                     f"{ms(d['p50_us'])} / {ms(d['p99_us'])} | {ms(g['p50_us'])} / {ms(g['p99_us'])} | {us:.1f} |")
+    lines.append("")
+    c1 = [r for r in rows if r[1] == 1]
+    lines.append("## Latency added by the gateway\n")
+    lines.append("| measure | direct | gateway | added |")
+    lines.append("|---|---:|---:|---:|")
+    for stream, _, d, g, _ in c1:
+        for p in ("p50", "p99"):
+            lines.append(f"| {'stream' if stream else 'json'}, concurrency 1, {p} (wrk) | {ms(d[p + '_us'])} ms | {ms(g[p + '_us'])} ms | "
+                         f"{(g[p + '_us'] - d[p + '_us']):.0f} us |")
+    for stream in (False, True):
+        d, g = fixed[(stream, "direct")], fixed[(stream, "gateway")]
+        for p in ("p50", "p99"):
+            lines.append(f"| {'stream' if stream else 'json'}, 1,000 req/s, latency {p} | {ms(d['latency_' + p + '_us'])} ms | "
+                         f"{ms(g['latency_' + p + '_us'])} ms | {g['latency_' + p + '_us'] - d['latency_' + p + '_us']} us |")
+        if stream:
+            for p in ("p50", "p99"):
+                lines.append(f"| stream, 1,000 req/s, time to first byte {p} | {ms(d['ttfb_' + p + '_us'])} ms | "
+                             f"{ms(g['ttfb_' + p + '_us'])} ms | {g['ttfb_' + p + '_us'] - d['ttfb_' + p + '_us']} us |")
+    lines.append("")
+    lines.append("Requests and errors at 1,000 req/s: " + ", ".join(
+        f"{'stream' if s else 'json'} {w} {r['requests']} req / {r['errors']} errors / {r['skipped']} skipped"
+        for (s, w), r in fixed.items()) + ".\n")
+    lines.append("## Memory\n")
+    lines.append("| measure | gateway |")
+    lines.append("|---|---:|")
+    lines.append(f"| peak RSS after the throughput runs (up to 256 connections) | {steady_hwm / 1024:.1f} MB |")
+    lines.append(f"| RSS before opening 1,000 streams | {rss_before / 1024:.1f} MB |")
+    lines.append(f"| RSS with 1,000 streams open | {peak_open / 1024:.1f} MB |")
+    lines.append(f"\n1,000 streams: {held['requests']} completed, {held['errors']} errors.\n")
+    lines.append("## Targets\n")
+    lines.append("Throughput >= 0.9x direct at 64 connections; <= 50 us gateway CPU per non-streamed request; "
+                 "added p99 <= 150 us at concurrency 1 and <= 1 ms at 1,000 req/s; added time to first token p99 <= 300 us; "
+                 "RSS <= 64 MB at steady load and <= 100 MB with 1,000 open streams.\n")
+    text = "\n".join(lines)
+    open("BENCHMARKS.md", "w").write(text)
+    print()
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
