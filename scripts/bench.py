@@ -229,10 +229,25 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
     lines.append(f"| RSS before opening 1,000 streams | {rss_before / 1024:.1f} MB |")
     lines.append(f"| RSS with 1,000 streams open | {peak_open / 1024:.1f} MB |")
     lines.append(f"\n1,000 streams: {held['requests']} completed, {held['errors']} errors.\n")
+    by = {(s, c): (d, g, us) for s, c, d, g, us in rows}
+    fj, fs = (fixed[(False, "direct")], fixed[(False, "gateway")]), (fixed[(True, "direct")], fixed[(True, "gateway")])
+    checks = [
+        ("throughput >= 0.9x direct, json, 64 connections", by[(False, 64)][1]["rps"] / by[(False, 64)][0]["rps"], 0.9, ">="),
+        ("throughput >= 0.9x direct, stream, 64 connections", by[(True, 64)][1]["rps"] / by[(True, 64)][0]["rps"], 0.9, ">="),
+        ("gateway CPU per json request (64 connections) <= 50 us", by[(False, 64)][2], 50, "<="),
+        ("added p99 at concurrency 1 (json) <= 150 us", by[(False, 1)][1]["p99_us"] - by[(False, 1)][0]["p99_us"], 150, "<="),
+        ("added p99 at 1,000 req/s (json) <= 1000 us", fj[1]["latency_p99_us"] - fj[0]["latency_p99_us"], 1000, "<="),
+        ("added time to first byte p99 at 1,000 req/s <= 300 us", fs[1]["ttfb_p99_us"] - fs[0]["ttfb_p99_us"], 300, "<="),
+        ("RSS at steady load <= 64 MB", steady_hwm / 1024, 64, "<="),
+        ("RSS with 1,000 open streams <= 100 MB", peak_open / 1024, 100, "<="),
+    ]
     lines.append("## Targets\n")
-    lines.append("Throughput >= 0.9x direct at 64 connections; <= 50 us gateway CPU per non-streamed request; "
-                 "added p99 <= 150 us at concurrency 1 and <= 1 ms at 1,000 req/s; added time to first token p99 <= 300 us; "
-                 "RSS <= 64 MB at steady load and <= 100 MB with 1,000 open streams.\n")
+    lines.append("| target | measured | met |")
+    lines.append("|---|---:|---|")
+    for name, value, bound, op in checks:
+        met = value >= bound if op == ">=" else value <= bound
+        lines.append(f"| {name} | {value:.2f} | {'yes' if met else 'no'} |")
+    lines.append("")
     text = "\n".join(lines)
     open("BENCHMARKS.md", "w").write(text)
     print()

@@ -84,6 +84,9 @@ impl Relay {
     ) -> Result<(), sse::Overflow> {
         while let Some(ev) = self.parser.next_event()? {
             if let Some(bytes) = self.process(ev) {
+                if let Some(rec) = self.record.as_mut() {
+                    rec.first_byte();
+                }
                 push_out(out, single, bytes);
             }
         }
@@ -182,72 +185,75 @@ fn push_out(out: &mut Option<BytesMut>, single: &mut Option<Bytes>, bytes: Bytes
     }
 }
 
+/// Most bytes gathered from chunks that are already waiting before they go
+/// out together.
+const COALESCE_BYTES: usize = 64 * 1024;
+
 impl Stream for Relay {
     type Item = Result<Bytes, std::io::Error>;
 
+    /// Relays whatever the upstream has ready, never waiting to fill a
+    /// buffer: chunks that already arrived go out in one write, and the
+    /// first `Pending` sends what was gathered.
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        let (mut out, mut single): (Option<BytesMut>, Option<Bytes>) = (None, None);
+        let gathered = |out: &Option<BytesMut>, single: &Option<Bytes>| {
+            out.as_ref().map_or(0, BytesMut::len) + single.as_ref().map_or(0, Bytes::len)
+        };
         loop {
             if this.ended {
-                return Poll::Ready(None);
+                return Poll::Ready(take(out, single).map(Ok));
             }
             match this.upstream.body.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let deadline = tokio::time::Instant::now() + this.upstream.idle_timeout;
                     this.idle.as_mut().reset(deadline);
                     this.parser.push(&chunk);
-                    let (mut out, mut single) = (None, None);
                     if this.drain_events(&mut out, &mut single).is_err() {
                         this.close(Some("stream_error"), Outcome::UpstreamError);
-                        return Poll::Ready(Some(Ok(Self::error_event(
-                            "upstream sent an oversized event",
-                        ))));
+                        push_out(&mut out, &mut single, Self::error_event("upstream sent an oversized event"));
+                        continue;
                     }
-                    let bytes = match (out, single) {
-                        (Some(buf), _) => buf.freeze(),
-                        (None, Some(b)) => b,
-                        (None, None) => continue,
-                    };
-                    if let Some(rec) = this.record.as_mut() {
-                        rec.first_byte();
+                    if gathered(&out, &single) >= COALESCE_BYTES {
+                        break;
                     }
-                    return Poll::Ready(Some(Ok(bytes)));
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(upstream = this.candidate.upstream.name(), error = %e, "upstream stream broke");
-                    let (mut out, mut single) = (None, None);
                     let _ = this.drain_events(&mut out, &mut single);
                     this.close(Some("stream_error"), Outcome::UpstreamError);
-                    let err = Self::error_event("the upstream stream broke before it finished");
-                    push_out(&mut out, &mut single, err);
-                    let bytes = out.map(BytesMut::freeze).or(single).unwrap_or_default();
-                    return Poll::Ready(Some(Ok(bytes)));
+                    push_out(&mut out, &mut single, Self::error_event("the upstream stream broke before it finished"));
                 }
                 Poll::Ready(None) => {
-                    let tail = this.parser.finish().and_then(|ev| this.process(ev));
+                    if let Some(tail) = this.parser.finish().and_then(|ev| this.process(ev)) {
+                        push_out(&mut out, &mut single, tail);
+                    }
                     if this.saw_done {
                         this.close(None, Outcome::Ok);
-                        return Poll::Ready(tail.map(Ok));
+                    } else {
+                        this.close(Some("stream_error"), Outcome::UpstreamError);
+                        push_out(&mut out, &mut single, Self::error_event("the upstream stream ended without [DONE]"));
                     }
-                    this.close(Some("stream_error"), Outcome::UpstreamError);
-                    let err = Self::error_event("the upstream stream ended without [DONE]");
-                    let (mut out, mut single) = (None, tail);
-                    push_out(&mut out, &mut single, err);
-                    let bytes = out.map(BytesMut::freeze).or(single).unwrap_or_default();
-                    return Poll::Ready(Some(Ok(bytes)));
                 }
                 Poll::Pending => {
+                    if gathered(&out, &single) > 0 {
+                        break;
+                    }
                     if this.idle.as_mut().poll(cx).is_ready() {
                         this.close(Some("timeout"), Outcome::UpstreamError);
-                        return Poll::Ready(Some(Ok(Self::error_event(
-                            "the upstream stream stalled",
-                        ))));
+                        return Poll::Ready(Some(Ok(Self::error_event("the upstream stream stalled"))));
                     }
                     return Poll::Pending;
                 }
             }
         }
+        Poll::Ready(take(out, single).map(Ok))
     }
+}
+
+fn take(out: Option<BytesMut>, single: Option<Bytes>) -> Option<Bytes> {
+    out.map(BytesMut::freeze).or(single)
 }
 
 impl Drop for Relay {
