@@ -212,7 +212,11 @@ impl Stream for Relay {
                     this.parser.push(&chunk);
                     if this.drain_events(&mut out, &mut single).is_err() {
                         this.close(Some("stream_error"), Outcome::UpstreamError);
-                        push_out(&mut out, &mut single, Self::error_event("upstream sent an oversized event"));
+                        push_out(
+                            &mut out,
+                            &mut single,
+                            Self::error_event("upstream sent an oversized event"),
+                        );
                         continue;
                     }
                     if gathered(&out, &single) >= COALESCE_BYTES {
@@ -223,7 +227,11 @@ impl Stream for Relay {
                     tracing::warn!(upstream = this.candidate.upstream.name(), error = %e, "upstream stream broke");
                     let _ = this.drain_events(&mut out, &mut single);
                     this.close(Some("stream_error"), Outcome::UpstreamError);
-                    push_out(&mut out, &mut single, Self::error_event("the upstream stream broke before it finished"));
+                    push_out(
+                        &mut out,
+                        &mut single,
+                        Self::error_event("the upstream stream broke before it finished"),
+                    );
                 }
                 Poll::Ready(None) => {
                     if let Some(tail) = this.parser.finish().and_then(|ev| this.process(ev)) {
@@ -233,7 +241,11 @@ impl Stream for Relay {
                         this.close(None, Outcome::Ok);
                     } else {
                         this.close(Some("stream_error"), Outcome::UpstreamError);
-                        push_out(&mut out, &mut single, Self::error_event("the upstream stream ended without [DONE]"));
+                        push_out(
+                            &mut out,
+                            &mut single,
+                            Self::error_event("the upstream stream ended without [DONE]"),
+                        );
                     }
                 }
                 Poll::Pending => {
@@ -242,7 +254,9 @@ impl Stream for Relay {
                     }
                     if this.idle.as_mut().poll(cx).is_ready() {
                         this.close(Some("timeout"), Outcome::UpstreamError);
-                        return Poll::Ready(Some(Ok(Self::error_event("the upstream stream stalled"))));
+                        return Poll::Ready(Some(Ok(Self::error_event(
+                            "the upstream stream stalled",
+                        ))));
                     }
                     return Poll::Pending;
                 }
