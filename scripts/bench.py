@@ -174,7 +174,7 @@ NOTES = """## Reading the figures
   wait to fill a buffer), which is one client write per event when the
   upstream's body arrives chunk by chunk. Against a paced upstream (real
   models emit 20-100 tokens/s) this per-event write happens anyway.
-- Candidates to close the gap, measured but not yet done: a hyper-util client
+- Candidates to close the gap, not tried yet: a hyper-util client
   instead of reqwest, a faster allocator, and yielding once before each flush
   so that chunks already on the socket go out in one write.
 """
