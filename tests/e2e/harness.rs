@@ -238,6 +238,32 @@ pub async fn post(
     (status, headers, text)
 }
 
+/// POSTs a chat completion as the `app` consumer.
+pub async fn chat_as_app(gw: &Gateway, body: &str) -> (u16, reqwest::header::HeaderMap, String) {
+    post(gw, "/v1/chat/completions", Some(CLIENT_KEY), body).await
+}
+
+/// A gateway with `openai` upstreams at the given simulators, `routes`
+/// (TOML) and the usual consumers.
+pub fn gateway_with(dir: &Path, upstreams: &[(&str, &Proc)], routes: &str) -> Gateway {
+    let mut body: String = upstreams
+        .iter()
+        .map(|(name, sim)| upstream(name, sim))
+        .collect();
+    body.push_str(routes);
+    body.push_str(&consumers());
+    Gateway::start(dir, &body)
+}
+
+/// A gateway routing `qwq-32b` to one simulator.
+pub fn qwq_gateway(dir: &Path, sim: &Proc) -> Gateway {
+    gateway_with(
+        dir,
+        &[("primary", sim)],
+        "[[routes]]\nmodel = \"qwq-32b\"\ntargets = [{ upstream = \"primary\" }]\n\n",
+    )
+}
+
 pub fn chat(model: &str, stream: bool) -> String {
     serde_json::json!({
         "model": model,

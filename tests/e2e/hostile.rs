@@ -9,22 +9,11 @@ use serde_json::Value;
 
 use crate::harness::*;
 
-fn basic(dir: &std::path::Path, sim: &Proc) -> Gateway {
-    Gateway::start(
-        dir,
-        &format!(
-            "{}[[routes]]\nmodel = \"qwq-32b\"\ntargets = [{{ upstream = \"primary\" }}]\n\n{}",
-            upstream("primary", sim),
-            consumers()
-        ),
-    )
-}
-
 #[tokio::test]
 async fn hostile_keys_get_the_same_401_and_are_never_echoed() {
     let dir = scratch("hostile-keys");
     let sim = simulator(&dir, "sim", &[]);
-    let gw = basic(&dir, &sim);
+    let gw = qwq_gateway(&dir, &sim);
     let long = "k".repeat(64 * 1024);
     let keys: Vec<String> = vec![
         "' OR '1'='1".into(),
@@ -74,7 +63,7 @@ async fn hostile_keys_get_the_same_401_and_are_never_echoed() {
 async fn upstream_addresses_in_the_body_are_ignored() {
     let dir = scratch("api-base");
     let sim = simulator(&dir, "sim", &[]);
-    let gw = basic(&dir, &sim);
+    let gw = qwq_gateway(&dir, &sim);
     let decoy = TcpListener::bind("127.0.0.1:0").unwrap();
     let decoy_addr = decoy.local_addr().unwrap();
     decoy.set_nonblocking(true).unwrap();
@@ -102,13 +91,7 @@ async fn upstream_addresses_in_the_body_are_ignored() {
     for stream in [false, true] {
         let mut b = body.clone();
         b["stream"] = Value::Bool(stream);
-        let (status, _, text) = post(
-            &gw,
-            "/v1/chat/completions",
-            Some(CLIENT_KEY),
-            &b.to_string(),
-        )
-        .await;
+        let (status, _, text) = chat_as_app(&gw, &b.to_string()).await;
         assert_eq!(status, 200, "{text}");
     }
     let events = gw.exactly(2);
@@ -130,7 +113,7 @@ async fn upstream_addresses_in_the_body_are_ignored() {
 async fn path_and_host_tricks_route_on_the_normalised_path() {
     let dir = scratch("paths");
     let sim = simulator(&dir, "sim", &[]);
-    let gw = basic(&dir, &sim);
+    let gw = qwq_gateway(&dir, &sim);
     let body = chat("qwq-32b", false);
     let req = |target: &str, host: &str, key: bool| {
         let auth = if key {
@@ -179,7 +162,7 @@ async fn path_and_host_tricks_route_on_the_normalised_path() {
 async fn hostile_json_is_a_400_and_the_gateway_stays_up() {
     let dir = scratch("hostile-json");
     let sim = simulator(&dir, "sim", &[]);
-    let gw = basic(&dir, &sim);
+    let gw = qwq_gateway(&dir, &sim);
     let deep = format!(
         r#"{{"model":"qwq-32b","messages":{}{}}}"#,
         "[".repeat(10_000),
@@ -229,13 +212,7 @@ async fn hostile_json_is_a_400_and_the_gateway_stays_up() {
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error", "{name}");
     }
-    let (status, _, _) = post(
-        &gw,
-        "/v1/chat/completions",
-        Some(CLIENT_KEY),
-        &chat("qwq-32b", false),
-    )
-    .await;
+    let (status, _, _) = chat_as_app(&gw, &chat("qwq-32b", false)).await;
     assert_eq!(status, 200, "still serving after hostile input");
     let events = gw.exactly(bodies.len() + 1);
     assert!(

@@ -13,14 +13,7 @@ async fn sigterm_lets_open_streams_finish_and_drains_the_tap() {
         "sim",
         &["--output-tokens", "40", "--tokens-per-s", "40"],
     );
-    let gw = Gateway::start(
-        &dir,
-        &format!(
-            "{}[[routes]]\nmodel = \"qwq-32b\"\ntargets = [{{ upstream = \"primary\" }}]\n\n{}",
-            upstream("primary", &sim),
-            consumers()
-        ),
-    );
+    let gw = qwq_gateway(&dir, &sim);
     let url = gw.url("/v1/chat/completions");
     let stream = tokio::spawn(async move {
         let resp = client()

@@ -20,24 +20,9 @@ async fn stream_and_non_stream_are_billed_identically() {
         &["--output-tokens", "20", "--reasoning-tokens", "6"],
     );
     let backup = simulator(&dir, "backup", &[]);
-    let gw = Gateway::start(
-        &dir,
-        &format!(
-            "{}{}{}{}",
-            upstream("primary", &sim),
-            upstream("backup", &backup),
-            r1_routes(),
-            consumers()
-        ),
-    );
+    let gw = gateway_with(&dir, &[("primary", &sim), ("backup", &backup)], r1_routes());
 
-    let (status, headers, body) = post(
-        &gw,
-        "/v1/chat/completions",
-        Some(CLIENT_KEY),
-        &chat("deepseek-r1", false),
-    )
-    .await;
+    let (status, headers, body) = chat_as_app(&gw, &chat("deepseek-r1", false)).await;
     assert_eq!(status, 200, "{body}");
     keep(&dir, &body);
     assert_eq!(headers["x-tollgate-served-model"], "deepseek-reasoner");
@@ -48,13 +33,7 @@ async fn stream_and_non_stream_are_billed_identically() {
     assert_eq!(usage["completion_tokens"], 20);
     assert!(v["choices"][0]["message"]["reasoning_content"].is_string());
 
-    let (status, _, streamed) = post(
-        &gw,
-        "/v1/chat/completions",
-        Some(CLIENT_KEY),
-        &chat("deepseek-r1", true),
-    )
-    .await;
+    let (status, _, streamed) = chat_as_app(&gw, &chat("deepseek-r1", true)).await;
     assert_eq!(status, 200);
     keep(&dir, &streamed);
     let data = sse_data(&streamed);
@@ -76,13 +55,7 @@ async fn stream_and_non_stream_are_billed_identically() {
         "model": "deepseek-r1", "stream": true, "stream_options": {"include_usage": true},
         "messages": [{"role": "user", "content": "How much did search spend on reasoning tokens?"}],
     });
-    let (_, _, streamed_usage) = post(
-        &gw,
-        "/v1/chat/completions",
-        Some(CLIENT_KEY),
-        &with_usage.to_string(),
-    )
-    .await;
+    let (_, _, streamed_usage) = chat_as_app(&gw, &with_usage.to_string()).await;
     let data = sse_data(&streamed_usage);
     let usage_chunk: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
     assert_eq!(
@@ -138,13 +111,7 @@ async fn provider_cache_and_reasoning_counts_are_normalised() {
         ),
     );
     for stream in [false, true] {
-        let (status, _, _) = post(
-            &gw,
-            "/v1/chat/completions",
-            Some(CLIENT_KEY),
-            &chat("deepseek-r1", stream),
-        )
-        .await;
+        let (status, _, _) = chat_as_app(&gw, &chat("deepseek-r1", stream)).await;
         assert_eq!(status, 200);
     }
     let events = gw.exactly(2);
@@ -166,24 +133,13 @@ async fn a_failing_route_falls_back_and_every_attempt_is_recorded() {
         &["--error-rate", "1", "--error-status", "503"],
     );
     let backup = simulator(&dir, "backup", &["--output-tokens", "9"]);
-    let gw = Gateway::start(
+    let gw = gateway_with(
         &dir,
-        &format!(
-            "{}{}{}{}",
-            upstream("primary", &failing),
-            upstream("backup", &backup),
-            r1_routes(),
-            consumers()
-        ),
+        &[("primary", &failing), ("backup", &backup)],
+        r1_routes(),
     );
     for stream in [false, true] {
-        let (status, headers, body) = post(
-            &gw,
-            "/v1/chat/completions",
-            Some(CLIENT_KEY),
-            &chat("deepseek-r1", stream),
-        )
-        .await;
+        let (status, headers, body) = chat_as_app(&gw, &chat("deepseek-r1", stream)).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(headers["x-tollgate-served-model"], "qwq-32b");
         assert!(
@@ -226,27 +182,9 @@ async fn connect_failures_and_timeouts_fall_back() {
         consumers()
     );
     let gw = Gateway::start(&dir, &config);
-    let (s1, _, b1) = post(
-        &gw,
-        "/v1/chat/completions",
-        Some(CLIENT_KEY),
-        &chat("via-dead", false),
-    )
-    .await;
-    let (s2, _, b2) = post(
-        &gw,
-        "/v1/chat/completions",
-        Some(CLIENT_KEY),
-        &chat("via-slow", true),
-    )
-    .await;
-    let (s3, _, b3) = post(
-        &gw,
-        "/v1/chat/completions",
-        Some(CLIENT_KEY),
-        &chat("slow-only", false),
-    )
-    .await;
+    let (s1, _, b1) = chat_as_app(&gw, &chat("via-dead", false)).await;
+    let (s2, _, b2) = chat_as_app(&gw, &chat("via-slow", true)).await;
+    let (s3, _, b3) = chat_as_app(&gw, &chat("slow-only", false)).await;
     assert_eq!((s1, s2), (200, 200), "{b1} {b2}");
     assert_eq!(s3, 504, "{b3}");
     let v: Value = serde_json::from_str(&b3).unwrap();
@@ -281,23 +219,12 @@ async fn client_errors_from_upstream_pass_through_without_fallback() {
         &["--error-rate", "1", "--error-status", "422"],
     );
     let backup = simulator(&dir, "backup", &[]);
-    let gw = Gateway::start(
+    let gw = gateway_with(
         &dir,
-        &format!(
-            "{}{}{}{}",
-            upstream("primary", &rejecting),
-            upstream("backup", &backup),
-            r1_routes(),
-            consumers()
-        ),
+        &[("primary", &rejecting), ("backup", &backup)],
+        r1_routes(),
     );
-    let (status, _, body) = post(
-        &gw,
-        "/v1/chat/completions",
-        Some(CLIENT_KEY),
-        &chat("deepseek-r1", false),
-    )
-    .await;
+    let (status, _, body) = chat_as_app(&gw, &chat("deepseek-r1", false)).await;
     assert_eq!(status, 422, "{body}");
     assert!(body.contains("simulated upstream failure"));
     let e = &gw.exactly(1)[0];

@@ -9,17 +9,6 @@ use tollgate_schemas::TokenSource;
 
 use crate::harness::*;
 
-fn one_route(dir: &std::path::Path, sim: &Proc) -> Gateway {
-    Gateway::start(
-        dir,
-        &format!(
-            "{}[[routes]]\nmodel = \"qwq-32b\"\ntargets = [{{ upstream = \"primary\" }}]\n\n{}",
-            upstream("primary", sim),
-            consumers()
-        ),
-    )
-}
-
 /// Sends a streamed chat request over a raw socket and reads until `stop`
 /// says so; returns what was read. The socket is then closed.
 fn read_then_disconnect(gw: &Gateway, stop: impl Fn(&[u8]) -> Option<usize>) -> Vec<u8> {
@@ -64,7 +53,7 @@ async fn a_client_that_disconnects_is_billed_for_what_was_generated() {
         "sim",
         &["--output-tokens", "200", "--tokens-per-s", "50"],
     );
-    let gw = one_route(&dir, &sim);
+    let gw = qwq_gateway(&dir, &sim);
     // Each SSE event ends in a blank line; chunked framing adds only CRLFs.
     let chunks = |n: usize| {
         move |got: &[u8]| {
@@ -112,7 +101,7 @@ async fn a_client_that_disconnects_is_billed_for_what_was_generated() {
 async fn a_client_that_leaves_before_the_answer_is_recorded_once() {
     let dir = scratch("early-leave");
     let sim = simulator(&dir, "sim", &["--latency-ms", "1500"]);
-    let gw = one_route(&dir, &sim);
+    let gw = qwq_gateway(&dir, &sim);
     read_then_disconnect(&gw, |got| {
         (got.is_empty()).then(|| {
             std::thread::sleep(Duration::from_millis(300));
@@ -166,13 +155,7 @@ async fn usage_shapes_every_chunk_absent_and_zero() {
         if let Some(m) = max {
             body["max_tokens"] = m.into();
         }
-        let (status, _, text) = post(
-            &gw,
-            "/v1/chat/completions",
-            Some(CLIENT_KEY),
-            &body.to_string(),
-        )
-        .await;
+        let (status, _, text) = chat_as_app(&gw, &body.to_string()).await;
         assert_eq!(status, 200, "{text}");
     }
     let e = gw.exactly(asks.len());
@@ -227,13 +210,7 @@ async fn a_stream_that_breaks_mid_way_does_not_switch_to_the_fallback() {
             consumers()
         ),
     );
-    let (status, _, body) = post(
-        &gw,
-        "/v1/chat/completions",
-        Some(CLIENT_KEY),
-        &chat("deepseek-r1", true),
-    )
-    .await;
+    let (status, _, body) = chat_as_app(&gw, &chat("deepseek-r1", true)).await;
     assert_eq!(status, 200);
     let data = sse_data(&body);
     assert!(!data.contains(&"[DONE]".to_string()));
