@@ -26,7 +26,7 @@ async fn sigterm_lets_open_streams_finish_and_drains_the_tap() {
             .unwrap();
         resp.text().await.unwrap()
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let Gateway { proc, events, .. } = gw;
     let status = tokio::task::spawn_blocking(move || proc.terminate())
         .await
