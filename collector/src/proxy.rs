@@ -159,7 +159,6 @@ async fn respond(
                 _ => (FallbackTrigger::ClientError, "4xx"),
             };
             let text = read_error_body(resp, candidate.upstream.secret()).await;
-            rec.waited(Duration::ZERO);
             rec.attempt(
                 candidate,
                 Some(status),
@@ -191,8 +190,9 @@ async fn respond(
             return stream(rec, candidate, resp, sent_at, &req);
         }
         let idle = resp.idle_timeout;
+        let read_at = Instant::now();
         let read = read_all(resp.body, gw.max_response_bytes, idle).await;
-        rec.waited(sent_at.elapsed());
+        rec.waited(read_at.elapsed());
         match read {
             Ok(bytes) => return complete(rec, candidate, bytes, sent_at, &req),
             Err(ReadError::Timeout) => {

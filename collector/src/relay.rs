@@ -155,7 +155,6 @@ impl Relay {
         let latency = self.sent_at.elapsed();
         let status = self.upstream.status;
         if let Some(mut rec) = self.record.take() {
-            rec.waited(latency);
             rec.attempt(&self.candidate, Some(status), error, latency, Some(usage));
             match error {
                 None => rec.finish(status),
