@@ -7,9 +7,14 @@
 //! includes `reasoning_tokens`. Providers that count differently are
 //! normalised at the edge before a number reaches this crate.
 //!
+//! The same event has three descriptions kept in step by tests: the Rust
+//! type, its Arrow schema (the lake's columns) and the published JSON
+//! Schema `usage_event.v1.json` (the Kafka message format).
+//!
 //! Schema evolution: fields are only ever added, as nullable, and
 //! `schema_version` names the version a producer wrote.
 
+pub mod arrow;
 pub mod event;
 pub mod money;
 pub mod prices;
@@ -18,6 +23,7 @@ pub mod tokens;
 pub use event::{
     Attempt, CacheKind, CacheStatus, Outcome, SCHEMA_VERSION, TokenSource, UsageEvent,
 };
+pub use arrow::usage_schema;
 pub use money::Usd;
 pub use prices::{CatalogError, Price, PriceCatalog};
 pub use tokens::Tokens;

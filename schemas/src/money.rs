@@ -33,6 +33,21 @@ impl Usd {
     pub fn decimal(&self) -> Decimal {
         self.0
     }
+
+    /// The amount as an integer count of 10^-SCALE dollars: the mantissa of
+    /// the lake's `Decimal128(38, SCALE)` columns.
+    pub fn to_scaled(&self) -> i128 {
+        let mut d = self.0;
+        d.rescale(Self::SCALE);
+        d.mantissa()
+    }
+
+    /// The inverse of [`Usd::to_scaled`]; `None` when out of range.
+    pub fn from_scaled(units: i128) -> Option<Usd> {
+        Decimal::try_from_i128_with_scale(units, Self::SCALE)
+            .ok()
+            .map(|d| Usd(d.normalize()))
+    }
 }
 
 impl std::ops::Add for Usd {
@@ -105,6 +120,15 @@ mod tests {
 
     fn usd(s: &str) -> Usd {
         Usd::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn scaled_units_round_trip() {
+        for s in ["0", "0.00029", "1.5", "123456789.0123456789", "0.0000000001"] {
+            let u = usd(s);
+            assert_eq!(Usd::from_scaled(u.to_scaled()), Some(u), "{s}");
+        }
+        assert_eq!(usd("0.00029").to_scaled(), 2_900_000);
     }
 
     #[test]
