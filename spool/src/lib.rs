@@ -1,0 +1,127 @@
+//! The spool: a durable, append-only local log of usage events between the
+//! gateway's tap and whatever drains it (the Kafka forwarder, or the
+//! embedded ingester when there is no Kafka).
+//!
+//! One writer appends framed records to numbered segment files and makes
+//! them durable in groups (one `fsync` per commit). One reader drains
+//! committed records in order and saves its cursor only when the records
+//! are safely elsewhere, so a crash replays at most the unacknowledged
+//! tail. Every frame carries a CRC-32C over its length and payload: on
+//! open, a torn or damaged tail is cut at the last valid record and
+//! reported, never looped on or refused.
+//!
+//! Layout of a spool directory: `<segment>.seg` files named by a 20-digit
+//! counter, and `cursor`, the acknowledged position.
+
+mod dir;
+pub mod frame;
+mod reader;
+mod recovery;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+pub use reader::{Batch, SpoolReader};
+pub use recovery::{Damage, Recovery};
+pub use writer::{Append, SpoolWriter};
+
+/// A place in the spool: a segment and a byte offset within it. Positions
+/// order the records; a batch is named by its first and end positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.segment, self.offset)
+    }
+}
+
+impl std::str::FromStr for Position {
+    type Err = SpoolError;
+    fn from_str(s: &str) -> Result<Self, SpoolError> {
+        let bad = || SpoolError::BadPosition(s.to_string());
+        let (seg, off) = s.split_once('.').ok_or_else(bad)?;
+        Ok(Position {
+            segment: seg.parse().map_err(|_| bad())?,
+            offset: off.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SpoolOptions {
+    pub dir: PathBuf,
+    /// A segment is sealed and a new one started past this size.
+    pub segment_bytes: u64,
+    /// Bound on the bytes on disk; appends past it are refused and counted.
+    pub max_bytes: u64,
+    /// A commit happens this long after the first uncommitted append...
+    pub commit_interval: Duration,
+    /// ...or once this many records are waiting, whichever comes first.
+    pub commit_records: usize,
+}
+
+impl SpoolOptions {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            max_bytes: 4 << 30,
+            commit_interval: Duration::from_millis(5),
+            commit_records: 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("spool position {0:?} is not SEGMENT.OFFSET")]
+    BadPosition(String),
+    #[error("the segment counter is exhausted")]
+    SegmentsExhausted,
+    #[error("record of {0} bytes is empty or larger than a frame may be")]
+    TooLarge(usize),
+}
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> SpoolError {
+    let path = path.into();
+    move |source| SpoolError::Io { path, source }
+}
+
+/// State the writer and the reader share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// End of the durable records; the reader never reads past it.
+    committed: Mutex<Position>,
+    changed: Condvar,
+    /// Bytes of all segment files on disk.
+    bytes: AtomicU64,
+    writer_closed: AtomicBool,
+}
+
+/// Opens (recovering if needed) the spool in `opts.dir`, creating it when
+/// missing. Returns the writer, the reader positioned at the acknowledged
+/// cursor, and what recovery found.
+pub fn open(opts: SpoolOptions) -> Result<(SpoolWriter, SpoolReader, Recovery), SpoolError> {
+    let recovered = recovery::recover(&opts)?;
+    let shared = Arc::new(Shared {
+        committed: Mutex::new(recovered.write_at),
+        changed: Condvar::new(),
+        bytes: AtomicU64::new(recovered.bytes),
+        writer_closed: AtomicBool::new(false),
+    });
+    let writer = SpoolWriter::create(&opts, shared.clone(), recovered.write_at.segment)?;
+    let reader = SpoolReader::new(&opts, shared, recovered.report.cursor);
+    Ok((writer, reader, recovered.report))
+}
