@@ -10,11 +10,15 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
 VENV="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
 ARTIFACTS="$CARGO_TARGET_DIR/tmp/e2e"
 
-# Python clients, in a venv outside the clone.
-if ! "$VENV/bin/python" -c "import openai, pytest" 2>/dev/null; then
+# Python clients (openai SDK, DuckDB), in a venv outside the clone;
+# reinstalled only when requirements.txt changes.
+REQS_STAMP="$VENV/.requirements.sha256"
+REQS_SUM="$(sha256sum tests/python/requirements.txt | cut -d' ' -f1)"
+if [ "$(cat "$REQS_STAMP" 2>/dev/null)" != "$REQS_SUM" ]; then
   echo "==> installing Python test clients into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+  echo "$REQS_SUM" > "$REQS_STAMP"
 fi
 
 rm -rf "$ARTIFACTS"
@@ -26,6 +30,15 @@ cargo test --workspace --all-targets
 echo "==> openai SDK tests"
 TOLLGATE_BIN="$CARGO_TARGET_DIR/debug/tollgate" TOLLGATE_ARTIFACTS="$ARTIFACTS/python" \
   "$VENV/bin/python" -m pytest tests/python -q -p no:cacheprovider
+
+# Lakes are compressed Parquet: dump them to CSV so the sweep sees every value.
+"$VENV/bin/python" - "$ARTIFACTS" <<'PY'
+import pathlib, sys, duckdb
+for usage in pathlib.Path(sys.argv[1]).rglob("usage"):
+    if usage.is_dir() and any(usage.rglob("*.parquet")):
+        out = usage.parent / "lake-dump.csv"
+        duckdb.execute(f"COPY (SELECT * FROM read_parquet('{usage}/**/*.parquet', hive_partitioning = true)) TO '{out}' (HEADER)")
+PY
 
 echo "==> canary secret sweep over $ARTIFACTS"
 if grep -rIl -e "tg-canary-" -e "sk-canary-" "$ARTIFACTS"; then

@@ -5,25 +5,26 @@
 //! deepseek-r1 is slower, pricier and fails a share of requests with 503;
 //! its route falls back to qwq-32b, which is fast and cheap.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, Seek, SeekFrom};
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use rust_decimal::Decimal;
 use tollgate_collector::{Config, Server, auth};
+use tollgate_ingest::Lake;
+use tollgate_ingest::lake::read_file;
 use tollgate_schemas::UsageEvent;
 
 #[derive(Args)]
 pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Where the usage events are written.
-    #[arg(long, default_value = "data/demo/events.jsonl")]
-    events: PathBuf,
+    /// Where the demo keeps its spool and its Parquet lake.
+    #[arg(long, default_value = "data/demo")]
+    data: PathBuf,
     /// Pause between sample requests.
     #[arg(long, default_value_t = 600)]
     interval_ms: u64,
@@ -42,8 +43,10 @@ fn config_text(args: &DemoArgs, key_line: &str) -> String {
 listen = "{listen}"
 instance = "demo"
 
-[tap]
-path = {events:?}
+[pipeline]
+spool_dir = {spool:?}
+lake = {lake:?}
+flush_ms = 500
 
 [upstreams.sim-deepseek]
 kind = "simulated"
@@ -79,7 +82,8 @@ team = "demo"
 api_keys = ["{key_line}"]
 "#,
         listen = args.listen,
-        events = args.events.display().to_string(),
+        spool = args.data.join("spool").display().to_string(),
+        lake = args.data.join("lake").display().to_string(),
         error_rate = args.error_rate,
     )
 }
@@ -88,11 +92,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (key, key_line) =
         auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
     let config = Config::parse(&config_text(&args, &key_line), "demo", |_| None)?;
-    let server = Server::bind(&config).await?;
+    let (spool, pipeline) = crate::pipeline::start(&config)?;
+    let server = Server::bind(&config, spool).await?;
     let addr = server.local_addr()?;
-    let start_offset = std::fs::metadata(&args.events)
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let lake = Lake::open(args.data.join("lake"))?;
+    let already: HashSet<PathBuf> = lake.files()?.into_iter().collect();
 
     println!("Tollgate demo: gateway on http://{addr}");
     println!(
@@ -107,7 +111,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!(
         "             -H 'content-type: application/json' -d '{{\"model\":\"deepseek-r1\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
     );
-    println!("  usage events -> {}", args.events.display());
+    println!(
+        "  usage lake -> {} (rows appear as the pipeline publishes them)",
+        lake.root().display()
+    );
     println!();
     println!(
         "{:<12} {:<6} {:<18} {:>6} {:>7} {:>7} {:>6} {:>12}  note",
@@ -122,7 +129,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }));
     let tail_stop = tokio_util_stop();
-    let tailer = tokio::spawn(tail(args.events.clone(), start_offset, tail_stop.clone()));
+    let tailer = tokio::spawn(tail(lake, already, tail_stop.clone()));
 
     let traffic = traffic(addr, key, args.interval_ms, args.requests);
     tokio::select! {
@@ -131,11 +138,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(());
     let summary = server_task.await.context("gateway task")??;
+    tokio::task::spawn_blocking(move || pipeline.finish()).await??;
     tail_stop.notify_one();
     let totals = tailer.await.context("tail task")?;
     println!();
     println!(
-        "{} events written, {} dropped",
+        "{} events spooled, {} dropped",
         summary.events_written, summary.events_dropped
     );
     for (model, (n, cost)) in totals {
@@ -200,11 +208,11 @@ async fn traffic(
     Ok(())
 }
 
-/// Prints each new event of the usage file; returns requests and cost per
-/// served model.
+/// Prints the rows of each Parquet file the pipeline publishes; returns
+/// requests and cost per served model.
 async fn tail(
-    path: PathBuf,
-    mut offset: u64,
+    lake: Lake,
+    mut seen: HashSet<PathBuf>,
     stop: std::sync::Arc<tokio::sync::Notify>,
 ) -> BTreeMap<String, (u64, Decimal)> {
     let mut totals: BTreeMap<String, (u64, Decimal)> = BTreeMap::new();
@@ -213,7 +221,14 @@ async fn tail(
             () = stop.notified() => true,
             () = tokio::time::sleep(Duration::from_millis(200)) => false,
         };
-        for e in read_new(&path, &mut offset) {
+        let mut fresh: Vec<UsageEvent> = Vec::new();
+        for file in lake.files().unwrap_or_default() {
+            if seen.insert(file.clone()) {
+                fresh.extend(read_file(&file).unwrap_or_default());
+            }
+        }
+        fresh.sort_by_key(|e| e.ts_end);
+        for e in fresh {
             print_event(&e);
             let key = e.served_model.clone().unwrap_or_else(|| "(none)".into());
             let entry = totals.entry(key).or_default();
@@ -224,29 +239,6 @@ async fn tail(
             return totals;
         }
     }
-}
-
-fn read_new(path: &Path, offset: &mut u64) -> Vec<UsageEvent> {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    if f.seek(SeekFrom::Start(*offset)).is_err() {
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    let mut reader = std::io::BufReader::new(f);
-    let mut line = String::new();
-    while let Ok(n) = reader.read_line(&mut line) {
-        if n == 0 || !line.ends_with('\n') {
-            break;
-        }
-        *offset += n as u64;
-        if let Ok(e) = serde_json::from_str::<UsageEvent>(&line) {
-            out.push(e);
-        }
-        line.clear();
-    }
-    out
 }
 
 fn print_event(e: &UsageEvent) {

@@ -2,6 +2,7 @@
 
 mod demo;
 mod loadgen;
+mod pipeline;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -120,14 +121,18 @@ async fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> 
     if let Some(addr) = listen {
         config.gateway.listen = addr;
     }
-    let server = Server::bind(&config).await?;
+    let (spool, pipeline) = pipeline::start(&config)?;
+    let server = Server::bind(&config, spool).await?;
     let addr = server.local_addr()?;
     println!("tollgate gateway listening on http://{addr}");
-    println!("usage events -> {}", config.tap.path.display());
+    println!("usage lake -> {}", config.pipeline.lake);
     let summary = server.run(shutdown_signal()).await?;
+    let stats = pipeline.stats.clone();
+    tokio::task::spawn_blocking(move || pipeline.finish()).await??;
     tracing::info!(
-        written = summary.events_written,
+        spooled = summary.events_written,
         dropped = summary.events_dropped,
+        rows_published = stats.rows.load(std::sync::atomic::Ordering::Relaxed),
         "gateway stopped"
     );
     Ok(())

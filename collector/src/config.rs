@@ -49,7 +49,7 @@ impl std::fmt::Debug for Secret {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub gateway: GatewayConfig,
-    pub tap: TapConfig,
+    pub pipeline: PipelineConfig,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
     pub consumers: Vec<ConsumerConfig>,
@@ -79,12 +79,40 @@ pub enum ClientIp {
     Off,
 }
 
+/// Where usage events go after the tap: the spool, then Kafka (when
+/// configured) or straight to the lake (embedded mode).
 #[derive(Debug, Clone)]
-pub struct TapConfig {
-    /// JSON-lines file the usage events are appended to.
-    pub path: PathBuf,
+pub struct PipelineConfig {
+    pub spool_dir: PathBuf,
+    /// A local directory, or `s3://bucket/prefix`.
+    pub lake: String,
     /// Events held in memory before the tap counts overflow.
     pub queue_capacity: usize,
+    pub spool_max_bytes: u64,
+    pub spool_segment_bytes: u64,
+    /// Group commit: a batch is made durable within this many ms...
+    pub commit_ms: u64,
+    /// ...or once this many events wait.
+    pub commit_events: usize,
+    /// Parquet files are written at least this often while events arrive...
+    pub flush_ms: u64,
+    /// ...or once this many rows are buffered.
+    pub flush_rows: usize,
+    /// Messages larger than this go to dead letters.
+    pub max_event_bytes: usize,
+    pub kafka: Option<KafkaConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub topic: String,
+    /// Consumer group of the ingesters.
+    pub group: String,
+    /// Partitions to create the topic with when it does not exist.
+    pub partitions: i32,
+    /// Extra librdkafka properties, passed through as given.
+    pub properties: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -165,7 +193,7 @@ struct RawConfig {
     #[serde(default)]
     gateway: RawGateway,
     #[serde(default)]
-    tap: RawTap,
+    pipeline: RawPipeline,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     #[serde(default)]
@@ -187,9 +215,29 @@ struct RawGateway {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTap {
-    path: Option<PathBuf>,
+struct RawPipeline {
+    spool_dir: Option<PathBuf>,
+    lake: Option<String>,
     queue_capacity: Option<usize>,
+    spool_max_bytes: Option<u64>,
+    spool_segment_bytes: Option<u64>,
+    commit_ms: Option<u64>,
+    commit_events: Option<usize>,
+    flush_ms: Option<u64>,
+    flush_rows: Option<usize>,
+    max_event_bytes: Option<usize>,
+    kafka: Option<RawKafka>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    brokers: String,
+    topic: Option<String>,
+    group: Option<String>,
+    partitions: Option<i32>,
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -365,13 +413,29 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
         }
     };
 
-    let tap = TapConfig {
-        path: raw
-            .tap
-            .path
-            .unwrap_or_else(|| PathBuf::from("data/events.jsonl")),
-        queue_capacity: raw.tap.queue_capacity.unwrap_or(65_536).max(1),
+    let p = raw.pipeline;
+    let pipeline = PipelineConfig {
+        spool_dir: p.spool_dir.unwrap_or_else(|| PathBuf::from("data/spool")),
+        lake: p.lake.unwrap_or_else(|| "data/lake".to_string()),
+        queue_capacity: p.queue_capacity.unwrap_or(65_536).max(1),
+        spool_max_bytes: p.spool_max_bytes.unwrap_or(4 << 30),
+        spool_segment_bytes: p.spool_segment_bytes.unwrap_or(64 << 20).max(4096),
+        commit_ms: p.commit_ms.unwrap_or(5),
+        commit_events: p.commit_events.unwrap_or(1024).max(1),
+        flush_ms: p.flush_ms.unwrap_or(5000).max(1),
+        flush_rows: p.flush_rows.unwrap_or(200_000).max(1),
+        max_event_bytes: p.max_event_bytes.unwrap_or(1 << 20),
+        kafka: p.kafka.map(|k| KafkaConfig {
+            brokers: k.brokers,
+            topic: k.topic.unwrap_or_else(|| "tollgate.usage.v1".to_string()),
+            group: k.group.unwrap_or_else(|| "tollgate-ingest".to_string()),
+            partitions: k.partitions.unwrap_or(4).max(1),
+            properties: k.properties,
+        }),
     };
+    if pipeline.lake.trim().is_empty() {
+        return Err("pipeline.lake: must not be empty".into());
+    }
 
     let mut upstreams = BTreeMap::new();
     for (name, spanned) in raw.upstreams {
@@ -592,7 +656,7 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
 
     Ok(Config {
         gateway,
-        tap,
+        pipeline,
         upstreams,
         routes,
         consumers,

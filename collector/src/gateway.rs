@@ -24,6 +24,7 @@ use crate::routing::Routes;
 use crate::tap::{Tap, TapWriter};
 use crate::upstream::Upstream;
 use crate::{CollectorError, paths, proxy};
+use tollgate_spool::SpoolWriter;
 
 pub struct Gateway {
     pub keyring: Keyring,
@@ -76,6 +77,7 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/v1/embeddings", post(proxy::embeddings))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gw)
@@ -119,6 +121,50 @@ async fn method_not_allowed(
     rec.fail(GatewayError::MethodNotAllowed)
 }
 
+/// Prometheus text exposition of the tap's counters.
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = gw.ledger.tap.counters();
+    let mut out = String::with_capacity(512);
+    for (name, help, value) in [
+        (
+            "tollgate_tap_events_emitted_total",
+            "Usage events handed to the tap.",
+            &c.emitted,
+        ),
+        (
+            "tollgate_tap_events_committed_total",
+            "Usage events durable in the spool.",
+            &c.committed,
+        ),
+        (
+            "tollgate_tap_events_dropped_queue_full_total",
+            "Usage events refused: tap queue full.",
+            &c.dropped_queue_full,
+        ),
+        (
+            "tollgate_tap_events_dropped_spool_full_total",
+            "Usage events refused: spool at its size bound.",
+            &c.dropped_spool_full,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            value.load(Relaxed)
+        );
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}
+
 /// A bound gateway, ready to serve.
 pub struct Server {
     listener: TcpListener,
@@ -135,11 +181,12 @@ pub struct Summary {
 }
 
 impl Server {
-    pub async fn bind(config: &Config) -> Result<Self, CollectorError> {
+    /// Binds the listener and starts the tap, which writes to `spool`.
+    pub async fn bind(config: &Config, spool: SpoolWriter) -> Result<Self, CollectorError> {
         let (tap, writer) =
-            Tap::open(&config.tap.path, config.tap.queue_capacity).map_err(|source| {
+            Tap::start(spool, config.pipeline.queue_capacity).map_err(|source| {
                 CollectorError::Io {
-                    context: format!("opening the usage file {}", config.tap.path.display()),
+                    context: "starting the tap".into(),
                     source,
                 }
             })?;
@@ -196,11 +243,7 @@ impl Server {
             .map_err(|e| CollectorError::Io {
                 context: "stopping the tap".into(),
                 source: std::io::Error::other(e),
-            })?
-            .map_err(|source| CollectorError::Io {
-                context: "writing usage events".into(),
-                source,
-            })?;
+            })??;
         Ok(Summary {
             events_written: written,
             events_dropped: dropped,

@@ -42,6 +42,8 @@ pub enum CollectorError {
     Catalog(#[from] tollgate_schemas::CatalogError),
     #[error("upstream {name}: {message}")]
     Upstream { name: String, message: String },
+    #[error(transparent)]
+    Spool(#[from] tollgate_spool::SpoolError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -1,14 +1,12 @@
 //! The tap: where finished usage events leave the request path.
 //!
 //! `emit` never blocks: it hands the event to a bounded queue and returns.
-//! When the queue is full the event is counted as dropped and logged, never
-//! lost silently. One writer thread owns the output file, writes events as
-//! JSON lines in batches (one flush per batch) and drains the queue on
-//! shutdown.
+//! One writer thread serializes events (JSON, the Kafka message format)
+//! into the durable spool and group-commits them: one `fdatasync` per few
+//! milliseconds or per batch of events, whichever comes first. An event
+//! that finds the queue full, or the spool at its size bound, is counted
+//! and logged, never lost silently.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
@@ -16,57 +14,58 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tollgate_schemas::UsageEvent;
+use tollgate_spool::{Append, SpoolError, SpoolWriter};
 
 pub struct Tap {
     /// Boxed: the channel allocates its capacity up front, so slots stay small.
     tx: SyncSender<Box<UsageEvent>>,
-    emitted: AtomicU64,
-    dropped: AtomicU64,
+    counters: Arc<Counters>,
+}
+
+/// What the tap has done so far; read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub emitted: AtomicU64,
+    /// Refused because the in-memory queue was full.
+    pub dropped_queue_full: AtomicU64,
+    /// Refused because the spool was at its size bound.
+    pub dropped_spool_full: AtomicU64,
+    /// Durable in the spool.
+    pub committed: AtomicU64,
 }
 
 pub struct TapWriter {
-    path: PathBuf,
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<io::Result<u64>>,
+    thread: JoinHandle<Result<u64, SpoolError>>,
 }
 
 impl Tap {
-    /// Opens (appends to) `path` and starts the writer thread.
-    pub fn open(path: &Path, capacity: usize) -> io::Result<(Arc<Tap>, TapWriter)> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+    /// Starts the writer thread that owns `spool`.
+    pub fn start(spool: SpoolWriter, capacity: usize) -> std::io::Result<(Arc<Tap>, TapWriter)> {
         let (tx, rx) = sync_channel(capacity);
         let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
         let thread = std::thread::Builder::new()
             .name("tollgate-tap".into())
             .spawn({
                 let stop = stop.clone();
-                move || write_loop(rx, file, &stop)
+                let counters = counters.clone();
+                move || write_loop(rx, spool, &stop, &counters)
             })?;
-        let tap = Arc::new(Tap {
-            tx,
-            emitted: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-        });
-        Ok((
-            tap,
-            TapWriter {
-                path: path.to_path_buf(),
-                stop,
-                thread,
-            },
-        ))
+        Ok((Arc::new(Tap { tx, counters }), TapWriter { stop, thread }))
     }
 
     pub fn emit(&self, event: UsageEvent) {
         match self.tx.try_send(Box::new(event)) {
             Ok(()) => {
-                self.emitted.fetch_add(1, Ordering::Relaxed);
+                self.counters.emitted.fetch_add(1, Ordering::Relaxed);
             }
             Err(TrySendError::Full(e) | TrySendError::Disconnected(e)) => {
-                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                let n = self
+                    .counters
+                    .dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
                 if n.is_power_of_two() {
                     tracing::error!(
                         dropped_total = n,
@@ -78,79 +77,94 @@ impl Tap {
         }
     }
 
-    pub fn emitted(&self) -> u64 {
-        self.emitted.load(Ordering::Relaxed)
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
+    /// Events refused by the queue or the spool.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.counters.dropped_queue_full.load(Ordering::Relaxed)
+            + self.counters.dropped_spool_full.load(Ordering::Relaxed)
     }
 }
 
 impl TapWriter {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Writes what is queued, syncs the file and stops the writer.
-    pub fn close(self) -> io::Result<u64> {
+    /// Spools what is queued, commits it and stops the writer. Returns the
+    /// number of events committed over the writer's life.
+    pub fn close(self) -> Result<u64, SpoolError> {
         self.stop.store(true, Ordering::Release);
-        self.thread
-            .join()
-            .map_err(|_| io::Error::other("tap writer thread panicked"))?
+        self.thread.join().map_err(|_| SpoolError::Io {
+            path: "tap writer".into(),
+            source: std::io::Error::other("tap writer thread panicked"),
+        })?
     }
 }
 
-const BATCH: usize = 1024;
-const MIN_NAP: Duration = Duration::from_millis(2);
-const MAX_NAP: Duration = Duration::from_millis(50);
+const MIN_NAP: Duration = Duration::from_micros(500);
+const MAX_NAP: Duration = Duration::from_millis(20);
 
 /// The writer polls the queue instead of blocking on it: a blocked receiver
 /// makes every `emit` pay for a futex wake-up and a context switch, which is
 /// most of what an event would otherwise cost the request path. Naps grow
-/// while the queue stays empty, so an idle gateway hardly wakes.
-fn write_loop(rx: Receiver<Box<UsageEvent>>, file: File, stop: &AtomicBool) -> io::Result<u64> {
-    let mut out = BufWriter::with_capacity(256 * 1024, file);
-    let mut written = 0u64;
+/// while the queue stays empty, but never past a due commit.
+fn write_loop(
+    rx: Receiver<Box<UsageEvent>>,
+    mut spool: SpoolWriter,
+    stop: &AtomicBool,
+    counters: &Counters,
+) -> Result<u64, SpoolError> {
+    let mut json = Vec::with_capacity(2048);
+    let mut committed = 0u64;
     let mut nap = MIN_NAP;
+    let mut closing = false;
     loop {
-        let mut batch = 0u64;
+        let mut got = 0;
         loop {
             match rx.try_recv() {
-                Ok(e) => {
-                    write_one(&mut out, &e)?;
-                    batch += 1;
-                    if batch == BATCH as u64 {
+                Ok(event) => {
+                    got += 1;
+                    json.clear();
+                    if let Err(e) = serde_json::to_writer(&mut json, &*event) {
+                        tracing::error!(request_id = %event.request_id, error = %e, "usage event not serializable: dropped");
+                        continue;
+                    }
+                    if spool.append(&json)? == Append::Full {
+                        let n = counters.dropped_spool_full.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            tracing::error!(
+                                dropped_total = n,
+                                bytes = spool.bytes_on_disk(),
+                                "usage spool at its size bound: event dropped"
+                            );
+                        }
+                    }
+                    if spool.commit_due() {
                         break;
                     }
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
-                    written += batch;
-                    out.flush()?;
-                    out.get_ref().sync_data()?;
-                    return Ok(written);
+                    closing = true;
+                    break;
                 }
             }
         }
-        if batch > 0 {
-            written += batch;
-            out.flush()?;
+        if spool.commit_due() || closing || stop.load(Ordering::Acquire) {
+            let n = spool.commit()? as u64;
+            committed += n;
+            counters.committed.fetch_add(n, Ordering::Relaxed);
+        }
+        if closing || (stop.load(Ordering::Acquire) && got == 0) {
+            let n = spool.close()? as u64;
+            counters.committed.fetch_add(n, Ordering::Relaxed);
+            return Ok(committed + n);
+        }
+        if got > 0 {
             nap = MIN_NAP;
             continue;
         }
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
-        std::thread::sleep(nap);
+        let wait = spool.due_in().map_or(nap, |due| due.min(nap));
+        std::thread::sleep(wait);
         nap = (nap * 2).min(MAX_NAP);
     }
-    out.flush()?;
-    out.get_ref().sync_data()?;
-    Ok(written)
-}
-
-fn write_one(out: &mut impl Write, e: &UsageEvent) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, e).map_err(io::Error::other)?;
-    out.write_all(b"\n")
 }

@@ -1,6 +1,69 @@
-//! Ingest: the usage stream (Kafka, or the local spool in embedded mode) into
-//! a Hive-partitioned Parquet lake, exactly once.
+//! Ingest: the usage stream (Kafka, or the local spool in embedded mode)
+//! into a Hive-partitioned Parquet lake, exactly once.
 //!
-//! Not built yet: the gateway's tap currently writes JSON lines (see
-//! `tollgate_collector::tap`); the spool, forwarder and Parquet writer land
-//! with the usage-pipeline work.
+//! The path of an event: [`decode`] (bad messages to [`dead_letter`]) ->
+//! [`columns`] (Arrow) -> [`lake`] (Parquet, atomic publish, progress in
+//! file names) -> the source's position is saved ([`embedded`] for the
+//! spool). [`compact`] merges small files of closed hours.
+
+pub mod columns;
+pub mod dead_letter;
+pub mod decode;
+pub mod embedded;
+pub mod lake;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+pub use lake::Lake;
+
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    /// A batch is published at least this often while events arrive...
+    pub flush_interval: Duration,
+    /// ...or once it holds this many rows.
+    pub flush_rows: usize,
+    /// Larger messages go to dead letters.
+    pub max_event_bytes: usize,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        Self {
+            flush_interval: Duration::from_secs(5),
+            flush_rows: 200_000,
+            max_event_bytes: 1 << 20,
+        }
+    }
+}
+
+/// What an ingester has done; shared with whoever reports it.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub rows: AtomicU64,
+    pub files: AtomicU64,
+    pub dead_letters: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parquet: {0}")]
+    Parquet(#[from] parquet::errors::ParquetError),
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error(transparent)]
+    Spool(#[from] tollgate_spool::SpoolError),
+}
+
+impl IngestError {
+    pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IngestError {
+        let path = path.to_path_buf();
+        move |source| IngestError::Io { path, source }
+    }
+}

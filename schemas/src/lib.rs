@@ -20,10 +20,10 @@ pub mod money;
 pub mod prices;
 pub mod tokens;
 
+pub use arrow::usage_schema;
 pub use event::{
     Attempt, CacheKind, CacheStatus, Outcome, SCHEMA_VERSION, TokenSource, UsageEvent,
 };
-pub use arrow::usage_schema;
 pub use money::Usd;
 pub use prices::{CatalogError, Price, PriceCatalog};
 pub use tokens::Tokens;

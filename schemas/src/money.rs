@@ -124,7 +124,13 @@ mod tests {
 
     #[test]
     fn scaled_units_round_trip() {
-        for s in ["0", "0.00029", "1.5", "123456789.0123456789", "0.0000000001"] {
+        for s in [
+            "0",
+            "0.00029",
+            "1.5",
+            "123456789.0123456789",
+            "0.0000000001",
+        ] {
             let u = usd(s);
             assert_eq!(Usd::from_scaled(u.to_scaled()), Some(u), "{s}");
         }

@@ -1,6 +1,8 @@
 //! The Rust type, the Arrow schema and the JSON Schema describe one event:
 //! same fields, same nullability, compatible types.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 
@@ -105,7 +107,10 @@ fn json_types(prop: &Value) -> BTreeSet<String> {
     }
     match prop.get("type") {
         Some(Value::String(t)) => BTreeSet::from([t.clone()]),
-        Some(Value::Array(ts)) => ts.iter().filter_map(|t| t.as_str().map(String::from)).collect(),
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(|t| t.as_str().map(String::from))
+            .collect(),
         _ => panic!("property without a type: {prop}"),
     }
 }
@@ -125,25 +130,59 @@ fn json_type_of(data_type: &DataType) -> &'static str {
 
 /// Checks one object level: the serialized sample keys, the JSON Schema's
 /// properties and required list, and the Arrow fields all agree.
-fn check_level(schema_props: &serde_json::Map<String, Value>, required: &Value, fields: &Fields, full: &Value, bare: &Value) {
+fn check_level(
+    schema_props: &serde_json::Map<String, Value>,
+    required: &Value,
+    fields: &Fields,
+    full: &Value,
+    bare: &Value,
+) {
     let props: BTreeSet<&str> = schema_props.keys().map(String::as_str).collect();
     let arrow: BTreeSet<&str> = fields.iter().map(|f| f.name().as_str()).collect();
-    let serialized: BTreeSet<&str> = full.as_object().unwrap().keys().map(String::as_str).collect();
-    let required: BTreeSet<&str> = required.as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let serialized: BTreeSet<&str> = full
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let required: BTreeSet<&str> = required
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     assert_eq!(props, serialized, "JSON Schema properties vs the Rust type");
     assert_eq!(arrow, serialized, "Arrow fields vs the Rust type");
-    assert_eq!(required, serialized, "every field is always present (null when unknown)");
+    assert_eq!(
+        required, serialized,
+        "every field is always present (null when unknown)"
+    );
 
     for field in fields {
         let name = field.name();
         let prop = &schema_props[name];
         let bare_is_null = bare[name].is_null();
-        assert_eq!(field.is_nullable(), allows_null(prop), "{name}: Arrow vs JSON Schema nullability");
-        assert_eq!(field.is_nullable(), bare_is_null, "{name}: Arrow nullability vs Option in Rust");
-        assert!(!full[name].is_null(), "{name}: the full sample sets every field");
+        assert_eq!(
+            field.is_nullable(),
+            allows_null(prop),
+            "{name}: Arrow vs JSON Schema nullability"
+        );
+        assert_eq!(
+            field.is_nullable(),
+            bare_is_null,
+            "{name}: Arrow nullability vs Option in Rust"
+        );
+        assert!(
+            !full[name].is_null(),
+            "{name}: the full sample sets every field"
+        );
         let types = json_types(prop);
         let want = json_type_of(field.data_type());
-        assert!(types.contains(want), "{name}: JSON Schema {types:?} vs Arrow {}", field.data_type());
+        assert!(
+            types.contains(want),
+            "{name}: JSON Schema {types:?} vs Arrow {}",
+            field.data_type()
+        );
     }
 }
 
@@ -202,7 +241,13 @@ fn json_schema_enums_match_the_rust_enums() {
     assert_eq!(enum_of("outcome"), names);
     let caches: BTreeSet<String> = [CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Bypass]
         .iter()
-        .map(|c| serde_json::to_value(c).unwrap().as_str().unwrap().to_string())
+        .map(|c| {
+            serde_json::to_value(c)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(enum_of("cache"), caches);
 }
@@ -211,5 +256,8 @@ fn json_schema_enums_match_the_rust_enums() {
 fn the_schema_version_is_the_files_version() {
     let schema = json_schema();
     let id = schema["$id"].as_str().unwrap();
-    assert!(id.ends_with(&format!("usage_event.v{SCHEMA_VERSION}.json")), "{id}");
+    assert!(
+        id.ends_with(&format!("usage_event.v{SCHEMA_VERSION}.json")),
+        "{id}"
+    );
 }

@@ -88,6 +88,8 @@ pub enum SpoolError {
     },
     #[error("spool position {0:?} is not SEGMENT.OFFSET")]
     BadPosition(String),
+    #[error("spool {0} is in use by another process")]
+    Locked(PathBuf),
     #[error("the segment counter is exhausted")]
     SegmentsExhausted,
     #[error("record of {0} bytes is empty or larger than a frame may be")]
@@ -108,18 +110,34 @@ pub(crate) struct Shared {
     /// Bytes of all segment files on disk.
     bytes: AtomicU64,
     writer_closed: AtomicBool,
+    /// Held while the writer or the reader lives: one process per spool.
+    _lock: std::fs::File,
 }
 
 /// Opens (recovering if needed) the spool in `opts.dir`, creating it when
 /// missing. Returns the writer, the reader positioned at the acknowledged
 /// cursor, and what recovery found.
 pub fn open(opts: SpoolOptions) -> Result<(SpoolWriter, SpoolReader, Recovery), SpoolError> {
+    std::fs::create_dir_all(&opts.dir).map_err(io_err(&opts.dir))?;
+    let lock_path = opts.dir.join("LOCK");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(SpoolError::Locked(opts.dir.clone())),
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+    }
     let recovered = recovery::recover(&opts)?;
     let shared = Arc::new(Shared {
         committed: Mutex::new(recovered.write_at),
         changed: Condvar::new(),
         bytes: AtomicU64::new(recovered.bytes),
         writer_closed: AtomicBool::new(false),
+        _lock: lock,
     });
     let writer = SpoolWriter::create(&opts, shared.clone(), recovered.write_at.segment)?;
     let reader = SpoolReader::new(&opts, shared, recovered.report.cursor);

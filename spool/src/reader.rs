@@ -101,7 +101,11 @@ impl SpoolReader {
             ..Batch::default()
         };
         while batch.spans.len() < max_records.max(1) {
-            let committed = self.wait_for_data(if batch.is_empty() { deadline } else { Instant::now() });
+            let committed = self.wait_for_data(if batch.is_empty() {
+                deadline
+            } else {
+                Instant::now()
+            });
             if self.pos >= committed {
                 break;
             }

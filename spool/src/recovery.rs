@@ -7,6 +7,7 @@
 //!   drain side removes duplicates by event id);
 //! - a cursor naming a segment already deleted: continue at the next one;
 //! - segments below the cursor (deleted after the cursor was saved): removed.
+//!
 //! Recovery always finishes; it reports what it dropped instead of failing.
 
 use std::fs::{self, OpenOptions};
@@ -123,7 +124,11 @@ pub(crate) fn recover(opts: &SpoolOptions) -> Result<Recovered, SpoolError> {
             fs::remove_file(&path).map_err(io_err(&path))?;
             continue;
         }
-        let start = if seg == cursor.segment { cursor.offset } else { 0 };
+        let start = if seg == cursor.segment {
+            cursor.offset
+        } else {
+            0
+        };
         let (valid_end, records, damage) = scan(&path, seg, start)?;
         if let Some(damage) = damage {
             let f = OpenOptions::new()
@@ -170,7 +175,9 @@ fn scan(
         .and_then(|mut f| f.read_to_end(&mut bytes))
         .map_err(io_err(path))?;
     let total = bytes.len() as u64;
-    let mut at = usize::try_from(start).unwrap_or(usize::MAX).min(bytes.len());
+    let mut at = usize::try_from(start)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
     let mut records = 0;
     loop {
         if at == bytes.len() {

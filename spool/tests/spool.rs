@@ -1,6 +1,8 @@
 //! The spool's promises: committed records survive, unacknowledged ones
 //! replay, damage is cut and reported, and recovery always finishes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -78,6 +80,18 @@ fn records_round_trip_across_segments_and_restarts() {
 }
 
 #[test]
+fn one_process_at_a_time() {
+    let dir = scratch("lock");
+    let held = open(small(&dir)).unwrap();
+    assert!(matches!(
+        open(small(&dir)),
+        Err(tollgate_spool::SpoolError::Locked(_))
+    ));
+    drop(held);
+    assert!(open(small(&dir)).is_ok());
+}
+
+#[test]
 fn uncommitted_records_are_neither_visible_nor_kept() {
     let dir = scratch("uncommitted");
     let (mut w, mut r, _) = open(small(&dir)).unwrap();
@@ -136,20 +150,28 @@ fn last_segment_with_data(dir: &Path) -> PathBuf {
 #[test]
 fn a_torn_tail_is_cut_and_reported() {
     let dir = scratch("torn");
-    let (mut w, _r, _) = open(SpoolOptions::new(&dir)).unwrap();
+    let (mut w, r, _) = open(SpoolOptions::new(&dir)).unwrap();
     for i in 0..10 {
         w.append(&record(i)).unwrap();
     }
     w.commit().unwrap();
-    drop(w);
+    drop((w, r));
     let seg = last_segment_with_data(&dir);
     let len = fs::metadata(&seg).unwrap().len();
     // Half of the last record is lost in the crash.
-    OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 10).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
 
     let (mut w, mut r, rec) = open(SpoolOptions::new(&dir)).unwrap();
     assert_eq!(rec.damage.len(), 1, "{rec:?}");
-    assert_eq!(rec.damage[0].reason, "torn record at the end of the segment");
+    assert_eq!(
+        rec.damage[0].reason,
+        "torn record at the end of the segment"
+    );
     assert_eq!(rec.backlog_records, 9);
     assert_eq!(drain(&mut r), (0..9).map(record).collect::<Vec<_>>());
     // Writing goes on after the cut.
@@ -161,12 +183,12 @@ fn a_torn_tail_is_cut_and_reported() {
 #[test]
 fn a_flipped_bit_cuts_at_the_last_valid_record() {
     let dir = scratch("flip");
-    let (mut w, _r, _) = open(SpoolOptions::new(&dir)).unwrap();
+    let (mut w, r, _) = open(SpoolOptions::new(&dir)).unwrap();
     for i in 0..10 {
         w.append(&record(i)).unwrap();
     }
     w.commit().unwrap();
-    drop(w);
+    drop((w, r));
     let seg = last_segment_with_data(&dir);
     let mut bytes = fs::read(&seg).unwrap();
     // The fifth record's checksum (records 0..4 stay valid).
@@ -188,10 +210,10 @@ fn a_flipped_bit_cuts_at_the_last_valid_record() {
 #[test]
 fn zeroed_space_is_not_a_record() {
     let dir = scratch("zeros");
-    let (mut w, _r, _) = open(SpoolOptions::new(&dir)).unwrap();
+    let (mut w, r, _) = open(SpoolOptions::new(&dir)).unwrap();
     w.append(b"kept").unwrap();
     w.commit().unwrap();
-    drop(w);
+    drop((w, r));
     append_raw(&last_segment_with_data(&dir), &[0u8; 4096]);
     let (_w, mut r, rec) = open(SpoolOptions::new(&dir)).unwrap();
     assert_eq!(rec.damage[0].reason, "zero-length frame");
@@ -222,7 +244,10 @@ fn a_cursor_on_a_deleted_segment_continues_at_the_next() {
     fs::remove_file(&segs[0]).unwrap();
 
     let (_w, mut r, rec) = open(small(&dir)).unwrap();
-    assert!(rec.cursor_note.as_deref().unwrap_or("").contains("is gone"), "{rec:?}");
+    assert!(
+        rec.cursor_note.as_deref().unwrap_or("").contains("is gone"),
+        "{rec:?}"
+    );
     let rest = drain(&mut r);
     assert!(!rest.is_empty());
     assert_eq!(rest.last().unwrap(), &record(59));

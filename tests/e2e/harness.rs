@@ -79,19 +79,22 @@ pub fn simulator(dir: &Path, name: &str, args: &[&str]) -> Proc {
 /// A running gateway and where it writes.
 pub struct Gateway {
     pub proc: Proc,
-    pub events: PathBuf,
+    /// The gateway's Parquet lake (embedded mode): where events land.
+    pub lake: PathBuf,
     pub log: PathBuf,
 }
 
 impl Gateway {
     /// Starts `tollgate serve` with `body` appended to a `[gateway]` and
-    /// `[tap]` section that put everything in `dir`. `body` may use
+    /// `[pipeline]` section that put everything in `dir`. `body` may use
     /// `${UPSTREAM_KEY}`, provided through the environment.
     pub fn start(dir: &Path, body: &str) -> Gateway {
-        let events = dir.join("events.jsonl");
+        let lake = dir.join("lake");
         let config = format!(
-            "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\ninstance = \"e2e\"\n\n[tap]\npath = {:?}\n\n{body}",
-            events.display().to_string()
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\ninstance = \"e2e\"\n\n\
+             [pipeline]\nspool_dir = {:?}\nlake = {:?}\nflush_ms = 100\ncommit_ms = 2\n\n{body}",
+            dir.join("spool").display().to_string(),
+            lake.display().to_string()
         );
         let path = dir.join("tollgate.toml");
         std::fs::write(&path, config).unwrap();
@@ -102,7 +105,7 @@ impl Gateway {
             &log,
             &[("UPSTREAM_KEY", UPSTREAM_KEY)],
         );
-        Gateway { proc, events, log }
+        Gateway { proc, lake, log }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -113,7 +116,7 @@ impl Gateway {
     pub fn events(&self, n: usize) -> Vec<UsageEvent> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let events = read_events(&self.events);
+            let events = read_events(&self.lake);
             if events.len() >= n {
                 return events;
             }
@@ -130,7 +133,7 @@ impl Gateway {
     pub fn exactly(&self, n: usize) -> Vec<UsageEvent> {
         let events = self.events(n);
         std::thread::sleep(Duration::from_millis(300));
-        let again = read_events(&self.events);
+        let again = read_events(&self.lake);
         assert_eq!(again.len(), n, "expected exactly {n} events: {again:#?}");
         assert_eq!(events.len(), n);
         again
@@ -174,12 +177,14 @@ fn spawn(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
     }
 }
 
-pub fn read_events(path: &Path) -> Vec<UsageEvent> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad event line {l}: {e}")))
-        .collect()
+/// Every event in the Parquet lake at `lake`.
+pub fn read_events(lake: &Path) -> Vec<UsageEvent> {
+    if !lake.exists() {
+        return Vec::new();
+    }
+    tollgate_ingest::Lake::open(lake)
+        .and_then(|l| l.read_events())
+        .unwrap_or_else(|e| panic!("reading the lake {}: {e}", lake.display()))
 }
 
 /// `sha256:` config form of a key.

@@ -27,7 +27,7 @@ async fn sigterm_lets_open_streams_finish_and_drains_the_tap() {
         resp.text().await.unwrap()
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let Gateway { proc, events, .. } = gw;
+    let Gateway { proc, lake, .. } = gw;
     let status = tokio::task::spawn_blocking(move || proc.terminate())
         .await
         .unwrap();
@@ -37,7 +37,7 @@ async fn sigterm_lets_open_streams_finish_and_drains_the_tap() {
         body.ends_with("data: [DONE]\n\n"),
         "the open stream completed"
     );
-    let written = read_events(&events);
+    let written = read_events(&lake);
     assert_eq!(written.len(), 1);
     assert_eq!(written[0].output_tokens, 40);
     assert_eq!(written[0].outcome.as_str(), "ok");
@@ -46,7 +46,6 @@ async fn sigterm_lets_open_streams_finish_and_drains_the_tap() {
 #[test]
 fn the_demo_runs_traffic_and_prints_the_ledger() {
     let dir = scratch("demo");
-    let events = dir.join("events.jsonl");
     let out = Command::new(BIN)
         .args([
             "demo",
@@ -58,9 +57,9 @@ fn the_demo_runs_traffic_and_prints_the_ledger() {
             "20",
             "--error-rate",
             "0.5",
-            "--events",
+            "--data",
         ])
-        .arg(&events)
+        .arg(&dir)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -70,8 +69,8 @@ fn the_demo_runs_traffic_and_prints_the_ledger() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("demo consumer key: tg-"), "{stdout}");
-    assert!(stdout.contains("8 events written, 0 dropped"), "{stdout}");
-    let written = read_events(&events);
+    assert!(stdout.contains("8 events spooled, 0 dropped"), "{stdout}");
+    let written = read_events(&dir.join("lake"));
     assert_eq!(written.len(), 8);
     assert!(
         written

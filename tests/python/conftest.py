@@ -1,5 +1,6 @@
 """Starts a simulator and a gateway (the real `tollgate` binary) for the SDK tests."""
 
+import shutil
 import hashlib
 import os
 import pathlib
@@ -59,8 +60,9 @@ def gateway(artifacts):
     qwq = Proc(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "12"], artifacts / "sim-qwq.log", sim_env)
     down = Proc(["simulate", "--listen", "127.0.0.1:0", "--error-rate", "1", "--error-status", "503"],
                 artifacts / "sim-down.log", sim_env)
-    events = artifacts / "events.jsonl"
-    events.unlink(missing_ok=True)
+    lake = artifacts / "lake"
+    shutil.rmtree(lake, ignore_errors=True)
+    shutil.rmtree(artifacts / "spool", ignore_errors=True)
 
     def upstream(name, sim):
         return (f'[upstreams.{name}]\nkind = "openai"\nbase_url = "http://{sim.addr}/v1"\n'
@@ -70,8 +72,10 @@ def gateway(artifacts):
 [gateway]
 listen = "127.0.0.1:0"
 
-[tap]
-path = "{events}"
+[pipeline]
+spool_dir = "{artifacts / "spool"}"
+lake = "{lake}"
+flush_ms = 100
 
 {upstream("r1", r1)}{upstream("qwq", qwq)}{upstream("down", down)}
 [[routes]]
@@ -100,7 +104,7 @@ models = ["qwq-*"]
     path = artifacts / "tollgate.toml"
     path.write_text(config)
     gw = Proc(["serve", "--config", str(path)], artifacts / "gateway.log", {"UPSTREAM_KEY": UPSTREAM_KEY})
-    gw.events = events
+    gw.lake = lake
     yield gw
     for p in (gw, r1, qwq, down):
         p.stop()

@@ -1,8 +1,8 @@
 """The official `openai` Python SDK against the gateway: what real apps do."""
 
-import json
 import time
 
+import duckdb
 import openai
 import pytest
 
@@ -17,14 +17,22 @@ MESSAGES = [{"role": "user", "content": "Is QwQ-32B cheaper than DeepSeek-R1 for
 
 
 def events_for(gateway, request_id, timeout=10.0):
+    """The request's row, read from the gateway's Parquet lake by DuckDB."""
+    files = str(gateway.lake / "usage" / "**" / "*.parquet")
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for line in gateway.events.read_text().splitlines() if gateway.events.exists() else []:
-            e = json.loads(line)
-            if e["request_id"] == request_id:
-                return e
+        if any((gateway.lake / "usage").rglob("*.parquet")):
+            cur = duckdb.execute(
+                "SELECT * FROM read_parquet(?, hive_partitioning = true) WHERE request_id = ?",
+                [files, request_id],
+            )
+            names = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+            if rows:
+                assert len(rows) == 1, f"{request_id} has {len(rows)} rows"
+                return dict(zip(names, rows[0]))
         time.sleep(0.05)
-    raise AssertionError(f"no event for {request_id}")
+    raise AssertionError(f"no row for {request_id}")
 
 
 def test_non_stream(gateway):

@@ -1,0 +1,130 @@
+//! Embedded mode: the gateway's own spool straight into the lake, in the
+//! gateway's process, with the same publish rules as the Kafka ingester.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tollgate_spool::{Position, SpoolReader};
+
+use crate::decode::decode;
+use crate::lake::{Lake, clean_source};
+use crate::{IngestError, IngestOptions, Stats, dead_letter};
+
+/// Drains `reader` into `lake` until `stop` is set and the spool's writer
+/// is closed and drained, or `stop` is set and `drain_deadline` passes
+/// (what is left stays in the spool for the next start).
+pub fn run(
+    lake: &Lake,
+    mut reader: SpoolReader,
+    instance: &str,
+    opts: &IngestOptions,
+    stop: &AtomicBool,
+    drain_for: Duration,
+    stats: &Stats,
+) -> Result<(), IngestError> {
+    let source = format!("spool.{}", clean_source(instance));
+    resume(lake, &mut reader, &source)?;
+
+    let mut events = Vec::new();
+    let mut start = reader.position();
+    let mut first_at: Option<Instant> = None;
+    let mut stop_at: Option<Instant> = None;
+    loop {
+        if stop_at.is_none() && stop.load(Ordering::Acquire) {
+            stop_at = Some(Instant::now() + drain_for);
+        }
+        let out_of_time = stop_at.is_some_and(|t| Instant::now() >= t);
+        let wait = match first_at {
+            Some(t) => opts.flush_interval.saturating_sub(t.elapsed()),
+            None => Duration::from_millis(100),
+        }
+        .min(Duration::from_millis(100));
+        let room = opts.flush_rows.saturating_sub(events.len()).max(1);
+        let batch = if out_of_time {
+            Default::default()
+        } else {
+            reader.next_batch(room, wait)?
+        };
+        for (i, raw) in batch.records().enumerate() {
+            match decode(raw, opts.max_event_bytes) {
+                Ok(e) => events.push(e),
+                Err(rejection) => {
+                    let origin = dead_letter::Origin {
+                        source: &source,
+                        partition: None,
+                        position: format!("{}+{i}", batch.start),
+                    };
+                    dead_letter::write(lake, &origin, raw, &rejection.reason)?;
+                    stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if !batch.is_empty() {
+            first_at.get_or_insert_with(Instant::now);
+        }
+        let end = reader.position();
+        let stopping = stop_at.is_some();
+        let due = first_at.is_some_and(|t| t.elapsed() >= opts.flush_interval)
+            || events.len() >= opts.flush_rows
+            || (stopping && (reader.finished() || out_of_time));
+        if due && end > start {
+            publish(
+                lake,
+                &mut reader,
+                &source,
+                start,
+                end,
+                std::mem::take(&mut events),
+                stats,
+            )?;
+            start = end;
+            first_at = None;
+        }
+        if stopping && (reader.finished() || out_of_time) && end == start {
+            if out_of_time && !reader.finished() {
+                tracing::warn!(at = %reader.position(), "drain time is up; the rest stays in the spool for the next start");
+            }
+            return Ok(());
+        }
+    }
+}
+
+fn publish(
+    lake: &Lake,
+    reader: &mut SpoolReader,
+    source: &str,
+    start: Position,
+    end: Position,
+    events: Vec<tollgate_schemas::UsageEvent>,
+    stats: &Stats,
+) -> Result<(), IngestError> {
+    if !events.is_empty() {
+        let published = lake.publish(source, &start.to_string(), &end.to_string(), events)?;
+        stats
+            .rows
+            .fetch_add(published.rows as u64, Ordering::Relaxed);
+        stats
+            .files
+            .fetch_add(published.files.len() as u64, Ordering::Relaxed);
+    }
+    // Only after the files are in place: a crash before this line is
+    // caught by `resume`, which finds the published range.
+    reader.ack(end)?;
+    Ok(())
+}
+
+/// Skips what the lake already holds: a crash between publishing and
+/// saving the spool cursor must not publish the range again.
+fn resume(lake: &Lake, reader: &mut SpoolReader, source: &str) -> Result<(), IngestError> {
+    let published = lake
+        .recover_source(source)?
+        .into_iter()
+        .filter_map(|(_, end)| end.parse::<Position>().ok())
+        .max();
+    if let Some(end) = published.filter(|&end| end > reader.position()) {
+        tracing::info!(from = %reader.position(), to = %end, "the lake already holds this spool range; skipping it");
+        reader.skip_to(end);
+        reader.ack(end)?;
+    }
+    Ok(())
+}
