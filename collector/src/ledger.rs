@@ -104,14 +104,12 @@ impl Record {
         peer: Option<SocketAddr>,
     ) -> Self {
         let now = Utc::now();
+        let event_id = uuid_v7();
         let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-            .map_or_else(
-                || format!("req_{}", Uuid::now_v7().simple()),
-                str::to_string,
-            );
+            .map(str::to_string);
         let client_ip = peer.and_then(|p| match ledger.client_ip {
             ClientIp::Plain => Some(p.ip().to_string()),
             ClientIp::Hashed => Some(hex::encode(
@@ -120,7 +118,7 @@ impl Record {
             ClientIp::Off => None,
         });
         let event = UsageEvent {
-            event_id: uuid_v7(),
+            event_id,
             schema_version: SCHEMA_VERSION,
             request_id,
             trace_id: trace_id(headers),
@@ -173,8 +171,16 @@ impl Record {
         }
     }
 
-    pub fn request_id(&self) -> &str {
-        self.event.as_ref().map_or("", |e| e.request_id.as_str())
+    /// The `x-request-id` answered: the client's own, else the event id.
+    pub fn request_id_header(&self) -> Option<http::HeaderValue> {
+        let e = self.event.as_ref()?;
+        match &e.request_id {
+            Some(id) => http::HeaderValue::from_str(id).ok(),
+            None => {
+                let mut buf = uuid::Uuid::encode_buffer();
+                http::HeaderValue::from_str(e.event_id.hyphenated().encode_lower(&mut buf)).ok()
+            }
+        }
     }
 
     pub fn since_start(&self) -> Duration {
@@ -295,9 +301,10 @@ impl Record {
     pub fn fail(mut self, err: GatewayError) -> axum::response::Response {
         use axum::response::IntoResponse;
         self.responded();
+        let request_id = self.request_id_header();
         self.close(err.status().as_u16(), err.outcome(), Some(err.kind()));
         let mut resp = err.into_response();
-        if let Ok(v) = http::HeaderValue::from_str(self.request_id()) {
+        if let Some(v) = request_id {
             resp.headers_mut().insert("x-request-id", v);
         }
         resp
@@ -367,6 +374,14 @@ impl Record {
             e.fallback = true;
             e.fallback_from = Some(first.model.clone());
             e.fallback_reason = first.error.clone();
+        }
+        // One clean attempt is all in the top-level fields already; the
+        // list is kept for what they cannot say (retries, failures).
+        if let [only] = e.attempts.as_slice()
+            && only.error.is_none()
+            && only.status.is_some_and(|s| (200..300).contains(&s))
+        {
+            e.attempts.clear();
         }
         self.ledger.tap.emit(e);
     }

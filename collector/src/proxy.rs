@@ -71,7 +71,7 @@ async fn handle(
     endpoint: Endpoint,
 ) -> Response {
     let record = Record::open(&gw.ledger, endpoint.path(), &headers, peer.map(|c| c.0.0));
-    let request_id = HeaderValue::from_str(record.request_id()).ok();
+    let request_id = record.request_id_header();
     let mut resp = respond(&gw, endpoint, &headers, body, record).await;
     if let Some(id) = request_id {
         resp.headers_mut().insert("x-request-id", id);

@@ -69,7 +69,7 @@ impl Tap {
                 if n.is_power_of_two() {
                     tracing::error!(
                         dropped_total = n,
-                        request_id = %e.request_id,
+                        event_id = %e.event_id,
                         "usage tap queue full or closed: event dropped"
                     );
                 }
@@ -125,7 +125,7 @@ fn write_loop(
                     got += 1;
                     json.clear();
                     if let Err(e) = serde_json::to_writer(&mut json, &*event) {
-                        tracing::error!(request_id = %event.request_id, error = %e, "usage event not serializable: dropped");
+                        tracing::error!(event_id = %event.event_id, error = %e, "usage event not serializable: dropped");
                         continue;
                     }
                     if spool.append(&json)? == Append::Full {

@@ -98,7 +98,7 @@ pub fn to_batch(events: &[UsageEvent]) -> Result<RecordBatch, ArrowError> {
     let columns: Vec<ArrayRef> = vec![
         Arc::new(ids.finish()),
         i32_col(&|e| i32::from(e.schema_version)),
-        str_col(&|e| Some(e.request_id.as_str())),
+        str_col(&|e| e.request_id.as_deref()),
         str_col(&|e| e.trace_id.as_deref()),
         str_col(&|e| Some(e.gateway_instance.as_str())),
         ts_col(&|e| e.ts_start.timestamp_micros()),
@@ -334,7 +334,7 @@ pub fn from_batch(batch: &RecordBatch) -> Result<Vec<UsageEvent>, ArrowError> {
         out.push(UsageEvent {
             event_id,
             schema_version: u16::try_from(version.value(r)).map_err(|_| bad("schema_version"))?,
-            request_id: request_id.get(r).unwrap_or_default(),
+            request_id: request_id.get(r),
             trace_id: trace_id.get(r),
             gateway_instance: instance.get(r).unwrap_or_default(),
             ts_start: DateTime::from_timestamp_micros(ts_start.value(r))

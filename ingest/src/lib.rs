@@ -11,6 +11,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod embedded;
 pub mod lake;
+pub mod synth;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;

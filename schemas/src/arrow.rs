@@ -77,7 +77,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         // Identity
         event_id_field(),
         Field::new("schema_version", DataType::Int32, false),
-        utf8("request_id", false),
+        utf8("request_id", true),
         utf8("trace_id", true),
         utf8("gateway_instance", false),
         // Time

@@ -21,7 +21,9 @@ pub struct UsageEvent {
     /// UUIDv7, time-ordered; the ledger's dedupe key.
     pub event_id: Uuid,
     pub schema_version: u16,
-    pub request_id: String,
+    /// The client's own `x-request-id`; null when it sent none (the
+    /// gateway then answers with the event id as `x-request-id`).
+    pub request_id: Option<String>,
     pub trace_id: Option<String>,
     pub gateway_instance: String,
 
@@ -56,6 +58,10 @@ pub struct UsageEvent {
     pub fallback: bool,
     pub fallback_from: Option<String>,
     pub fallback_reason: Option<String>,
+    /// Every upstream attempt when there was more than one or when one
+    /// failed. Empty when a single attempt succeeded: the top-level fields
+    /// (served model, upstream, status, tokens, cost, upstream latency)
+    /// describe it completely, and the ledger does not store it twice.
     pub attempts: Vec<Attempt>,
 
     // Outcome
@@ -182,7 +188,7 @@ mod tests {
         UsageEvent {
             event_id: Uuid::now_v7(),
             schema_version: SCHEMA_VERSION,
-            request_id: "req_1".into(),
+            request_id: Some("req_1".into()),
             trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             gateway_instance: "gw-1".into(),
             ts_start: t0,

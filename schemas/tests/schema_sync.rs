@@ -45,7 +45,7 @@ fn event(full: bool) -> UsageEvent {
     UsageEvent {
         event_id: Uuid::now_v7(),
         schema_version: SCHEMA_VERSION,
-        request_id: "req_1".into(),
+        request_id: some("req_1"),
         trace_id: some("4bf92f3577b34da6a3ce929d0e0e4736"),
         gateway_instance: "gw-1".into(),
         ts_start: t,

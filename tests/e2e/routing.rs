@@ -77,7 +77,11 @@ async fn stream_and_non_stream_are_billed_identically() {
         );
         assert_eq!(e.token_source, Some(TokenSource::Upstream));
         assert_eq!(e.cost_usd.unwrap().decimal(), want);
-        assert_eq!(e.attempts.len(), 1);
+        assert!(
+            e.attempts.is_empty(),
+            "one clean attempt is the top-level fields"
+        );
+        assert_eq!(e.upstream.as_deref(), Some("primary"));
         assert!(!e.fallback);
         assert_eq!(e.status, 200);
     }

@@ -23,7 +23,8 @@ def events_for(gateway, request_id, timeout=10.0):
     while time.time() < deadline:
         if any((gateway.lake / "usage").rglob("*.parquet")):
             cur = duckdb.execute(
-                "SELECT * FROM read_parquet(?, hive_partitioning = true) WHERE request_id = ?",
+                "SELECT * FROM read_parquet(?, hive_partitioning = true)"
+                " WHERE coalesce(request_id, CAST(event_id AS VARCHAR)) = ?",
                 [files, request_id],
             )
             names = [d[0] for d in cur.description]
