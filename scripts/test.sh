@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and end-to-end tests (real processes on
-# 127.0.0.1), then the official openai Python SDK against the gateway, then a
+# 127.0.0.1, a real Kafka-protocol broker), then the official openai Python SDK against the gateway, then a
 # sweep of every log, event and response body the tests kept for the canary
 # secrets they used. Installs what it needs first; quick when already there.
 set -euo pipefail
@@ -19,6 +19,14 @@ if [ "$(cat "$REQS_STAMP" 2>/dev/null)" != "$REQS_SUM" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/python/requirements.txt
   echo "$REQS_SUM" > "$REQS_STAMP"
+fi
+
+# The Kafka-protocol broker the pipeline tests start (one per test, on its
+# own port): tansu, from crates.io. About 15 minutes to build the first time.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v tansu >/dev/null 2>&1; then
+  echo "==> installing the tansu broker (first run only)"
+  env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
 fi
 
 rm -rf "$ARTIFACTS"

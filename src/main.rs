@@ -36,6 +36,23 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// Run the gateway and its Kafka forwarder only; `tollgate ingest`
+    /// processes write the lake.
+    Proxy {
+        #[arg(long, short, default_value = "tollgate.toml")]
+        config: PathBuf,
+        /// Overrides `gateway.listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Run one Kafka consumer-group member that writes the Parquet lake.
+    Ingest {
+        #[arg(long, short, default_value = "tollgate.toml")]
+        config: PathBuf,
+        /// Where `/healthz` and `/metrics` are served.
+        #[arg(long, default_value = "127.0.0.1:8002")]
+        listen: SocketAddr,
+    },
     /// Run a gateway with simulated deepseek-r1 and qwq-32b upstreams and
     /// steady sample traffic, printing each request's ledger entry.
     Demo(demo::DemoArgs),
@@ -108,7 +125,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Serve { config, listen } => serve(config, listen).await,
+        Command::Serve { config, listen } => serve(config, listen, pipeline::Role::All).await,
+        Command::Proxy { config, listen } => serve(config, listen, pipeline::Role::ProxyOnly).await,
+        Command::Ingest { config, listen } => {
+            pipeline::ingest(&Config::load(&config)?, listen, shutdown_signal()).await
+        }
         Command::Demo(args) => demo::run(args).await,
         Command::Simulate(args) => run_simulator(args).await,
         Command::Loadgen(args) => loadgen::run(args).await,
@@ -116,22 +137,29 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(path: PathBuf, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+async fn serve(
+    path: PathBuf,
+    listen: Option<SocketAddr>,
+    role: pipeline::Role,
+) -> anyhow::Result<()> {
     let mut config = Config::load(&path)?;
     if let Some(addr) = listen {
         config.gateway.listen = addr;
     }
-    let (spool, pipeline) = pipeline::start(&config)?;
+    let (spool, pipeline) = pipeline::start(&config, role).await?;
     let server = Server::bind(&config, spool).await?;
     let addr = server.local_addr()?;
     println!("tollgate gateway listening on http://{addr}");
     println!("usage lake -> {}", config.pipeline.lake);
     let summary = server.run(shutdown_signal()).await?;
-    let stats = pipeline.stats.clone();
+    let (stats, forwarded) = (pipeline.stats.clone(), pipeline.forwarded.clone());
     tokio::task::spawn_blocking(move || pipeline.finish()).await??;
     tracing::info!(
         spooled = summary.events_written,
         dropped = summary.events_dropped,
+        forwarded = forwarded
+            .delivered
+            .load(std::sync::atomic::Ordering::Relaxed),
         rows_published = stats.rows.load(std::sync::atomic::Ordering::Relaxed),
         "gateway stopped"
     );

@@ -1,6 +1,8 @@
 //! The usage pipeline as `tollgate serve` runs it: the spool the tap writes
 //! to, and what drains it. Without `[pipeline.kafka]` the spool drains
-//! straight into the lake in this process (embedded mode).
+//! straight into the lake in this process (embedded mode); with it, a
+//! forwarder sends the spool to Kafka and an ingester (one member of the
+//! consumer group) writes the lake.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,18 +11,17 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
-use tollgate_collector::config::{Config, PipelineConfig};
+use tollgate_collector::config::{Config, KafkaConfig, PipelineConfig};
+use tollgate_collector::forward::{self, ForwardStats, ForwarderConfig};
+use tollgate_ingest::kafka::KafkaSource;
 use tollgate_ingest::{IngestOptions, Lake, Stats};
 use tollgate_spool::{SpoolOptions, SpoolWriter};
 
-/// How long a stopping gateway keeps draining the spool; the rest waits
-/// in the spool for the next start.
-const DRAIN_FOR: Duration = Duration::from_secs(10);
-
 pub struct Pipeline {
     stop: Arc<AtomicBool>,
-    drain: JoinHandle<anyhow::Result<()>>,
+    threads: Vec<JoinHandle<anyhow::Result<()>>>,
     pub stats: Arc<Stats>,
+    pub forwarded: Arc<ForwardStats>,
 }
 
 pub fn spool_options(p: &PipelineConfig) -> SpoolOptions {
@@ -41,50 +42,239 @@ pub fn ingest_options(p: &PipelineConfig) -> IngestOptions {
     }
 }
 
-/// A local lake directory; object-store lakes are named `s3://...`.
-pub fn lake_dir(p: &PipelineConfig) -> anyhow::Result<PathBuf> {
+/// The lake directory; object-store lakes (`s3://...`) are refused here
+/// with a clear message.
+pub fn lake(p: &PipelineConfig) -> anyhow::Result<Lake> {
     if p.lake.contains("://") {
         anyhow::bail!(
-            "pipeline.lake = {:?}: only local directories are supported by this build",
+            "pipeline.lake = {:?}: this build writes local directories only",
             p.lake
         );
     }
-    Ok(PathBuf::from(&p.lake))
+    Lake::open(PathBuf::from(&p.lake)).with_context(|| format!("opening the lake {}", p.lake))
+}
+
+pub fn kafka_source(k: &KafkaConfig) -> KafkaSource {
+    KafkaSource {
+        brokers: k.brokers.clone(),
+        topic: k.topic.clone(),
+        group: k.group.clone(),
+        member: k.member.clone(),
+        properties: Vec::new(),
+    }
+}
+
+/// Creates the topic when it is missing, or says why it could not.
+pub async fn ensure_topic(k: &KafkaConfig) -> anyhow::Result<()> {
+    match tollgate_ingest::kafka::ensure_topic(&kafka_source(k), k.partitions).await {
+        Ok(true) => {
+            tracing::info!(topic = %k.topic, partitions = k.partitions, "created the usage topic")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(topic = %k.topic, error = %e, "could not create the usage topic; create it by hand if it does not exist")
+        }
+    }
+    Ok(())
+}
+
+fn spawn(
+    name: &str,
+    f: impl FnOnce() -> anyhow::Result<()> + Send + 'static,
+) -> anyhow::Result<JoinHandle<anyhow::Result<()>>> {
+    Ok(std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)?)
+}
+
+/// Which parts of the pipeline a process runs besides the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `serve`: the spool's drain and, with Kafka, an ingester too.
+    All,
+    /// `proxy`: forward to Kafka only; `tollgate ingest` writes the lake.
+    ProxyOnly,
 }
 
 /// Opens the spool (recovering it if the last stop was a crash) and starts
 /// draining it. Returns the writer for the tap.
-pub fn start(config: &Config) -> anyhow::Result<(SpoolWriter, Pipeline)> {
+pub async fn start(config: &Config, role: Role) -> anyhow::Result<(SpoolWriter, Pipeline)> {
     let p = &config.pipeline;
+    let drain_for = Duration::from_millis(p.drain_ms);
+    if role == Role::ProxyOnly && p.kafka.is_none() {
+        anyhow::bail!(
+            "`tollgate proxy` forwards to Kafka: set [pipeline] kafka = {{ brokers = \"...\" }}, or use `tollgate serve`"
+        );
+    }
     let (writer, reader, recovery) = tollgate_spool::open(spool_options(p))
         .with_context(|| format!("opening the spool {}", p.spool_dir.display()))?;
     recovery.log();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
-    let lake = Lake::open(lake_dir(p)?).context("opening the lake")?;
+    let forwarded = Arc::new(ForwardStats::default());
+    let lake = lake(p)?;
     let opts = ingest_options(p);
-    let instance = config.gateway.instance.clone();
-    let drain = std::thread::Builder::new()
-        .name("tollgate-ingest".into())
-        .spawn({
-            let stop = stop.clone();
-            let stats = stats.clone();
-            move || {
+    let mut threads = Vec::new();
+    match &p.kafka {
+        None => {
+            let instance = config.gateway.instance.clone();
+            let (stop, stats) = (stop.clone(), stats.clone());
+            threads.push(spawn("tollgate-ingest", move || {
                 tollgate_ingest::embedded::run(
-                    &lake, reader, &instance, &opts, &stop, DRAIN_FOR, &stats,
+                    &lake, reader, &instance, &opts, &stop, drain_for, &stats,
                 )
                 .context("embedded ingest")
+            })?);
+        }
+        Some(k) => {
+            ensure_topic(k).await?;
+            let cfg = ForwarderConfig {
+                brokers: k.brokers.clone(),
+                topic: k.topic.clone(),
+                properties: k.properties.clone(),
+                fault_fatal_after_batches: std::env::var("TOLLGATE_FAULT_FORWARDER_FATAL_AFTER")
+                    .ok()
+                    .and_then(|v| v.parse().ok()),
+            };
+            {
+                let (stop, forwarded) = (stop.clone(), forwarded.clone());
+                threads.push(spawn("tollgate-forward", move || {
+                    forward::run(&cfg, reader, &stop, drain_for, &forwarded)
+                        .context("kafka forwarder")
+                })?);
             }
-        })?;
-    Ok((writer, Pipeline { stop, drain, stats }))
+            if role == Role::All {
+                let source = kafka_source(k);
+                let (stop, stats) = (stop.clone(), stats.clone());
+                threads.push(spawn("tollgate-ingest", move || {
+                    tollgate_ingest::kafka::run(&lake, &source, &opts, &stop, &stats)
+                        .context("kafka ingester")
+                })?);
+            }
+        }
+    }
+    Ok((
+        writer,
+        Pipeline {
+            stop,
+            threads,
+            stats,
+            forwarded,
+        },
+    ))
 }
 
 impl Pipeline {
-    /// Call after the tap has closed: drains what it can in `DRAIN_FOR`.
+    /// Call after the tap has closed: drains what it can in `drain_ms`.
     pub fn finish(self) -> anyhow::Result<()> {
         self.stop.store(true, Ordering::Release);
-        self.drain
-            .join()
-            .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?
+        let mut first_error = None;
+        for t in self.threads {
+            let result = t
+                .join()
+                .map_err(|_| anyhow::anyhow!("a pipeline thread panicked"))
+                .and_then(|r| r);
+            if let Err(e) = result {
+                tracing::error!(error = %format!("{e:#}"), "pipeline stopped with an error");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
+}
+
+/// `tollgate ingest`: one Kafka consumer-group member writing the lake,
+/// with `/healthz` and `/metrics` on `listen`.
+pub async fn ingest(
+    config: &Config,
+    listen: std::net::SocketAddr,
+    stop_signal: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let p = &config.pipeline;
+    let Some(k) = &p.kafka else {
+        anyhow::bail!(
+            "`tollgate ingest` reads Kafka: set [pipeline] kafka = {{ brokers = \"...\" }} (without Kafka, `tollgate serve` ingests in-process)"
+        );
+    };
+    ensure_topic(k).await?;
+    let lake = lake(p)?;
+    let opts = ingest_options(p);
+    let source = kafka_source(k);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(Stats::default());
+    let thread = {
+        let (stop, stats) = (stop.clone(), stats.clone());
+        spawn("tollgate-ingest", move || {
+            tollgate_ingest::kafka::run(&lake, &source, &opts, &stop, &stats)
+                .context("kafka ingester")
+        })?
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    println!(
+        "tollgate ingest ({} -> {}, group {}) listening on http://{}",
+        k.topic,
+        p.lake,
+        k.group,
+        listener.local_addr()?
+    );
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            axum::routing::get({
+                let stats = stats.clone();
+                move || async move { metrics(&stats) }
+            }),
+        );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    stop_signal.await;
+    server.abort();
+    stop.store(true, Ordering::Release);
+    tokio::task::spawn_blocking(move || thread.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the ingest thread panicked"))??;
+    tracing::info!(
+        rows = stats.rows.load(Ordering::Relaxed),
+        files = stats.files.load(Ordering::Relaxed),
+        dead_letters = stats.dead_letters.load(Ordering::Relaxed),
+        duplicates_dropped = stats.duplicates.load(Ordering::Relaxed),
+        "ingester stopped"
+    );
+    Ok(())
+}
+
+fn metrics(stats: &Stats) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "tollgate_ingest_rows_total",
+            "Rows published to the lake.",
+            &stats.rows,
+        ),
+        (
+            "tollgate_ingest_files_total",
+            "Parquet files published.",
+            &stats.files,
+        ),
+        (
+            "tollgate_ingest_dead_letters_total",
+            "Messages sent to dead letters.",
+            &stats.dead_letters,
+        ),
+        (
+            "tollgate_ingest_duplicates_total",
+            "Replayed copies dropped by event id.",
+            &stats.duplicates,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+            v.load(Ordering::Relaxed)
+        );
+    }
+    out
 }

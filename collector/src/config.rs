@@ -100,6 +100,9 @@ pub struct PipelineConfig {
     pub flush_rows: usize,
     /// Messages larger than this go to dead letters.
     pub max_event_bytes: usize,
+    /// How long a stopping gateway keeps draining its spool; what is left
+    /// stays there for the next start.
+    pub drain_ms: u64,
     pub kafka: Option<KafkaConfig>,
 }
 
@@ -111,6 +114,10 @@ pub struct KafkaConfig {
     pub group: String,
     /// Partitions to create the topic with when it does not exist.
     pub partitions: i32,
+    /// Static group membership (`group.instance.id`): a restarted ingester
+    /// with the same name takes its partitions back at once instead of
+    /// waiting for its old session to expire. Unique per ingester.
+    pub member: Option<String>,
     /// Extra librdkafka properties, passed through as given.
     pub properties: BTreeMap<String, String>,
 }
@@ -226,6 +233,7 @@ struct RawPipeline {
     flush_ms: Option<u64>,
     flush_rows: Option<usize>,
     max_event_bytes: Option<usize>,
+    drain_ms: Option<u64>,
     kafka: Option<RawKafka>,
 }
 
@@ -236,6 +244,7 @@ struct RawKafka {
     topic: Option<String>,
     group: Option<String>,
     partitions: Option<i32>,
+    member: Option<String>,
     #[serde(default)]
     properties: BTreeMap<String, String>,
 }
@@ -425,11 +434,13 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
         flush_ms: p.flush_ms.unwrap_or(5000).max(1),
         flush_rows: p.flush_rows.unwrap_or(200_000).max(1),
         max_event_bytes: p.max_event_bytes.unwrap_or(1 << 20),
+        drain_ms: p.drain_ms.unwrap_or(10_000),
         kafka: p.kafka.map(|k| KafkaConfig {
             brokers: k.brokers,
             topic: k.topic.unwrap_or_else(|| "tollgate.usage.v1".to_string()),
             group: k.group.unwrap_or_else(|| "tollgate-ingest".to_string()),
             partitions: k.partitions.unwrap_or(4).max(1),
+            member: k.member,
             properties: k.properties,
         }),
     };

@@ -10,11 +10,13 @@
 //!
 //! The path of a request: [`paths`] -> [`gateway::app`] -> [`proxy`]
 //! ([`auth`], [`request`], [`routing`], [`upstream`], [`relay`]) with the
-//! [`ledger`] recording it and the [`tap`] taking the event.
+//! [`ledger`] recording it and the [`tap`] taking the event into the spool,
+//! which [`forward`] drains into Kafka.
 
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod forward;
 pub mod gateway;
 pub mod ledger;
 pub mod paths;

@@ -279,6 +279,25 @@ impl Lake {
         Ok(())
     }
 
+    /// The files of one published batch.
+    pub fn batch_files(
+        &self,
+        source: &str,
+        start: &str,
+        end: &str,
+    ) -> Result<Vec<PathBuf>, IngestError> {
+        Ok(self
+            .files()?
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(PartName::parse)
+                    .is_some_and(|n| n.source == source && n.start == start && n.end == end)
+            })
+            .collect())
+    }
+
     /// Reads every event in the lake (tests, checks and small lakes).
     pub fn read_events(&self) -> Result<Vec<UsageEvent>, IngestError> {
         let mut out = Vec::new();
@@ -296,6 +315,27 @@ pub fn read_file(path: &Path) -> Result<Vec<UsageEvent>, IngestError> {
     let mut out = Vec::new();
     for batch in reader {
         out.extend(columns::from_batch(&batch?)?);
+    }
+    Ok(out)
+}
+
+/// Reads only the event ids of a lake file.
+pub fn read_event_ids(path: &Path) -> Result<Vec<uuid::Uuid>, IngestError> {
+    use arrow_array::cast::AsArray;
+    let file = File::open(path).map_err(IngestError::io(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
+    let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), ["event_id"]);
+    let mut out = Vec::new();
+    for batch in builder.with_projection(mask).build()? {
+        let batch = batch?;
+        let Some(ids) = batch.column(0).as_fixed_size_binary_opt() else {
+            continue;
+        };
+        out.extend(
+            ids.iter()
+                .flatten()
+                .filter_map(|b| uuid::Uuid::from_slice(b).ok()),
+        );
     }
     Ok(out)
 }

@@ -3,13 +3,14 @@
 //!
 //! The path of an event: [`decode`] (bad messages to [`dead_letter`]) ->
 //! [`columns`] (Arrow) -> [`lake`] (Parquet, atomic publish, progress in
-//! file names) -> the source's position is saved ([`embedded`] for the
-//! spool). [`compact`] merges small files of closed hours.
+//! file names) -> the source's position is saved ([`kafka`] for a consumer
+//! group member, [`embedded`] for the gateway's own spool).
 
 pub mod columns;
 pub mod dead_letter;
 pub mod decode;
 pub mod embedded;
+pub mod kafka;
 pub mod lake;
 pub mod synth;
 
@@ -45,6 +46,8 @@ pub struct Stats {
     pub rows: AtomicU64,
     pub files: AtomicU64,
     pub dead_letters: AtomicU64,
+    /// Copies of already-ingested events (a producer's replay) dropped.
+    pub duplicates: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,8 @@ pub enum IngestError {
     Arrow(#[from] arrow_schema::ArrowError),
     #[error(transparent)]
     Spool(#[from] tollgate_spool::SpoolError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
 }
 
 impl IngestError {

@@ -56,6 +56,14 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -89,21 +97,47 @@ impl Gateway {
     /// `[pipeline]` section that put everything in `dir`. `body` may use
     /// `${UPSTREAM_KEY}`, provided through the environment.
     pub fn start(dir: &Path, body: &str) -> Gateway {
+        Gateway::start_with(dir, "serve", "", body, &[])
+    }
+
+    /// `tollgate <command>` (serve or proxy) with extra `[pipeline]` lines
+    /// and extra environment.
+    pub fn start_with(
+        dir: &Path,
+        command: &str,
+        pipeline: &str,
+        body: &str,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let lake = dir.join("lake");
+        // Quick flushes unless the test sets its own.
+        let defaults: String = [("flush_ms", "100"), ("commit_ms", "2")]
+            .iter()
+            .filter(|(k, _)| !pipeline.contains(&format!("{k} =")))
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect();
         let config = format!(
             "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\ninstance = \"e2e\"\n\n\
-             [pipeline]\nspool_dir = {:?}\nlake = {:?}\nflush_ms = 100\ncommit_ms = 2\n\n{body}",
+             [pipeline]\nspool_dir = {:?}\nlake = {:?}\n{defaults}{pipeline}\n\n{body}",
             dir.join("spool").display().to_string(),
             lake.display().to_string()
         );
         let path = dir.join("tollgate.toml");
         std::fs::write(&path, config).unwrap();
-        let log = dir.join("gateway.log");
+        let log = dir.join(format!(
+            "gateway-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+        ));
         // The upstream key reaches the child through its environment only.
+        let mut all_env = vec![("UPSTREAM_KEY", UPSTREAM_KEY)];
+        all_env.extend_from_slice(env);
         let proc = spawn(
-            &["serve", "--config", path.to_str().unwrap()],
+            &[command, "--config", path.to_str().unwrap()],
             &log,
-            &[("UPSTREAM_KEY", UPSTREAM_KEY)],
+            &all_env,
         );
         Gateway { proc, lake, log }
     }
@@ -143,7 +177,7 @@ impl Gateway {
 /// Spawns `tollgate args...` with stderr to `log`, and waits for the line
 /// `... listening on http://ADDR` on stdout.
 #[allow(clippy::zombie_processes)] // the child is waited for by `Proc`'s Drop
-fn spawn(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
+pub fn spawn(args: &[&str], log: &Path, env: &[(&str, &str)]) -> Proc {
     let err = std::fs::File::create(log).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.args(args)

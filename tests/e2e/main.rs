@@ -1,12 +1,15 @@
 //! End-to-end tests: the real `tollgate` binary, its simulator as the
-//! upstream, real HTTP clients, all on 127.0.0.1.
+//! upstream, a real Kafka-protocol broker (tansu), real HTTP and Kafka
+//! clients, all on 127.0.0.1.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod broker;
 mod harness;
 
 mod errors;
 mod hostile;
 mod lifecycle;
+mod pipeline;
 mod routing;
 mod streaming;
