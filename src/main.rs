@@ -53,6 +53,14 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8002")]
         listen: SocketAddr,
     },
+    /// Merge the small Parquet files of each closed hour of the lake.
+    Compact {
+        #[arg(long, short, default_value = "tollgate.toml")]
+        config: PathBuf,
+        /// Only this day (YYYY-MM-DD); default: every closed hour.
+        #[arg(long)]
+        date: Option<chrono::NaiveDate>,
+    },
     /// Run a gateway with simulated deepseek-r1 and qwq-32b upstreams and
     /// steady sample traffic, printing each request's ledger entry.
     Demo(demo::DemoArgs),
@@ -130,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest { config, listen } => {
             pipeline::ingest(&Config::load(&config)?, listen, shutdown_signal()).await
         }
+        Command::Compact { config, date } => compact(&Config::load(&config)?, date),
         Command::Demo(args) => demo::run(args).await,
         Command::Simulate(args) => run_simulator(args).await,
         Command::Loadgen(args) => loadgen::run(args).await,
@@ -190,6 +199,37 @@ async fn run_simulator(a: SimulateArgs) -> anyhow::Result<()> {
         listener.local_addr()?
     );
     simulate::serve(listener, settings, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn compact(config: &Config, date: Option<chrono::NaiveDate>) -> anyhow::Result<()> {
+    let lake = pipeline::lake(&config.pipeline)?;
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} hours  {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let report =
+        tollgate_ingest::compact::compact(&lake, date, chrono::Utc::now(), |i, n, dir| {
+            bar.set_length(n as u64);
+            bar.set_position(i as u64);
+            bar.set_message(dir.display().to_string());
+        })?;
+    bar.finish_and_clear();
+    println!(
+        "compacted {} hours: {} files -> {} ({} rows){}",
+        report.hours,
+        report.files_in,
+        report.files_out,
+        report.rows,
+        if report.finished_interrupted > 0 {
+            format!(
+                "; finished an interrupted run ({} inputs removed)",
+                report.finished_interrupted
+            )
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }
 

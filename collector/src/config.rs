@@ -431,7 +431,7 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
         spool_segment_bytes: p.spool_segment_bytes.unwrap_or(64 << 20).max(4096),
         commit_ms: p.commit_ms.unwrap_or(5),
         commit_events: p.commit_events.unwrap_or(1024).max(1),
-        flush_ms: p.flush_ms.unwrap_or(5000).max(1),
+        flush_ms: p.flush_ms.unwrap_or(2000).max(1),
         flush_rows: p.flush_rows.unwrap_or(200_000).max(1),
         max_event_bytes: p.max_event_bytes.unwrap_or(1 << 20),
         drain_ms: p.drain_ms.unwrap_or(10_000),

@@ -99,7 +99,7 @@ fn publish(
     stats: &Stats,
 ) -> Result<(), IngestError> {
     if !events.is_empty() {
-        let published = lake.publish(source, &start.to_string(), &end.to_string(), events)?;
+        let published = lake.publish(source, &name(start), &name(end), events)?;
         stats
             .rows
             .fetch_add(published.rows as u64, Ordering::Relaxed);
@@ -127,4 +127,9 @@ fn resume(lake: &Lake, reader: &mut SpoolReader, source: &str) -> Result<(), Ing
         reader.ack(end)?;
     }
     Ok(())
+}
+
+/// A spool position in a file name: zero-padded so names order as text.
+fn name(p: Position) -> String {
+    format!("{:020}.{:020}", p.segment, p.offset)
 }

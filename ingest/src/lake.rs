@@ -227,9 +227,14 @@ impl Lake {
         Ok(out)
     }
 
-    /// The complete batches of `source`, as (start, end) pairs. Parts of an
-    /// incomplete batch (a publish cut short by a crash) and leftover
-    /// temporary files are removed: that range will be written again.
+    /// The published batches of `source`, as (start, end) pairs in order.
+    /// Range bounds are zero-padded, so they order as text.
+    ///
+    /// A source publishes one batch at a time, so only its last batch can
+    /// have been cut short by a crash: if that one lacks parts, the parts
+    /// it has (and leftover temporary files) are removed and its range is
+    /// left out, to be written again. An earlier batch with parts missing
+    /// was compacted (its closed hours merged) and counts as published.
     pub fn recover_source(&self, source: &str) -> Result<Vec<(String, String)>, IngestError> {
         let mut batches: BTreeMap<(String, String), (u32, Vec<PathBuf>)> = BTreeMap::new();
         for path in self.files()? {
@@ -247,15 +252,18 @@ impl Lake {
                 .or_insert((part.parts, Vec::new()));
             entry.1.push(path);
         }
+        let last = batches.keys().next_back().cloned();
         let mut complete = Vec::new();
         for ((start, end), (parts, paths)) in batches {
-            if paths.len() as u32 == parts {
+            let torn =
+                paths.len() as u32 != parts && last.as_ref() == Some(&(start.clone(), end.clone()));
+            if !torn {
                 complete.push((start, end));
-            } else {
-                for p in &paths {
-                    tracing::warn!(file = %p.display(), "removing a part of an incomplete batch; its range is ingested again");
-                    fs::remove_file(p).map_err(IngestError::io(p))?;
-                }
+                continue;
+            }
+            for p in &paths {
+                tracing::warn!(file = %p.display(), "removing a part of a publish cut short; its range is ingested again");
+                fs::remove_file(p).map_err(IngestError::io(p))?;
             }
         }
         self.remove_temporaries(source)?;

@@ -4,9 +4,11 @@
 //! The path of an event: [`decode`] (bad messages to [`dead_letter`]) ->
 //! [`columns`] (Arrow) -> [`lake`] (Parquet, atomic publish, progress in
 //! file names) -> the source's position is saved ([`kafka`] for a consumer
-//! group member, [`embedded`] for the gateway's own spool).
+//! group member, [`embedded`] for the gateway's own spool). [`compact`]
+//! merges the small files of closed hours.
 
 pub mod columns;
+pub mod compact;
 pub mod dead_letter;
 pub mod decode;
 pub mod embedded;
@@ -33,7 +35,7 @@ pub struct IngestOptions {
 impl Default for IngestOptions {
     fn default() -> Self {
         Self {
-            flush_interval: Duration::from_secs(5),
+            flush_interval: Duration::from_secs(2),
             flush_rows: 200_000,
             max_event_bytes: 1 << 20,
         }

@@ -92,6 +92,25 @@ fn an_interrupted_publish_is_rolled_back_on_recovery() {
 }
 
 #[test]
+fn only_the_last_batch_of_a_source_counts_as_cut_short() {
+    let lake = Lake::open(scratch("compacted")).unwrap();
+    let first = lake
+        .publish("t.0", "0000", "2000", events(2000, 150_000))
+        .unwrap();
+    lake.publish("t.0", "2000", "2100", events(100, 1000))
+        .unwrap();
+    // Compaction merged the first batch's closed hour away.
+    std::fs::remove_file(&first.files[0]).unwrap();
+    let complete = lake.recover_source("t.0").unwrap();
+    assert_eq!(
+        complete.len(),
+        2,
+        "an earlier batch with parts gone was compacted"
+    );
+    assert!(first.files[1].exists(), "and its remaining part is kept");
+}
+
+#[test]
 fn part_names_parse_back() {
     let name = PartName {
         source: "tollgate.usage.v1.3".into(),
@@ -139,4 +158,60 @@ fn bytes_per_event() {
         p.rows,
         bytes as f64 / p.rows as f64
     );
+}
+
+#[test]
+fn compaction_merges_closed_hours_once_and_finishes_an_interrupted_run() {
+    use tollgate_ingest::compact::compact;
+    let lake = Lake::open(scratch("compact")).unwrap();
+    let all = events(3000, 200_000); // ~10 minutes of 2026-03-01 09:58..
+    let mut sent = Vec::new();
+    for (i, chunk) in all.chunks(300).enumerate() {
+        let (start, end) = (format!("{:06}", i * 300), format!("{:06}", i * 300 + 300));
+        lake.publish("t.0", &start, &end, chunk.to_vec()).unwrap();
+        sent.extend_from_slice(chunk);
+    }
+    let before = lake.files().unwrap().len();
+    let now: DateTime<Utc> = "2026-03-02T00:00:00Z".parse().unwrap();
+    let report = compact(&lake, None, now, |_, _, _| {}).unwrap();
+    let after = lake.files().unwrap();
+    assert!(after.len() < before, "{before} -> {}", after.len());
+    assert_eq!(report.files_out, 2, "{report:?}");
+    assert_eq!(sorted(lake.read_events().unwrap()), sorted(sent.clone()));
+    // The last batch of the source stays as published.
+    assert!(
+        after
+            .iter()
+            .any(|p| p.to_str().unwrap().contains("t.0~002700~003000"))
+    );
+    assert_eq!(
+        lake.recover_source("t.0").unwrap().last().unwrap().1,
+        "003000"
+    );
+
+    // Idempotent: nothing left to merge.
+    let again = compact(&lake, None, now, |_, _, _| {}).unwrap();
+    assert_eq!((again.files_in, again.files_out), (0, 0));
+
+    // A run cut short after the rename: the inputs are still there.
+    let merged = after
+        .iter()
+        .find(|p| p.to_str().unwrap().contains("compacted-"))
+        .unwrap()
+        .clone();
+    let resurrected = merged
+        .parent()
+        .unwrap()
+        .join("t.0~000000~000300~0of1.parquet");
+    lake.publish("t.0", "000000", "000300", all[..300].to_vec())
+        .unwrap();
+    assert!(resurrected.exists());
+    let report = compact(&lake, None, now, |_, _, _| {}).unwrap();
+    assert_eq!(report.finished_interrupted, 1, "{report:?}");
+    assert!(!resurrected.exists());
+    assert_eq!(sorted(lake.read_events().unwrap()), sorted(sent));
+
+    // Open hours are left alone.
+    let early: DateTime<Utc> = "2026-03-01T10:05:00Z".parse().unwrap();
+    assert_eq!(compact(&lake, None, early, |_, _, _| {}).unwrap().hours, 0);
 }

@@ -109,3 +109,43 @@ def test_errors(gateway):
     with pytest.raises(openai.BadRequestError) as e400:
         client(gateway).chat.completions.create(model="qwq-32b", messages=[])
     assert e400.value.body["param"] == "messages"
+
+
+def test_duckdb_reads_the_lake_with_the_same_totals(gateway):
+    """DuckDB, a reader nobody here wrote, gets the totals the clients saw."""
+    import decimal
+    import uuid
+
+    run = uuid.uuid4().hex
+    seen = []
+    for i in range(12):
+        kwargs = dict(model="qwq-32b", messages=MESSAGES, extra_headers={"x-tollgate-tags": f"run={run}"})
+        if i % 2:
+            chunks = list(client(gateway).chat.completions.create(
+                stream=True, stream_options={"include_usage": True}, **kwargs))
+            usage = chunks[-1].usage
+        else:
+            usage = client(gateway).chat.completions.create(**kwargs).usage
+        seen.append((usage.prompt_tokens, usage.completion_tokens))
+
+    files = str(gateway.lake / "usage" / "**" / "*.parquet")
+    query = """
+        SELECT count(*), sum(input_tokens), sum(output_tokens), sum(cost_usd),
+               count(*) FILTER (WHERE date = strftime(ts_start AT TIME ZONE 'UTC', '%Y-%m-%d')
+                                  AND CAST(hour AS INTEGER) = hour(ts_start AT TIME ZONE 'UTC'))
+        FROM read_parquet(?, hive_partitioning = true)
+        WHERE tags['run'] = ?
+    """
+    deadline = time.time() + 15
+    while True:
+        rows, input_tokens, output_tokens, cost, well_partitioned = duckdb.execute(query, [files, run]).fetchone()
+        if rows == len(seen) or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert rows == len(seen)
+    assert input_tokens == sum(p for p, _ in seen)
+    assert output_tokens == sum(c for _, c in seen)
+    # qwq-32b costs $0.20 per million tokens in and out: exact decimals.
+    price = decimal.Decimal("0.20") / 1_000_000
+    assert cost == (input_tokens + output_tokens) * price
+    assert well_partitioned == rows, "date/hour partitions match each row's start time"
