@@ -6,6 +6,7 @@ simulator; "gateway" = load generator -> gateway -> simulator. Both run in
 this one invocation, so their ratio is meaningful on a shared, noisy machine.
 """
 
+from benchmd import write_section
 import hashlib
 import json
 import os
@@ -159,7 +160,7 @@ api_keys = ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
     write_report(rows, fixed, steady_hwm, rss_before, peak_open, held)
 
 
-NOTES = """## Reading the figures
+NOTES = """### Reading the figures
 
 - *direct* is one hyper server (the simulator) answering from memory; the
   gateway does the same server work plus a full HTTP client exchange and the
@@ -196,10 +197,10 @@ def ms(us):
 
 def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
     lines = []
-    lines.append("# Benchmarks\n")
+    lines.append("## Gateway\n")
     lines.append(f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, release build, `scripts/bench.sh` "
                  f"({SECONDS} s per run).\n")
-    lines.append("## Method\n")
+    lines.append("### Method\n")
     lines.append(
         "- Upstream: `tollgate simulate` with zero latency and 16 output tokens per completion "
         "(streams: one SSE event per token, usage chunk, `[DONE]`).\n"
@@ -215,7 +216,7 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
         "direct vs. gateway; time to first byte is the first body chunk of a stream.\n"
         "- Memory: the gateway's VmHWM after the throughput runs; VmRSS while 1,000 streams are held open "
         "(a simulator at 4 tokens/s keeps each open ~15 s).\n")
-    lines.append("## Throughput (wrk)\n")
+    lines.append("### Throughput (wrk)\n")
     lines.append("| body | conns | direct req/s | gateway req/s | gateway/direct | direct p50 / p99 ms | gateway p50 / p99 ms | gateway CPU us/req |")
     lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     for stream, conns, d, g, us in rows:
@@ -223,7 +224,7 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
                      f"{ms(d['p50_us'])} / {ms(d['p99_us'])} | {ms(g['p50_us'])} / {ms(g['p99_us'])} | {us:.1f} |")
     lines.append("")
     c1 = [r for r in rows if r[1] == 1]
-    lines.append("## Latency added by the gateway\n")
+    lines.append("### Latency added by the gateway\n")
     lines.append("| measure | direct | gateway | added |")
     lines.append("|---|---:|---:|---:|")
     for stream, _, d, g, _ in c1:
@@ -243,7 +244,7 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
     lines.append("Requests and errors at 1,000 req/s: " + ", ".join(
         f"{'stream' if s else 'json'} {w} {r['requests']} req / {r['errors']} errors / {r['skipped']} skipped"
         for (s, w), r in fixed.items()) + ".\n")
-    lines.append("## Memory\n")
+    lines.append("### Memory\n")
     lines.append("| measure | gateway |")
     lines.append("|---|---:|")
     lines.append(f"| peak RSS after the throughput runs (up to 256 connections) | {steady_hwm / 1024:.1f} MB |")
@@ -262,7 +263,7 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
         ("RSS at steady load <= 64 MB", steady_hwm / 1024, 64, "<="),
         ("RSS with 1,000 open streams <= 100 MB", peak_open / 1024, 100, "<="),
     ]
-    lines.append("## Targets\n")
+    lines.append("### Targets\n")
     lines.append("| target | measured | met |")
     lines.append("|---|---:|---|")
     for name, value, bound, op in checks:
@@ -271,7 +272,7 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
     lines.append("")
     lines.append(NOTES)
     text = "\n".join(lines)
-    open("BENCHMARKS.md", "w").write(text)
+    write_section("gateway", text)
     print()
     print(text)
 

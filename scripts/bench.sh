@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
-# The gateway benchmark: wrk straight to `tollgate simulate` vs. through the
-# gateway, side by side in one run, plus fixed-rate latency, time to first
-# token, CPU per request and memory. Prints a table and writes BENCHMARKS.md.
-#   scripts/bench.sh            (BENCH_SECONDS=10 per run by default)
+# Benchmarks, each writing its own section of BENCHMARKS.md:
+#   scripts/bench.sh gateway    wrk straight to `tollgate simulate` vs. through
+#                               the gateway, side by side in one run, plus
+#                               fixed-rate latency, time to first token, CPU per
+#                               request and memory (BENCH_SECONDS=10 per run)
+#   scripts/bench.sh pipeline   the usage pipeline: ingest ceiling, Kafka ingest
+#                               vs. raw consume on one broker, bytes per event,
+#                               tap CPU per event, freshness (BENCH_EVENTS)
+#   scripts/bench.sh            both
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
+export PATH="$HOME/.cargo/bin:$PATH"
+what="${1:-all}"
 
 if ! command -v wrk >/dev/null; then
   echo "==> installing wrk"
   apt-get update -qq && apt-get install -y -qq wrk
 fi
+if [ "$what" != gateway ] && ! command -v tansu >/dev/null; then
+  echo "==> installing the tansu broker"
+  env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
+fi
 echo "==> building release"
 cargo build --release --bin tollgate
 ulimit -n 65536 2>/dev/null || true
-exec python3 scripts/bench.py "$CARGO_TARGET_DIR/release/tollgate"
+BIN="$CARGO_TARGET_DIR/release/tollgate"
+case "$what" in
+  gateway) python3 scripts/bench.py "$BIN" ;;
+  pipeline) python3 scripts/bench_pipeline.py "$BIN" ;;
+  all) python3 scripts/bench.py "$BIN" && python3 scripts/bench_pipeline.py "$BIN" ;;
+  *) echo "usage: scripts/bench.sh [gateway|pipeline|all]" >&2; exit 2 ;;
+esac

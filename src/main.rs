@@ -1,5 +1,6 @@
 //! `tollgate`: the gateway, its simulator and its demo in one binary.
 
+mod benchpipe;
 mod demo;
 mod loadgen;
 mod pipeline;
@@ -69,6 +70,9 @@ enum Command {
     /// Open-loop load at a fixed rate (latency, time to first byte) or many
     /// open streams at once; prints JSON. Used by scripts/bench.sh.
     Loadgen(loadgen::LoadgenArgs),
+    /// The usage pipeline's benchmark figures as JSON (scripts/bench.sh).
+    #[command(hide = true)]
+    BenchPipeline(benchpipe::BenchArgs),
     /// Manage consumer API keys.
     Keys {
         #[command(subcommand)]
@@ -142,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Simulate(args) => run_simulator(args).await,
         Command::Loadgen(args) => loadgen::run(args).await,
+        Command::BenchPipeline(args) => benchpipe::run(args).await,
         Command::Keys { command } => keys(command),
     }
 }

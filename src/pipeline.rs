@@ -276,5 +276,10 @@ fn metrics(stats: &Stats) -> String {
             v.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP tollgate_ingest_partitions Partitions held now.\n# TYPE tollgate_ingest_partitions gauge\ntollgate_ingest_partitions {}",
+        stats.partitions.load(Ordering::Relaxed)
+    );
     out
 }

@@ -198,6 +198,9 @@ pub fn run(
     loop {
         let message = consumer.poll(Duration::from_millis(100));
         apply_changes(lake, source, &consumer, &mut parts)?;
+        stats
+            .partitions
+            .store(parts.len() as u64, Ordering::Relaxed);
         match message {
             Some(Ok(m)) => {
                 let p = m.partition();

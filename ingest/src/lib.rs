@@ -50,6 +50,8 @@ pub struct Stats {
     pub dead_letters: AtomicU64,
     /// Copies of already-ingested events (a producer's replay) dropped.
     pub duplicates: AtomicU64,
+    /// Partitions this ingester holds now.
+    pub partitions: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
