@@ -10,7 +10,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
 VENV="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
 ARTIFACTS="$CARGO_TARGET_DIR/tmp/e2e"
 
-# Python clients (openai SDK, DuckDB), in a venv outside the clone;
+# Python clients (openai SDK, DuckDB) and moto's S3-compatible server for
+# the object-store lake test, in a venv outside the clone;
 # reinstalled only when requirements.txt changes.
 REQS_STAMP="$VENV/.requirements.sha256"
 REQS_SUM="$(sha256sum tests/python/requirements.txt | cut -d' ' -f1)"
@@ -28,6 +29,8 @@ if ! command -v tansu >/dev/null 2>&1; then
   echo "==> installing the tansu broker (first run only)"
   env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
 fi
+
+export TOLLGATE_MOTO="$VENV/bin/moto_server"
 
 rm -rf "$ARTIFACTS"
 mkdir -p "$ARTIFACTS"

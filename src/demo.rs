@@ -15,7 +15,6 @@ use clap::Args;
 use rust_decimal::Decimal;
 use tollgate_collector::{Config, Server, auth};
 use tollgate_ingest::Lake;
-use tollgate_ingest::lake::read_file;
 use tollgate_schemas::UsageEvent;
 
 #[derive(Args)]
@@ -113,7 +112,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!(
         "  usage lake -> {} (rows appear as the pipeline publishes them)",
-        lake.root().display()
+        lake.describe()
     );
     println!();
     println!(
@@ -224,7 +223,7 @@ async fn tail(
         let mut fresh: Vec<UsageEvent> = Vec::new();
         for file in lake.files().unwrap_or_default() {
             if seen.insert(file.clone()) {
-                fresh.extend(read_file(&file).unwrap_or_default());
+                fresh.extend(lake.read_file(&file).unwrap_or_default());
             }
         }
         fresh.sort_by_key(|e| e.ts_end);

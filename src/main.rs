@@ -142,7 +142,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest { config, listen } => {
             pipeline::ingest(&Config::load(&config)?, listen, shutdown_signal()).await
         }
-        Command::Compact { config, date } => compact(&Config::load(&config)?, date),
+        Command::Compact { config, date } => {
+            // The lake's object-store client runs its own runtime: block
+            // outside this one.
+            let config = Config::load(&config)?;
+            tokio::task::spawn_blocking(move || compact(&config, date)).await?
+        }
         Command::Demo(args) => demo::run(args).await,
         Command::Simulate(args) => run_simulator(args).await,
         Command::Loadgen(args) => loadgen::run(args).await,
@@ -217,7 +222,7 @@ fn compact(config: &Config, date: Option<chrono::NaiveDate>) -> anyhow::Result<(
         tollgate_ingest::compact::compact(&lake, date, chrono::Utc::now(), |i, n, dir| {
             bar.set_length(n as u64);
             bar.set_position(i as u64);
-            bar.set_message(dir.display().to_string());
+            bar.set_message(dir.to_string());
         })?;
     bar.finish_and_clear();
     println!(

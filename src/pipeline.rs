@@ -4,7 +4,6 @@
 //! forwarder sends the spool to Kafka and an ingester (one member of the
 //! consumer group) writes the lake.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -42,16 +41,10 @@ pub fn ingest_options(p: &PipelineConfig) -> IngestOptions {
     }
 }
 
-/// The lake directory; object-store lakes (`s3://...`) are refused here
-/// with a clear message.
+/// The lake: a local directory or `s3://bucket/prefix`.
 pub fn lake(p: &PipelineConfig) -> anyhow::Result<Lake> {
-    if p.lake.contains("://") {
-        anyhow::bail!(
-            "pipeline.lake = {:?}: this build writes local directories only",
-            p.lake
-        );
-    }
-    Lake::open(PathBuf::from(&p.lake)).with_context(|| format!("opening the lake {}", p.lake))
+    let options: Vec<(String, String)> = p.lake_options.clone().into_iter().collect();
+    Lake::at(&p.lake, &options).with_context(|| format!("opening the lake {}", p.lake))
 }
 
 pub fn kafka_source(k: &KafkaConfig) -> KafkaSource {

@@ -86,6 +86,10 @@ pub struct PipelineConfig {
     pub spool_dir: PathBuf,
     /// A local directory, or `s3://bucket/prefix`.
     pub lake: String,
+    /// Object store settings for an `s3://` lake (`endpoint`, `region`,
+    /// `access_key_id`, `secret_access_key`, `allow_http`, ...); the
+    /// `AWS_*` environment variables fill in what is not given.
+    pub lake_options: BTreeMap<String, String>,
     /// Events held in memory before the tap counts overflow.
     pub queue_capacity: usize,
     pub spool_max_bytes: u64,
@@ -225,6 +229,8 @@ struct RawGateway {
 struct RawPipeline {
     spool_dir: Option<PathBuf>,
     lake: Option<String>,
+    #[serde(default)]
+    lake_options: BTreeMap<String, String>,
     queue_capacity: Option<usize>,
     spool_max_bytes: Option<u64>,
     spool_segment_bytes: Option<u64>,
@@ -426,6 +432,7 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
     let pipeline = PipelineConfig {
         spool_dir: p.spool_dir.unwrap_or_else(|| PathBuf::from("data/spool")),
         lake: p.lake.unwrap_or_else(|| "data/lake".to_string()),
+        lake_options: p.lake_options,
         queue_capacity: p.queue_capacity.unwrap_or(65_536).max(1),
         spool_max_bytes: p.spool_max_bytes.unwrap_or(4 << 30),
         spool_segment_bytes: p.spool_segment_bytes.unwrap_or(64 << 20).max(4096),

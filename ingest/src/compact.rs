@@ -1,26 +1,21 @@
 //! Compaction: the many small files of each closed hour merged into a few
 //! large ones, atomically and idempotently.
 //!
-//! The merged file is written under a temporary name, synced and renamed
-//! into place, and records its inputs in its Parquet metadata; only then
-//! are the inputs deleted. A run cut short between the rename and the
-//! deletes is finished by the next run, which first deletes the inputs of
-//! every merged file it finds. Rows are deduplicated by event id and sorted
-//! by time. The last batch of each source is left alone: an ingester uses
-//! it to find where it stopped.
+//! The merged file appears whole (see `store`) and records its inputs in
+//! its Parquet metadata; only then are the inputs deleted. A run cut short
+//! between the two is finished by the next run, which first deletes the
+//! inputs of every merged file it finds. Rows are deduplicated by event id
+//! and sorted by time. The last batch of each source is left alone: an
+//! ingester uses it to find where it stopped.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
-use parquet::arrow::ArrowWriter;
 use parquet::file::metadata::KeyValue;
-use parquet::file::reader::FileReader;
-use parquet::file::serialized_reader::SerializedFileReader;
 use tollgate_schemas::UsageEvent;
 
-use crate::lake::{Lake, PartName, read_file, sync_dir, writer_properties};
+use crate::lake::{Lake, PartName, parquet_bytes, writer_properties};
 use crate::{IngestError, columns};
 
 /// Rows per merged file; bounds the memory a merge takes.
@@ -40,80 +35,35 @@ pub struct Report {
     pub finished_interrupted: usize,
 }
 
-/// One hour directory and when it closes.
-struct Hour {
-    dir: PathBuf,
-    closes: DateTime<Utc>,
-}
-
-fn hours(lake: &Lake, date: Option<NaiveDate>) -> Result<Vec<Hour>, IngestError> {
-    let mut out = Vec::new();
-    let usage = lake.usage_dir();
-    let Ok(days) = fs::read_dir(&usage) else {
-        return Ok(out);
-    };
-    for day in days.flatten() {
-        let name = day.file_name().to_string_lossy().into_owned();
-        let Some(d) = name
-            .strip_prefix("date=")
-            .and_then(|d| NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
-        else {
-            continue;
-        };
-        if date.is_some_and(|want| want != d) {
-            continue;
-        }
-        for hour in fs::read_dir(day.path())
-            .map_err(IngestError::io(&day.path()))?
-            .flatten()
-        {
-            let hname = hour.file_name().to_string_lossy().into_owned();
-            let Some(h) = hname
-                .strip_prefix("hour=")
-                .and_then(|h| h.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Some(start) = NaiveTime::from_hms_opt(h, 0, 0) else {
-                continue;
-            };
-            out.push(Hour {
-                dir: hour.path(),
-                closes: d.and_time(start).and_utc() + Duration::hours(1) + GRACE,
-            });
-        }
-    }
-    out.sort_by(|a, b| a.dir.cmp(&b.dir));
-    Ok(out)
-}
-
-fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>, IngestError> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .map_err(IngestError::io(dir))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.extension().is_some_and(|e| e == "parquet")
-                && !p
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
 fn file_name(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
+/// When the hour a `usage/date=D/hour=H/` key sits in closes.
+fn closes(key: &str) -> Option<(NaiveDate, DateTime<Utc>)> {
+    let mut date = None;
+    let mut hour = None;
+    for part in key.split('/') {
+        if let Some(d) = part.strip_prefix("date=") {
+            date = NaiveDate::parse_from_str(d, "%Y-%m-%d").ok();
+        }
+        if let Some(h) = part.strip_prefix("hour=") {
+            hour = h
+                .parse::<u32>()
+                .ok()
+                .and_then(|h| NaiveTime::from_hms_opt(h, 0, 0));
+        }
+    }
+    let (d, h) = (date?, hour?);
+    Some((d, d.and_time(h).and_utc() + Duration::hours(1) + GRACE))
+}
+
 /// The files of each source's last batch: kept out of merges.
-fn last_batches(lake: &Lake) -> Result<HashSet<String>, IngestError> {
+fn last_batches(files: &[PathBuf]) -> HashSet<String> {
     let mut last: BTreeMap<String, (String, String)> = BTreeMap::new();
-    let files = lake.files()?;
-    for f in &files {
+    for f in files {
         if let Some(n) = PartName::parse(&file_name(f)) {
             let range = (n.start.clone(), n.end.clone());
             let e = last.entry(n.source).or_insert_with(|| range.clone());
@@ -122,46 +72,36 @@ fn last_batches(lake: &Lake) -> Result<HashSet<String>, IngestError> {
             }
         }
     }
-    Ok(files
+    files
         .iter()
         .map(|f| file_name(f))
         .filter(|name| {
             PartName::parse(name).is_some_and(|n| last.get(&n.source) == Some(&(n.start, n.end)))
         })
-        .collect())
+        .collect()
 }
 
-/// Deletes inputs that a merged file in `dir` already holds.
-fn finish_interrupted(dir: &Path) -> Result<usize, IngestError> {
-    let mut removed = 0;
-    for f in parquet_files(dir)? {
-        if !file_name(&f).starts_with(PREFIX) {
+/// Deletes inputs that a merged file of this hour already holds.
+fn finish_interrupted(lake: &Lake, files: &mut Vec<PathBuf>) -> Result<usize, IngestError> {
+    let mut done: HashSet<String> = HashSet::new();
+    for f in files.iter().filter(|f| file_name(f).starts_with(PREFIX)) {
+        let Some(from) = lake.file_metadata(f, FROM_KEY)? else {
             continue;
-        }
-        let reader = SerializedFileReader::new(File::open(&f).map_err(IngestError::io(&f))?)?;
-        let from = reader
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .and_then(|kv| {
-                kv.iter()
-                    .find(|k| k.key == FROM_KEY)
-                    .and_then(|k| k.value.clone())
-            });
-        let Some(from) = from else { continue };
+        };
         let inputs: Vec<String> = serde_json::from_str(&from).unwrap_or_default();
-        for name in inputs {
-            let p = dir.join(&name);
-            if p.exists() && name != file_name(&f) {
-                fs::remove_file(&p).map_err(IngestError::io(&p))?;
-                removed += 1;
-            }
+        done.extend(inputs.into_iter().filter(|n| *n != file_name(f)));
+    }
+    let before = files.len();
+    let mut kept = Vec::with_capacity(files.len());
+    for f in files.drain(..) {
+        if done.contains(&file_name(&f)) {
+            lake.remove(&f)?;
+        } else {
+            kept.push(f);
         }
     }
-    if removed > 0 {
-        sync_dir(dir)?;
-    }
-    Ok(removed)
+    *files = kept;
+    Ok(before - files.len())
 }
 
 /// Compacts every closed hour (of `date`, if given). `on_hour` is called
@@ -170,18 +110,27 @@ pub fn compact(
     lake: &Lake,
     date: Option<NaiveDate>,
     now: DateTime<Utc>,
-    mut on_hour: impl FnMut(usize, usize, &Path),
+    mut on_hour: impl FnMut(usize, usize, &str),
 ) -> Result<Report, IngestError> {
     let mut report = Report::default();
-    let keep = last_batches(lake)?;
-    let closed: Vec<Hour> = hours(lake, date)?
-        .into_iter()
-        .filter(|h| h.closes <= now)
-        .collect();
-    for (i, hour) in closed.iter().enumerate() {
-        on_hour(i, closed.len(), &hour.dir);
-        report.finished_interrupted += finish_interrupted(&hour.dir)?;
-        let inputs: Vec<PathBuf> = parquet_files(&hour.dir)?
+    let all = lake.files()?;
+    let keep = last_batches(&all);
+    let mut hours: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for f in all {
+        let key = lake.key_of(&f);
+        let dir = key.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+        let Some((day, closes_at)) = closes(&dir) else {
+            continue;
+        };
+        if closes_at <= now && date.is_none_or(|want| want == day) {
+            hours.entry(dir).or_default().push(f);
+        }
+    }
+    let total = hours.len();
+    for (i, (dir, mut files)) in hours.into_iter().enumerate() {
+        on_hour(i, total, &dir);
+        report.finished_interrupted += finish_interrupted(lake, &mut files)?;
+        let inputs: Vec<PathBuf> = files
             .into_iter()
             .filter(|f| !keep.contains(&file_name(f)))
             .collect();
@@ -195,9 +144,9 @@ pub fn compact(
         let mut chunk: Vec<PathBuf> = Vec::new();
         let mut rows: Vec<UsageEvent> = Vec::new();
         for f in inputs {
-            let events = read_file(&f)?;
+            let events = lake.read_file(&f)?;
             if !chunk.is_empty() && rows.len() + events.len() > MAX_ROWS {
-                report.rows += merge(&hour.dir, &chunk, std::mem::take(&mut rows))?;
+                report.rows += merge(lake, &dir, &chunk, std::mem::take(&mut rows))?;
                 report.files_out += 1;
                 chunk.clear();
             }
@@ -205,7 +154,7 @@ pub fn compact(
             chunk.push(f);
         }
         if chunk.len() > 1 {
-            report.rows += merge(&hour.dir, &chunk, rows)?;
+            report.rows += merge(lake, &dir, &chunk, rows)?;
             report.files_out += 1;
         } else {
             report.files_in -= chunk.len();
@@ -214,9 +163,14 @@ pub fn compact(
     Ok(report)
 }
 
-/// Writes `rows` (the contents of `inputs`) as one merged file, then
-/// deletes the inputs. Returns the rows written.
-fn merge(dir: &Path, inputs: &[PathBuf], rows: Vec<UsageEvent>) -> Result<usize, IngestError> {
+/// Writes `rows` (the contents of `inputs`) as one merged file in `dir`,
+/// then deletes the inputs. Returns the rows written.
+fn merge(
+    lake: &Lake,
+    dir: &str,
+    inputs: &[PathBuf],
+    rows: Vec<UsageEvent>,
+) -> Result<usize, IngestError> {
     let mut seen = HashSet::with_capacity(rows.len());
     let mut rows: Vec<UsageEvent> = rows
         .into_iter()
@@ -226,11 +180,7 @@ fn merge(dir: &Path, inputs: &[PathBuf], rows: Vec<UsageEvent>) -> Result<usize,
     let names: BTreeSet<String> = inputs.iter().map(|p| file_name(p)).collect();
     let first = rows.first().map_or(0, |e| e.ts_start.timestamp_micros());
     let last = rows.last().map_or(0, |e| e.ts_start.timestamp_micros());
-    let name = format!("{PREFIX}{first}-{last}-{}.parquet", rows.len());
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let path = dir.join(&name);
-
-    let batch = columns::to_batch(&rows)?;
+    let key = format!("{dir}/{PREFIX}{first}-{last}-{}.parquet", rows.len());
     let props = writer_properties()
         .into_builder()
         .set_key_value_metadata(Some(vec![KeyValue::new(
@@ -238,20 +188,12 @@ fn merge(dir: &Path, inputs: &[PathBuf], rows: Vec<UsageEvent>) -> Result<usize,
             serde_json::to_string(&names).unwrap_or_default(),
         )]))
         .build();
-    let file = File::create(&tmp).map_err(IngestError::io(&tmp))?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))?;
-    writer.write(&batch)?;
-    writer
-        .into_inner()?
-        .sync_all()
-        .map_err(IngestError::io(&tmp))?;
-    fs::rename(&tmp, &path).map_err(IngestError::io(&path))?;
-    sync_dir(dir)?;
+    let bytes = parquet_bytes(&columns::to_batch(&rows)?, props)?;
+    let merged = lake.put(&key, bytes)?;
     for p in inputs {
-        if *p != path {
-            fs::remove_file(p).map_err(IngestError::io(p))?;
+        if *p != merged {
+            lake.remove(p)?;
         }
     }
-    sync_dir(dir)?;
     Ok(rows.len())
 }

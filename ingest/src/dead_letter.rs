@@ -1,17 +1,16 @@
 //! Messages that are not usage events, kept with the reason and where they
 //! came from, so ingestion goes on and nothing disappears unexplained.
 //!
-//! One JSON file per message under `dead_letters/date=YYYY-MM-DD/`, named by
-//! source and position, so a replay overwrites instead of duplicating.
+//! One JSON object per message under `dead_letters/date=YYYY-MM-DD/`, named
+//! by source and position, so a replay overwrites instead of duplicating.
 
-use std::fs;
 use std::path::PathBuf;
 
 use base64::Engine;
 use chrono::Utc;
 
 use crate::IngestError;
-use crate::lake::{Lake, sync_dir};
+use crate::lake::{DEAD_LETTERS, Lake};
 
 /// Where a message came from.
 #[derive(Debug, Clone)]
@@ -30,10 +29,6 @@ pub fn write(
     reason: &str,
 ) -> Result<PathBuf, IngestError> {
     let now = Utc::now();
-    let dir = lake
-        .dead_letter_dir()
-        .join(format!("date={}", now.format("%Y-%m-%d")));
-    fs::create_dir_all(&dir).map_err(IngestError::io(&dir))?;
     let body = serde_json::json!({
         "reason": reason,
         "source": origin.source,
@@ -43,13 +38,14 @@ pub fn write(
         "bytes": raw.len(),
         "raw_base64": base64::engine::general_purpose::STANDARD.encode(raw),
     });
-    let name = format!("{}~{}.json", origin.source, origin.position);
-    let path = dir.join(&name);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let text = serde_json::to_vec_pretty(&body).map_err(|e| IngestError::io(&tmp)(e.into()))?;
-    fs::write(&tmp, text).map_err(IngestError::io(&tmp))?;
-    fs::rename(&tmp, &path).map_err(IngestError::io(&path))?;
-    sync_dir(&dir)?;
+    let key = format!(
+        "{DEAD_LETTERS}/date={}/{}~{}.json",
+        now.format("%Y-%m-%d"),
+        origin.source,
+        origin.position
+    );
+    let text = serde_json::to_vec_pretty(&body).map_err(|e| IngestError::Store(e.to_string()))?;
+    let path = lake.put(&key, text)?;
     tracing::warn!(source = origin.source, position = %origin.position, reason, "message sent to dead letters");
     Ok(path)
 }

@@ -25,7 +25,7 @@ use tollgate_schemas::UsageEvent;
 use uuid::Uuid;
 
 use crate::decode::decode;
-use crate::lake::{Lake, clean_source, read_event_ids};
+use crate::lake::{Lake, clean_source};
 use crate::{IngestError, IngestOptions, Stats, dead_letter};
 
 /// Event ids remembered per partition to drop replayed copies.
@@ -139,7 +139,7 @@ impl Partition {
                 break;
             }
             for file in lake.batch_files(&p.source, start, end)? {
-                ids.extend(read_event_ids(&file)?);
+                ids.extend(lake.read_event_ids(&file)?);
             }
         }
         for id in ids.into_iter().rev() {

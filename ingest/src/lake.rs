@@ -1,38 +1,40 @@
-//! The lake on a local directory: its layout, the atomic publish of a
-//! batch, the progress recorded in file names, and reading it back.
+//! The lake: its layout, the atomic publish of a batch, the progress
+//! recorded in file names, and reading it back, on any [`Store`].
 //!
 //! Layout: `usage/date=YYYY-MM-DD/hour=HH/<source>~<start>~<end>~<i>of<n>.parquet`,
 //! partitioned by the request's start time. A batch is one contiguous range
 //! `[start, end)` of one source (a Kafka partition, or a gateway's spool),
-//! written as one file per hour it touches. Each part is written under a
-//! hidden temporary name, synced and renamed into place; the batch counts
-//! as published once all `n` parts exist. The names are the progress
-//! record: a restarted ingester resumes after the last complete batch and
-//! removes the parts of an incomplete one, so nothing is written twice.
+//! written as one file per hour it touches; each file appears whole, and
+//! the batch counts as published once all `n` parts exist. The names are
+//! the progress record: a restarted ingester resumes after the last batch
+//! and removes the parts of one cut short, so nothing is written twice.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use arrow_array::RecordBatch;
+use bytes::Bytes;
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::reader::FileReader;
+use parquet::file::serialized_reader::SerializedFileReader;
 use parquet::schema::types::ColumnPath;
 use tollgate_schemas::UsageEvent;
 
 use crate::IngestError;
 use crate::columns;
+use crate::store::Store;
 
 pub const USAGE: &str = "usage";
 pub const DEAD_LETTERS: &str = "dead_letters";
 
 #[derive(Debug, Clone)]
 pub struct Lake {
-    root: PathBuf,
+    store: Store,
 }
 
 /// A published file's name, parsed.
@@ -129,44 +131,58 @@ pub fn writer_properties() -> WriterProperties {
         .build()
 }
 
-/// Writes `batch` as one Parquet file at `path`, synced to disk.
-pub fn write_parquet(path: &Path, batch: &RecordBatch) -> Result<u64, IngestError> {
-    let file = File::create(path).map_err(IngestError::io(path))?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(writer_properties()))?;
+/// One Parquet file's bytes.
+pub fn parquet_bytes(batch: &RecordBatch, props: WriterProperties) -> Result<Vec<u8>, IngestError> {
+    let mut writer = ArrowWriter::try_new(Vec::new(), batch.schema(), Some(props))?;
     writer.write(batch)?;
-    let file = writer.into_inner()?;
-    file.sync_all().map_err(IngestError::io(path))?;
-    file.metadata()
-        .map(|m| m.len())
-        .map_err(IngestError::io(path))
-}
-
-pub fn sync_dir(dir: &Path) -> Result<(), IngestError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(IngestError::io(dir))
+    Ok(writer.into_inner()?)
 }
 
 impl Lake {
+    /// A lake in a local directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<Lake, IngestError> {
         let root = root.into();
         for sub in [USAGE, DEAD_LETTERS] {
             let d = root.join(sub);
-            fs::create_dir_all(&d).map_err(IngestError::io(&d))?;
+            std::fs::create_dir_all(&d).map_err(IngestError::io(&d))?;
         }
-        Ok(Lake { root })
+        Ok(Lake {
+            store: Store::Dir(root),
+        })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// A lake at `location`: a local directory or `s3://bucket/prefix`
+    /// (with `options`, see [`Store::open`]).
+    pub fn at(location: &str, options: &[(String, String)]) -> Result<Lake, IngestError> {
+        match Store::open(location, options)? {
+            Store::Dir(root) => Lake::open(root),
+            store => Ok(Lake { store }),
+        }
     }
 
-    pub fn usage_dir(&self) -> PathBuf {
-        self.root.join(USAGE)
+    pub fn describe(&self) -> String {
+        self.store.describe()
     }
 
-    pub fn dead_letter_dir(&self) -> PathBuf {
-        self.root.join(DEAD_LETTERS)
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// A key as the path callers see: absolute for a directory, the key
+    /// itself for an object store.
+    pub fn path_of(&self, key: &str) -> PathBuf {
+        match &self.store {
+            Store::Dir(root) => root.join(key),
+            Store::Object { .. } => PathBuf::from(key),
+        }
+    }
+
+    pub fn key_of(&self, path: &Path) -> String {
+        let rel = match &self.store {
+            Store::Dir(root) => path.strip_prefix(root).unwrap_or(path),
+            Store::Object { .. } => path,
+        };
+        rel.to_string_lossy().replace('\\', "/")
     }
 
     /// Publishes the events of one source range: deduplicated by event id
@@ -186,13 +202,11 @@ impl Lake {
             }
         }
         let parts = by_hour.len() as u32;
-        let mut staged = Vec::with_capacity(by_hour.len());
+        let mut items = Vec::with_capacity(by_hour.len());
         let mut rows = 0;
         for (i, (hour, mut events)) in by_hour.into_iter().enumerate() {
             events.sort_by_key(|e| (e.ts_start, e.event_id));
             rows += events.len();
-            let dir = self.usage_dir().join(&hour);
-            fs::create_dir_all(&dir).map_err(IngestError::io(&dir))?;
             let name = PartName {
                 source: source.to_string(),
                 start: start.to_string(),
@@ -201,16 +215,11 @@ impl Lake {
                 parts,
             }
             .file_name();
-            let tmp = dir.join(format!(".{name}.tmp"));
-            write_parquet(&tmp, &columns::to_batch(&events)?)?;
-            staged.push((tmp, dir.join(name), dir));
+            let bytes = parquet_bytes(&columns::to_batch(&events)?, writer_properties())?;
+            items.push((format!("{USAGE}/{hour}/{name}"), bytes));
         }
-        let mut files = Vec::with_capacity(staged.len());
-        for (tmp, path, dir) in staged {
-            fs::rename(&tmp, &path).map_err(IngestError::io(&path))?;
-            sync_dir(&dir)?;
-            files.push(path);
-        }
+        let files = items.iter().map(|(k, _)| self.path_of(k)).collect();
+        self.store.put_all(items)?;
         Ok(Published {
             start: start.to_string(),
             end: end.to_string(),
@@ -219,12 +228,35 @@ impl Lake {
         })
     }
 
+    /// Writes one object whole (dead letters, merged files).
+    pub fn put(&self, key: &str, bytes: Vec<u8>) -> Result<PathBuf, IngestError> {
+        self.store.put_all(vec![(key.to_string(), bytes)])?;
+        Ok(self.path_of(key))
+    }
+
+    pub fn remove(&self, path: &Path) -> Result<(), IngestError> {
+        self.store.delete(&self.key_of(path))
+    }
+
     /// Every published Parquet file, in path order.
     pub fn files(&self) -> Result<Vec<PathBuf>, IngestError> {
-        let mut out = Vec::new();
-        walk(&self.usage_dir(), &mut out)?;
-        out.sort();
-        Ok(out)
+        Ok(self
+            .store
+            .list(USAGE)?
+            .into_iter()
+            .filter(|k| k.ends_with(".parquet"))
+            .map(|k| self.path_of(&k))
+            .collect())
+    }
+
+    /// Every dead letter, in path order.
+    pub fn dead_letters(&self) -> Result<Vec<PathBuf>, IngestError> {
+        Ok(self
+            .store
+            .list(DEAD_LETTERS)?
+            .into_iter()
+            .map(|k| self.path_of(&k))
+            .collect())
     }
 
     /// The published batches of `source`, as (start, end) pairs in order.
@@ -238,19 +270,21 @@ impl Lake {
     pub fn recover_source(&self, source: &str) -> Result<Vec<(String, String)>, IngestError> {
         let mut batches: BTreeMap<(String, String), (u32, Vec<PathBuf>)> = BTreeMap::new();
         for path in self.files()? {
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            let Some(part) = PartName::parse(name) else {
+            let Some(part) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(PartName::parse)
+            else {
                 continue;
             };
             if part.source != source {
                 continue;
             }
-            let entry = batches
+            batches
                 .entry((part.start, part.end))
-                .or_insert((part.parts, Vec::new()));
-            entry.1.push(path);
+                .or_insert((part.parts, Vec::new()))
+                .1
+                .push(path);
         }
         let last = batches.keys().next_back().cloned();
         let mut complete = Vec::new();
@@ -263,28 +297,12 @@ impl Lake {
             }
             for p in &paths {
                 tracing::warn!(file = %p.display(), "removing a part of a publish cut short; its range is ingested again");
-                fs::remove_file(p).map_err(IngestError::io(p))?;
+                self.remove(p)?;
             }
         }
-        self.remove_temporaries(source)?;
+        self.store
+            .remove_temporaries(USAGE, &format!("{source}~"))?;
         Ok(complete)
-    }
-
-    fn remove_temporaries(&self, source: &str) -> Result<(), IngestError> {
-        let prefix = format!(".{source}~");
-        let mut dirs = Vec::new();
-        walk_dirs(&self.usage_dir(), &mut dirs)?;
-        for d in dirs {
-            for entry in fs::read_dir(&d).map_err(IngestError::io(&d))? {
-                let entry = entry.map_err(IngestError::io(&d))?;
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if name.starts_with(&prefix) && name.ends_with(".tmp") {
-                    let _ = fs::remove_file(entry.path());
-                }
-            }
-        }
-        Ok(())
     }
 
     /// The files of one published batch.
@@ -306,78 +324,60 @@ impl Lake {
             .collect())
     }
 
+    fn bytes(&self, path: &Path) -> Result<Bytes, IngestError> {
+        self.store.get(&self.key_of(path))
+    }
+
     /// Reads every event in the lake (tests, checks and small lakes).
     pub fn read_events(&self) -> Result<Vec<UsageEvent>, IngestError> {
         let mut out = Vec::new();
         for f in self.files()? {
-            out.extend(read_file(&f)?);
+            out.extend(self.read_file(&f)?);
         }
         Ok(out)
     }
-}
 
-/// Reads one lake file back into events.
-pub fn read_file(path: &Path) -> Result<Vec<UsageEvent>, IngestError> {
-    let file = File::open(path).map_err(IngestError::io(path))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
-    let mut out = Vec::new();
-    for batch in reader {
-        out.extend(columns::from_batch(&batch?)?);
-    }
-    Ok(out)
-}
-
-/// Reads only the event ids of a lake file.
-pub fn read_event_ids(path: &Path) -> Result<Vec<uuid::Uuid>, IngestError> {
-    use arrow_array::cast::AsArray;
-    let file = File::open(path).map_err(IngestError::io(path))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
-    let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), ["event_id"]);
-    let mut out = Vec::new();
-    for batch in builder.with_projection(mask).build()? {
-        let batch = batch?;
-        let Some(ids) = batch.column(0).as_fixed_size_binary_opt() else {
-            continue;
-        };
-        out.extend(
-            ids.iter()
-                .flatten()
-                .filter_map(|b| uuid::Uuid::from_slice(b).ok()),
-        );
-    }
-    Ok(out)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), IngestError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(IngestError::io(dir)(e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(IngestError::io(dir))?;
-        let path = entry.path();
-        let ty = entry.file_type().map_err(IngestError::io(&path))?;
-        if ty.is_dir() {
-            walk(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "parquet")
-            && !entry.file_name().to_string_lossy().starts_with('.')
-        {
-            out.push(path);
+    /// Reads one lake file back into events.
+    pub fn read_file(&self, path: &Path) -> Result<Vec<UsageEvent>, IngestError> {
+        let reader = ParquetRecordBatchReaderBuilder::try_new(self.bytes(path)?)?.build()?;
+        let mut out = Vec::new();
+        for batch in reader {
+            out.extend(columns::from_batch(&batch?)?);
         }
+        Ok(out)
     }
-    Ok(())
-}
 
-fn walk_dirs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), IngestError> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Ok(());
-    };
-    out.push(dir.to_path_buf());
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            walk_dirs(&entry.path(), out)?;
+    /// Reads only the event ids of a lake file.
+    pub fn read_event_ids(&self, path: &Path) -> Result<Vec<uuid::Uuid>, IngestError> {
+        use arrow_array::cast::AsArray;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(self.bytes(path)?)?;
+        let mask = parquet::arrow::ProjectionMask::columns(builder.parquet_schema(), ["event_id"]);
+        let mut out = Vec::new();
+        for batch in builder.with_projection(mask).build()? {
+            let batch = batch?;
+            let Some(ids) = batch.column(0).as_fixed_size_binary_opt() else {
+                continue;
+            };
+            out.extend(
+                ids.iter()
+                    .flatten()
+                    .filter_map(|b| uuid::Uuid::from_slice(b).ok()),
+            );
         }
+        Ok(out)
     }
-    Ok(())
+
+    /// A file's key-value metadata entry `key`.
+    pub fn file_metadata(&self, path: &Path, key: &str) -> Result<Option<String>, IngestError> {
+        let reader = SerializedFileReader::new(self.bytes(path)?)?;
+        Ok(reader
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| {
+                kv.iter()
+                    .find(|k| k.key == key)
+                    .and_then(|k| k.value.clone())
+            }))
+    }
 }

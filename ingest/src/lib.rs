@@ -3,7 +3,8 @@
 //!
 //! The path of an event: [`decode`] (bad messages to [`dead_letter`]) ->
 //! [`columns`] (Arrow) -> [`lake`] (Parquet, atomic publish, progress in
-//! file names) -> the source's position is saved ([`kafka`] for a consumer
+//! file names; a local directory or an object store, see [`store`]) ->
+//! the source's position is saved ([`kafka`] for a consumer
 //! group member, [`embedded`] for the gateway's own spool). [`compact`]
 //! merges the small files of closed hours.
 
@@ -14,6 +15,7 @@ pub mod decode;
 pub mod embedded;
 pub mod kafka;
 pub mod lake;
+pub mod store;
 pub mod synth;
 
 use std::path::{Path, PathBuf};
@@ -67,6 +69,8 @@ pub enum IngestError {
     Arrow(#[from] arrow_schema::ArrowError),
     #[error(transparent)]
     Spool(#[from] tollgate_spool::SpoolError),
+    #[error("lake store: {0}")]
+    Store(String),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use tollgate_ingest::Lake;
-use tollgate_ingest::lake::{PartName, read_file};
+use tollgate_ingest::lake::PartName;
 use tollgate_ingest::synth::Synth;
 use tollgate_schemas::UsageEvent;
 
@@ -49,7 +49,7 @@ fn events_round_trip_through_parquet_exactly() {
     );
     assert_eq!(sorted(lake.read_events().unwrap()), sorted(sent));
     // Rows inside a file are in time order.
-    let first = read_file(&published.files[0]).unwrap();
+    let first = lake.read_file(&published.files[0]).unwrap();
     assert!(first.windows(2).all(|w| w[0].ts_start <= w[1].ts_start));
 }
 

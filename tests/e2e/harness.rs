@@ -111,16 +111,20 @@ impl Gateway {
     ) -> Gateway {
         let lake = dir.join("lake");
         // Quick flushes unless the test sets its own.
-        let defaults: String = [("flush_ms", "100"), ("commit_ms", "2")]
-            .iter()
-            .filter(|(k, _)| !pipeline.contains(&format!("{k} =")))
-            .map(|(k, v)| format!("{k} = {v}\n"))
-            .collect();
+        let lake_line = format!("{:?}", lake.display().to_string());
+        let defaults: String = [
+            ("flush_ms", "100"),
+            ("commit_ms", "2"),
+            ("lake", lake_line.as_str()),
+        ]
+        .iter()
+        .filter(|(k, _)| !pipeline.contains(&format!("{k} =")))
+        .map(|(k, v)| format!("{k} = {v}\n"))
+        .collect();
         let config = format!(
             "[gateway]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 65536\ninstance = \"e2e\"\n\n\
-             [pipeline]\nspool_dir = {:?}\nlake = {:?}\n{defaults}{pipeline}\n\n{body}",
+             [pipeline]\nspool_dir = {:?}\n{defaults}{pipeline}\n\n{body}",
             dir.join("spool").display().to_string(),
-            lake.display().to_string()
         );
         let path = dir.join("tollgate.toml");
         std::fs::write(&path, config).unwrap();

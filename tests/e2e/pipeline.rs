@@ -538,3 +538,153 @@ async fn a_killed_gateway_keeps_every_committed_event() {
     sent.sort();
     assert_eq!(ids(&rows), sent);
 }
+
+/// An S3-compatible object store on loopback: moto's server, from the
+/// test venv (`scripts/test.sh` installs it).
+struct ObjectStore {
+    proc: std::process::Child,
+    endpoint: String,
+}
+
+impl ObjectStore {
+    fn start(dir: &Path) -> ObjectStore {
+        let bin = std::env::var("TOLLGATE_MOTO").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/tollgate/venv/bin/moto_server",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
+        let proc = std::process::Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {bin}: {e}; scripts/test.sh installs it"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ObjectStore {
+            proc,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn options(&self) -> Vec<(String, String)> {
+        [
+            ("endpoint", self.endpoint.as_str()),
+            ("allow_http", "true"),
+            ("region", "us-east-1"),
+            ("access_key_id", "lake-test"),
+            ("secret_access_key", "lake-test"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    fn toml(&self) -> String {
+        let pairs: Vec<String> = self
+            .options()
+            .iter()
+            .map(|(k, v)| format!("{k} = \"{v}\""))
+            .collect();
+        format!("lake_options = {{ {} }}\n", pairs.join(", "))
+    }
+}
+
+impl Drop for ObjectStore {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_store_lake_holds_every_request_and_compacts() {
+    let dir = scratch("s3-lake");
+    let s3 = ObjectStore::start(&dir);
+    let created = client()
+        .put(format!("{}/tollgate-lake", s3.endpoint))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{created:?}");
+    let pipeline = format!("lake = \"s3://tollgate-lake/prod\"\n{}", s3.toml());
+    let gw = Gateway::start_with(&dir, "serve", &pipeline, &body(), &[]);
+    let mut seen = Vec::new();
+    for i in 0..18 {
+        seen.push(request(&gw, i).await);
+    }
+    let lake = tokio::task::block_in_place(|| {
+        tollgate_ingest::Lake::at("s3://tollgate-lake/prod", &s3.options()).unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rows = loop {
+        let rows = tokio::task::block_in_place(|| lake.read_events().unwrap());
+        if rows.len() >= seen.len() || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut sent: Vec<Uuid> = seen.iter().map(|s| s.event_id).collect();
+    sent.sort();
+    assert_eq!(ids(&rows), sent, "every request, once, in the object store");
+    drop(gw);
+
+    // Closed hours of an object-store lake compact like a directory's.
+    let old: chrono::DateTime<Utc> = "2026-01-05T07:10:00Z".parse().unwrap();
+    let mut synth = Synth::new(5, old, 200_000).unwrap();
+    let events: Vec<_> = (0..1200).map(|_| synth.next_event()).collect();
+    tokio::task::block_in_place(|| {
+        for (i, chunk) in events.chunks(200).enumerate() {
+            lake.publish(
+                "old.0",
+                &format!("{:04}", i * 200),
+                &format!("{:04}", i * 200 + 200),
+                chunk.to_vec(),
+            )
+            .unwrap();
+        }
+    });
+    let config = dir.join("compact.toml");
+    std::fs::write(&config, format!("[pipeline]\n{pipeline}")).unwrap();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "compact",
+            "--config",
+            config.to_str().unwrap(),
+            "--date",
+            "2026-01-05",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("compacted 1 hours"), "{stdout}");
+    let old_files: Vec<_> = tokio::task::block_in_place(|| lake.files().unwrap())
+        .into_iter()
+        .filter(|f| f.to_str().unwrap().contains("date=2026-01-05"))
+        .collect();
+    assert_eq!(
+        old_files.len(),
+        2,
+        "one merged file and the source's last batch: {old_files:?}"
+    );
+    let mut want: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    want.extend(sent);
+    want.sort();
+    let all = tokio::task::block_in_place(|| lake.read_events().unwrap());
+    assert_eq!(ids(&all), want);
+}

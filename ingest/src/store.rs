@@ -1,0 +1,316 @@
+//! Where the lake's bytes live: a local directory, or an object store
+//! (S3 and S3-compatible) through the `object_store` crate.
+//!
+//! Keys are `/`-separated paths relative to the lake's root. Both backends
+//! make a written object appear whole or not at all: a directory through a
+//! synced temporary file renamed into place, an object store by the nature
+//! of its PUT. Names starting with `.` are temporaries and never listed.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use crate::IngestError;
+
+#[derive(Clone)]
+pub enum Store {
+    Dir(PathBuf),
+    Object {
+        store: Arc<dyn ObjectStore>,
+        prefix: ObjectPath,
+        url: String,
+        /// Object store calls are async; the lake's callers are threads.
+        runtime: Arc<IoRuntime>,
+    },
+}
+
+/// The runtime object store calls run on. Shut down without waiting, so a
+/// lake may be dropped anywhere, async code included.
+pub struct IoRuntime(Option<tokio::runtime::Runtime>);
+
+impl IoRuntime {
+    fn block_on<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, IngestError>>,
+    ) -> Result<T, IngestError> {
+        self.0
+            .as_ref()
+            .ok_or_else(|| IngestError::Store("the lake's I/O runtime is gone".into()))?
+            .block_on(f)
+    }
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+fn store_err(e: impl std::fmt::Display) -> IngestError {
+    IngestError::Store(e.to_string())
+}
+
+impl Store {
+    /// `s3://bucket/prefix` or a local directory. For S3, `options` are
+    /// `object_store`'s S3 settings (`endpoint`, `region`, `access_key_id`,
+    /// `secret_access_key`, `allow_http`, ...), over the `AWS_*`
+    /// environment variables.
+    pub fn open(location: &str, options: &[(String, String)]) -> Result<Store, IngestError> {
+        let Some(rest) = location.strip_prefix("s3://") else {
+            if location.contains("://") {
+                return Err(IngestError::Store(format!(
+                    "{location}: a lake is a local directory or s3://bucket/prefix"
+                )));
+            }
+            return Ok(Store::Dir(PathBuf::from(location)));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        for (k, v) in options {
+            let key: object_store::aws::AmazonS3ConfigKey = k
+                .parse()
+                .map_err(|_| IngestError::Store(format!("unknown S3 setting {k:?}")))?;
+            builder = builder.with_config(key, v);
+        }
+        let store = builder.build().map_err(store_err)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tollgate-lake-io")
+            .enable_all()
+            .build()
+            .map_err(|e| IngestError::Store(format!("starting the lake's I/O runtime: {e}")))?;
+        Ok(Store::Object {
+            store: Arc::new(store),
+            prefix: ObjectPath::from(prefix.trim_matches('/')),
+            url: location.to_string(),
+            runtime: Arc::new(IoRuntime(Some(runtime))),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Dir(d) => d.display().to_string(),
+            Store::Object { url, .. } => url.clone(),
+        }
+    }
+
+    fn object(prefix: &ObjectPath, key: &str) -> ObjectPath {
+        let mut p = prefix.clone();
+        for part in key.split('/').filter(|s| !s.is_empty()) {
+            p = p.clone().join(part);
+        }
+        p
+    }
+
+    /// Writes several objects; each appears whole. In a directory every
+    /// file is written and synced before the first is renamed into place.
+    pub fn put_all(&self, items: Vec<(String, Vec<u8>)>) -> Result<(), IngestError> {
+        match self {
+            Store::Dir(root) => {
+                let mut staged = Vec::with_capacity(items.len());
+                for (key, bytes) in items {
+                    let path = root.join(&key);
+                    let dir = path
+                        .parent()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| root.clone());
+                    fs::create_dir_all(&dir).map_err(IngestError::io(&dir))?;
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let tmp = dir.join(format!(".{name}.tmp"));
+                    let mut f = File::create(&tmp).map_err(IngestError::io(&tmp))?;
+                    f.write_all(&bytes).map_err(IngestError::io(&tmp))?;
+                    f.sync_all().map_err(IngestError::io(&tmp))?;
+                    staged.push((tmp, path, dir));
+                }
+                for (tmp, path, dir) in staged {
+                    fs::rename(&tmp, &path).map_err(IngestError::io(&path))?;
+                    sync_dir(&dir)?;
+                }
+                Ok(())
+            }
+            Store::Object {
+                store,
+                prefix,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                for (key, bytes) in items {
+                    store
+                        .put(&Self::object(prefix, &key), Bytes::from(bytes).into())
+                        .await
+                        .map_err(store_err)?;
+                }
+                Ok(())
+            }),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Result<Bytes, IngestError> {
+        match self {
+            Store::Dir(root) => {
+                let path = root.join(key);
+                fs::read(&path)
+                    .map(Bytes::from)
+                    .map_err(IngestError::io(&path))
+            }
+            Store::Object {
+                store,
+                prefix,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                store
+                    .get(&Self::object(prefix, key))
+                    .await
+                    .map_err(store_err)?
+                    .bytes()
+                    .await
+                    .map_err(store_err)
+            }),
+        }
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), IngestError> {
+        match self {
+            Store::Dir(root) => {
+                let path = root.join(key);
+                match fs::remove_file(&path) {
+                    Ok(()) => path.parent().map_or(Ok(()), sync_dir),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(IngestError::io(&path)(e)),
+                }
+            }
+            Store::Object {
+                store,
+                prefix,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                match store.delete(&Self::object(prefix, key)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(store_err(e)),
+                }
+            }),
+        }
+    }
+
+    /// Keys under `under` (recursively), sorted; temporaries excluded.
+    pub fn list(&self, under: &str) -> Result<Vec<String>, IngestError> {
+        let mut keys = match self {
+            Store::Dir(root) => {
+                let mut out = Vec::new();
+                walk(root, &root.join(under), &mut out)?;
+                out
+            }
+            Store::Object {
+                store,
+                prefix,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                let base = Self::object(prefix, under);
+                let metas: Vec<_> = store
+                    .list(Some(&base))
+                    .try_collect()
+                    .await
+                    .map_err(store_err)?;
+                // Locations come back percent-encoded, part by part; keys
+                // are the decoded parts below the prefix.
+                let skip = prefix.parts().count();
+                Ok::<_, IngestError>(
+                    metas
+                        .into_iter()
+                        .map(|m| {
+                            m.location
+                                .parts()
+                                .skip(skip)
+                                .map(|p| {
+                                    percent_encoding::percent_decode_str(p.as_ref())
+                                        .decode_utf8_lossy()
+                                        .into_owned()
+                                })
+                                .collect::<Vec<_>>()
+                                .join("/")
+                        })
+                        .collect(),
+                )
+            })?,
+        };
+        keys.retain(|k| !k.rsplit('/').next().unwrap_or("").starts_with('.'));
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Leftover temporaries under `under` whose names start with `prefix`
+    /// (a directory's staged files; object stores have none).
+    pub fn remove_temporaries(&self, under: &str, prefix: &str) -> Result<(), IngestError> {
+        let Store::Dir(root) = self else {
+            return Ok(());
+        };
+        let mut dirs = Vec::new();
+        walk_dirs(&root.join(under), &mut dirs);
+        let prefix = format!(".{prefix}");
+        for d in dirs {
+            for entry in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&prefix) && name.ends_with(".tmp") {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn sync_dir(dir: &Path) -> Result<(), IngestError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(IngestError::io(dir))
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), IngestError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(IngestError::io(dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(IngestError::io(dir))?;
+        let path = entry.path();
+        if entry.file_type().map_err(IngestError::io(&path))?.is_dir() {
+            walk(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            out.push(rel.to_string_lossy().replace('\\', "/"));
+        }
+    }
+    Ok(())
+}
+
+fn walk_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    out.push(dir.to_path_buf());
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            walk_dirs(&entry.path(), out);
+        }
+    }
+}
