@@ -80,6 +80,8 @@ def report(r, events):
     lines.append("|---|---:|")
     rows = [
         ("ingest from memory (events/s, one thread)", f"{r['memory_ingest_events_per_s']:,.0f}"),
+        ("  of which decode + validate (us/event)", f"{r['memory_decode_us_per_event']:.2f}"),
+        ("  of which Arrow + Parquet + publish (us/event)", f"{r['memory_publish_us_per_event']:.2f}"),
         ("Kafka produce (msgs/s)", f"{r['kafka_produce_msgs_per_s']:,.0f}"),
         ("Kafka raw consume, plain consumer (msgs/s)", f"{r['kafka_raw_consume_msgs_per_s']:,.0f}"),
         ("Kafka -> Parquet ingest (events/s)", f"{r['kafka_ingest_events_per_s']:,.0f}"),

@@ -97,32 +97,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let messages = synth_json(args.events, 11)?;
     let raw_bytes: usize = messages.iter().map(|(_, m)| m.len()).sum();
     let lake = Lake::open(args.dir.join("lake-memory"))?;
-    let started = Instant::now();
-    let mut pending = Vec::with_capacity(200_000);
-    let mut batch_no = 0;
-    for (_, m) in &messages {
-        pending.push(
-            tollgate_ingest::decode::decode(m, 1 << 20).map_err(|r| anyhow::anyhow!(r.reason))?,
-        );
-        if pending.len() == 200_000 {
-            lake.publish(
-                "bench.0",
-                &format!("{batch_no:06}"),
-                &format!("{:06}", batch_no + 1),
-                std::mem::take(&mut pending),
-            )?;
-            batch_no += 1;
-        }
+    let (mut decoding, mut publishing) = (Duration::ZERO, Duration::ZERO);
+    for (batch_no, chunk) in messages.chunks(200_000).enumerate() {
+        let t = Instant::now();
+        let events = chunk
+            .iter()
+            .map(|(_, m)| {
+                tollgate_ingest::decode::decode(m, 1 << 20).map_err(|r| anyhow::anyhow!(r.reason))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        decoding += t.elapsed();
+        let t = Instant::now();
+        let (start, end) = (format!("{batch_no:06}"), format!("{:06}", batch_no + 1));
+        lake.publish("bench.0", &start, &end, events)?;
+        publishing += t.elapsed();
     }
-    if !pending.is_empty() {
-        lake.publish(
-            "bench.0",
-            &format!("{batch_no:06}"),
-            &format!("{:06}", batch_no + 1),
-            pending,
-        )?;
-    }
-    let secs = started.elapsed().as_secs_f64();
+    let secs = (decoding + publishing).as_secs_f64();
+    let per_event = |d: Duration| d.as_secs_f64() * 1e6 / args.events as f64;
+    out.insert("memory_decode_us_per_event".into(), per_event(decoding).into());
+    out.insert("memory_publish_us_per_event".into(), per_event(publishing).into());
     out.insert(
         "memory_ingest_events_per_s".into(),
         (args.events as f64 / secs).round().into(),

@@ -25,28 +25,37 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<UsageEvent, Rejection> {
             bytes.len()
         )));
     }
-    // A peek at the version first, so a future event is named as such
-    // instead of failing on whatever field it added.
-    #[derive(serde::Deserialize)]
-    struct Version {
-        schema_version: Option<u64>,
-    }
-    let version: Version =
-        serde_json::from_slice(bytes).map_err(|e| reject(format!("not a JSON object: {e}")))?;
-    match version.schema_version {
-        None => return Err(reject("schema violation: missing schema_version")),
-        Some(0) => return Err(reject("schema violation: schema_version 0")),
-        Some(v) if v > u64::from(SCHEMA_VERSION) => {
-            return Err(reject(format!(
-                "unknown future schema_version {v} (this reader knows up to {SCHEMA_VERSION})"
-            )));
+    // One parse in the common case; a failed one is parsed again only to
+    // name the reason (a future event is named as such, not by whatever
+    // field it changed).
+    match serde_json::from_slice::<UsageEvent>(bytes) {
+        Ok(event) => {
+            check_version(Some(u64::from(event.schema_version)))?;
+            validate(&event)?;
+            Ok(event)
         }
-        Some(_) => {}
+        Err(e) => {
+            #[derive(serde::Deserialize)]
+            struct Version {
+                schema_version: Option<u64>,
+            }
+            let version: Version = serde_json::from_slice(bytes)
+                .map_err(|e| reject(format!("not a JSON object: {e}")))?;
+            check_version(version.schema_version)?;
+            Err(reject(format!("schema violation: {e}")))
+        }
     }
-    let event: UsageEvent =
-        serde_json::from_slice(bytes).map_err(|e| reject(format!("schema violation: {e}")))?;
-    validate(&event)?;
-    Ok(event)
+}
+
+fn check_version(version: Option<u64>) -> Result<(), Rejection> {
+    match version {
+        None => Err(reject("schema violation: missing schema_version")),
+        Some(0) => Err(reject("schema violation: schema_version 0")),
+        Some(v) if v > u64::from(SCHEMA_VERSION) => Err(reject(format!(
+            "unknown future schema_version {v} (this reader knows up to {SCHEMA_VERSION})"
+        ))),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Rules the types alone do not hold.
