@@ -52,6 +52,8 @@ def main():
     finally:
         broker.kill()
     r = json.loads(out.stdout.strip().splitlines()[-1])
+    with open(f"{scratch}/result.json", "w") as f:
+        json.dump(r, f)
     report(r, events)
 
 
@@ -62,9 +64,10 @@ def report(r, events):
                  "5 models, 60% streams, 5% fallbacks, 2% upstream errors, 10% cache hits).\n")
     lines.append("### Method\n")
     lines.append(
-        "- **Ingest ceiling**: pre-serialized JSON events decoded, validated, turned into Arrow and written as "
-        "Parquet (zstd, dictionaries, page statistics, time-sorted) through the lake's atomic publish, one thread, "
-        "200k-row batches: what one ingester can do when the broker is not the limit.\n"
+        "- **Ingest ceiling**: pre-serialized JSON events decoded and validated on one thread while the ingester's "
+        "publisher thread turns the previous 100k-event batch into Arrow and Parquet (zstd, dictionaries, page "
+        "statistics, time-sorted) and publishes it atomically, as the Kafka ingester does: what one ingester can "
+        "do when the broker is not the limit.\n"
         "- **Kafka**: the same events produced to a 4-partition topic on a local tansu broker (SQLite storage); "
         "then a plain rdkafka consumer that only counts reads the topic from the start (the raw consume rate); "
         "then the ingester reads the same topic into a fresh lake. Its clock starts when the group assigns its "
@@ -79,9 +82,9 @@ def report(r, events):
     lines.append("| measure | value |")
     lines.append("|---|---:|")
     rows = [
-        ("ingest from memory (events/s, one thread)", f"{r['memory_ingest_events_per_s']:,.0f}"),
-        ("  of which decode + validate (us/event)", f"{r['memory_decode_us_per_event']:.2f}"),
-        ("  of which Arrow + Parquet + publish (us/event)", f"{r['memory_publish_us_per_event']:.2f}"),
+        ("ingest from memory (events/s; decode and publish threads)", f"{r['memory_ingest_events_per_s']:,.0f}"),
+        ("  decode + validate thread, busy (us/event)", f"{r['memory_decode_us_per_event']:.2f}"),
+        ("  Arrow + Parquet + publish thread, busy (us/event)", f"{r['memory_publish_us_per_event']:.2f}"),
         ("Kafka produce (msgs/s)", f"{r['kafka_produce_msgs_per_s']:,.0f}"),
         ("Kafka raw consume, plain consumer (msgs/s)", f"{r['kafka_raw_consume_msgs_per_s']:,.0f}"),
         ("Kafka -> Parquet ingest (events/s)", f"{r['kafka_ingest_events_per_s']:,.0f}"),
@@ -115,6 +118,8 @@ def report(r, events):
 
 NOTES = """### Reading the figures
 
+- These machines are shared and noisy: across runs on the same build the tap
+  figure ranged 3.7-5.5 us and the in-memory ingest 121k-145k events/s.
 - The tap's figure is CPU spent per event by the whole tap path (the request
   path's `emit` plus the writer thread's JSON encoding, framing, checksum and
   its share of the group-commit `fdatasync`), not time added to a request: the

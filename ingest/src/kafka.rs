@@ -11,8 +11,8 @@
 //! producer left in the topic are dropped by event id.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -26,6 +26,7 @@ use uuid::Uuid;
 
 use crate::decode::decode;
 use crate::lake::{Lake, clean_source};
+use crate::publisher::{Done, Inflight, Job, Publisher};
 use crate::{IngestError, IngestOptions, Stats, dead_letter};
 
 /// Event ids remembered per partition to drop replayed copies.
@@ -73,9 +74,10 @@ enum Change {
     Revoked(Vec<i32>),
 }
 
-#[derive(Default)]
 struct Ctx {
     changes: Mutex<Vec<Change>>,
+    /// Batches still being written: a revoke waits for them.
+    inflight: Arc<Inflight>,
 }
 
 impl ClientContext for Ctx {}
@@ -86,10 +88,17 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
 
 impl ConsumerContext for Ctx {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance
-            && let Ok(mut c) = self.changes.lock()
-        {
-            c.push(Change::Revoked(partitions_of(tpl)));
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // The next owner may start as soon as this returns: nothing of
+            // these partitions may still be on its way to the lake.
+            if !self.inflight.wait_idle(Duration::from_secs(120)) {
+                tracing::error!(
+                    "a publish outlasted the revoke wait; the event-id check is the safety net"
+                );
+            }
+            if let Ok(mut c) = self.changes.lock() {
+                c.push(Change::Revoked(partitions_of(tpl)));
+            }
         }
     }
 
@@ -163,7 +172,10 @@ impl Partition {
     }
 }
 
-fn consumer(source: &KafkaSource) -> Result<BaseConsumer<Ctx>, KafkaError> {
+fn consumer(
+    source: &KafkaSource,
+    inflight: Arc<Inflight>,
+) -> Result<BaseConsumer<Ctx>, KafkaError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &source.brokers)
         .set("group.id", &source.group)
@@ -179,7 +191,10 @@ fn consumer(source: &KafkaSource) -> Result<BaseConsumer<Ctx>, KafkaError> {
     for (k, v) in &source.properties {
         c.set(k, v);
     }
-    c.create_with_context(Ctx::default())
+    c.create_with_context(Ctx {
+        changes: Mutex::new(Vec::new()),
+        inflight,
+    })
 }
 
 /// Consumes until `stop` is set, then publishes what it holds and returns.
@@ -190,7 +205,8 @@ pub fn run(
     stop: &AtomicBool,
     stats: &Stats,
 ) -> Result<(), IngestError> {
-    let consumer = consumer(source)?;
+    let publisher = Publisher::start(lake.clone())?;
+    let consumer = consumer(source, publisher.inflight())?;
     consumer.subscribe(&[&source.topic])?;
     let mut parts: HashMap<i32, Partition> = HashMap::new();
     let mut last_error: Option<Instant> = None;
@@ -198,6 +214,7 @@ pub fn run(
     loop {
         let message = consumer.poll(Duration::from_millis(100));
         apply_changes(lake, source, &consumer, &mut parts)?;
+        published(source, &consumer, &parts, publisher.finished(), stats)?;
         stats
             .partitions
             .store(parts.len() as u64, Ordering::Relaxed);
@@ -230,10 +247,11 @@ pub fn run(
                     || b.since.elapsed() >= opts.flush_interval
             });
             if due {
-                flush(lake, source, &consumer, p, part, stats)?;
+                flush(&publisher, source, &consumer, p, part)?;
             }
         }
         if stopping {
+            published(source, &consumer, &parts, publisher.finish(), stats)?;
             tracing::info!("kafka ingester stopping; everything read is published");
             // Closing a consumer waits on the group coordinator, which may be
             // unreachable; nothing is left to lose, so do not wait on it.
@@ -325,39 +343,68 @@ fn take(
     Ok(())
 }
 
+/// Hands a partition's batch to the publisher. Its offsets are committed
+/// when the publisher reports the batch in the lake (see `published`).
 fn flush(
-    lake: &Lake,
+    publisher: &Publisher,
     source: &KafkaSource,
     consumer: &BaseConsumer<Ctx>,
     partition: i32,
     part: &mut Partition,
-    stats: &Stats,
 ) -> Result<(), IngestError> {
     let Some(b) = part.pending.take() else {
         return Ok(());
     };
-    if !b.events.is_empty() {
-        let published = lake.publish(
-            &part.source,
-            &format!("{:020}", b.start),
-            &format!("{:020}", b.next),
-            b.events,
-        )?;
+    part.progress = Some(b.next);
+    if b.events.is_empty() {
+        // Only dead letters or copies: no file; the committed offset
+        // carries the consumer past the range.
+        commit(source, consumer, partition, b.next);
+        return Ok(());
+    }
+    publisher.submit(Job {
+        key: partition,
+        source: part.source.clone(),
+        start: format!("{:020}", b.start),
+        end: format!("{:020}", b.next),
+        next: b.next,
+        events: b.events,
+    })
+}
+
+/// Accounts for published batches and commits their offsets.
+fn published(
+    source: &KafkaSource,
+    consumer: &BaseConsumer<Ctx>,
+    parts: &HashMap<i32, Partition>,
+    done: Vec<Done>,
+    stats: &Stats,
+) -> Result<(), IngestError> {
+    for d in done {
+        let published = d.result?;
         stats
             .rows
             .fetch_add(published.rows as u64, Ordering::Relaxed);
         stats
             .files
             .fetch_add(published.files.len() as u64, Ordering::Relaxed);
+        if parts.contains_key(&d.key) {
+            commit(source, consumer, d.key, d.next);
+        }
     }
-    // A range of only dead letters or copies writes no file: the committed
-    // offset carries the consumer past it.
-    part.progress = Some(b.next);
+    Ok(())
+}
+
+fn commit(source: &KafkaSource, consumer: &BaseConsumer<Ctx>, partition: i32, next: i64) {
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&source.topic, partition, Offset::Offset(b.next))?;
+    if tpl
+        .add_partition_offset(&source.topic, partition, Offset::Offset(next))
+        .is_err()
+    {
+        return;
+    }
     if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
         // The lake holds the progress; the commit only saves re-reading.
         tracing::debug!(error = %e, "offset commit failed");
     }
-    Ok(())
 }

@@ -15,6 +15,7 @@ pub mod decode;
 pub mod embedded;
 pub mod kafka;
 pub mod lake;
+pub mod publisher;
 pub mod store;
 pub mod synth;
 
