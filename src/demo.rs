@@ -92,7 +92,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
     let config = Config::parse(&config_text(&args, &key_line), "demo", |_| None)?;
     let (spool, pipeline) = crate::pipeline::start(&config, crate::pipeline::Role::All).await?;
-    let server = Server::bind(&config, spool).await?;
+    let server = Server::bind(&config, spool, pipeline.metrics()).await?;
     let addr = server.local_addr()?;
     let lake = Lake::open(args.data.join("lake"))?;
     let already: HashSet<PathBuf> = lake.files()?.into_iter().collect();

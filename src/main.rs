@@ -166,7 +166,7 @@ async fn serve(
         config.gateway.listen = addr;
     }
     let (spool, pipeline) = pipeline::start(&config, role).await?;
-    let server = Server::bind(&config, spool).await?;
+    let server = Server::bind(&config, spool, pipeline.metrics()).await?;
     let addr = server.local_addr()?;
     println!("tollgate gateway listening on http://{addr}");
     println!("usage lake -> {}", config.pipeline.lake);

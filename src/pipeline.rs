@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tollgate_collector::config::{Config, KafkaConfig, PipelineConfig};
 use tollgate_collector::forward::{self, ForwardStats, ForwarderConfig};
+use tollgate_collector::metrics;
 use tollgate_ingest::kafka::KafkaSource;
 use tollgate_ingest::{IngestOptions, Lake, Stats};
 use tollgate_spool::{SpoolOptions, SpoolWriter};
@@ -218,7 +219,11 @@ pub async fn ingest(
             "/metrics",
             axum::routing::get({
                 let stats = stats.clone();
-                move || async move { metrics(&stats) }
+                move || async move {
+                    let mut out = String::new();
+                    metrics::Source::render(&IngestMetrics(stats.clone()), &mut out);
+                    out
+                }
             }),
         );
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -238,41 +243,57 @@ pub async fn ingest(
     Ok(())
 }
 
-fn metrics(stats: &Stats) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    for (name, help, v) in [
-        (
+/// The ingester's counters on `/metrics`.
+pub struct IngestMetrics(pub Arc<Stats>);
+
+impl metrics::Source for IngestMetrics {
+    fn render(&self, out: &mut String) {
+        use metrics::{Kind, write};
+        let s = &self.0;
+        write(
+            out,
             "tollgate_ingest_rows_total",
             "Rows published to the lake.",
-            &stats.rows,
-        ),
-        (
+            Kind::Counter,
+            &s.rows,
+        );
+        write(
+            out,
             "tollgate_ingest_files_total",
             "Parquet files published.",
-            &stats.files,
-        ),
-        (
+            Kind::Counter,
+            &s.files,
+        );
+        write(
+            out,
             "tollgate_ingest_dead_letters_total",
             "Messages sent to dead letters.",
-            &stats.dead_letters,
-        ),
-        (
+            Kind::Counter,
+            &s.dead_letters,
+        );
+        write(
+            out,
             "tollgate_ingest_duplicates_total",
             "Replayed copies dropped by event id.",
-            &stats.duplicates,
-        ),
-    ] {
-        let _ = writeln!(
+            Kind::Counter,
+            &s.duplicates,
+        );
+        write(
             out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            v.load(Ordering::Relaxed)
+            "tollgate_ingest_partitions",
+            "Kafka partitions held now.",
+            Kind::Gauge,
+            &s.partitions,
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP tollgate_ingest_partitions Partitions held now.\n# TYPE tollgate_ingest_partitions gauge\ntollgate_ingest_partitions {}",
-        stats.partitions.load(Ordering::Relaxed)
-    );
-    out
+}
+
+impl Pipeline {
+    /// What this pipeline shows on the gateway's `/metrics`.
+    pub fn metrics(&self) -> Vec<Arc<dyn metrics::Source>> {
+        vec![
+            Arc::new(IngestMetrics(self.stats.clone())),
+            self.forwarded.clone(),
+        ]
+    }
 }

@@ -20,6 +20,7 @@ use crate::auth::Keyring;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::ledger::{Ledger, Pricing, Record};
+use crate::metrics::{self, Source};
 use crate::routing::Routes;
 use crate::tap::{Tap, TapWriter};
 use crate::upstream::Upstream;
@@ -32,6 +33,8 @@ pub struct Gateway {
     pub ledger: Arc<Ledger>,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
+    /// Other parts of the process shown on `/metrics`.
+    pub metrics: Vec<Arc<dyn metrics::Source>>,
 }
 
 impl Gateway {
@@ -59,6 +62,7 @@ impl Gateway {
             }),
             max_body_bytes: config.gateway.max_body_bytes,
             max_response_bytes: config.gateway.max_response_bytes,
+            metrics: Vec::new(),
         })
     }
 }
@@ -121,39 +125,12 @@ async fn method_not_allowed(
     rec.fail(GatewayError::MethodNotAllowed)
 }
 
-/// Prometheus text exposition of the tap's counters.
+/// Prometheus text: the tap's counters, then every registered source.
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering::Relaxed;
-    let c = gw.ledger.tap.counters();
-    let mut out = String::with_capacity(512);
-    for (name, help, value) in [
-        (
-            "tollgate_tap_events_emitted_total",
-            "Usage events handed to the tap.",
-            &c.emitted,
-        ),
-        (
-            "tollgate_tap_events_committed_total",
-            "Usage events durable in the spool.",
-            &c.committed,
-        ),
-        (
-            "tollgate_tap_events_dropped_queue_full_total",
-            "Usage events refused: tap queue full.",
-            &c.dropped_queue_full,
-        ),
-        (
-            "tollgate_tap_events_dropped_spool_full_total",
-            "Usage events refused: spool at its size bound.",
-            &c.dropped_spool_full,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            value.load(Relaxed)
-        );
+    let mut out = String::with_capacity(1024);
+    gw.ledger.tap.counters().render(&mut out);
+    for source in &gw.metrics {
+        source.render(&mut out);
     }
     (
         [(
@@ -182,7 +159,12 @@ pub struct Summary {
 
 impl Server {
     /// Binds the listener and starts the tap, which writes to `spool`.
-    pub async fn bind(config: &Config, spool: SpoolWriter) -> Result<Self, CollectorError> {
+    /// `metrics`: other parts of the process to show on `/metrics`.
+    pub async fn bind(
+        config: &Config,
+        spool: SpoolWriter,
+        metrics: Vec<Arc<dyn metrics::Source>>,
+    ) -> Result<Self, CollectorError> {
         let (tap, writer) =
             Tap::start(spool, config.pipeline.queue_capacity).map_err(|source| {
                 CollectorError::Io {
@@ -190,7 +172,9 @@ impl Server {
                     source,
                 }
             })?;
-        let gateway = Arc::new(Gateway::new(config, tap.clone())?);
+        let mut gateway = Gateway::new(config, tap.clone())?;
+        gateway.metrics = metrics;
+        let gateway = Arc::new(gateway);
         let listener = TcpListener::bind(config.gateway.listen)
             .await
             .map_err(|source| CollectorError::Io {

@@ -19,6 +19,7 @@ pub mod error;
 pub mod forward;
 pub mod gateway;
 pub mod ledger;
+pub mod metrics;
 pub mod paths;
 pub mod proxy;
 pub mod relay;

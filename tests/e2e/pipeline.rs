@@ -171,6 +171,38 @@ async fn every_request_reaches_the_lake_through_kafka_once() {
     }
     assert!(seen.iter().any(|s| s.status == 401) && seen.iter().any(|s| s.status == 404));
     assert_no_overlapping_batches(&gw.lake);
+    // The counters catch up with the lake within a poll or two.
+    let want = [
+        ("tollgate_tap_events_committed_total", 60),
+        ("tollgate_forward_events_delivered_total", 60),
+        ("tollgate_ingest_rows_total", 60),
+        ("tollgate_ingest_partitions", 4),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = client()
+            .get(gw.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+                .parse()
+                .unwrap()
+        };
+        let got: Vec<(&str, u64)> = want.iter().map(|(n, _)| (*n, value(n))).collect();
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_no_secrets(&all_text_under(&dir), "pipeline files");
 }
 

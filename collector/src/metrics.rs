@@ -1,0 +1,88 @@
+//! Prometheus text exposition for `/metrics`: the tap's counters and any
+//! other part of the process that registers a [`Source`] (the forwarder,
+//! the ingester).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Something that adds lines to `/metrics`.
+pub trait Source: Send + Sync {
+    fn render(&self, out: &mut String);
+}
+
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// Writes one metric with its HELP and TYPE lines.
+pub fn write(out: &mut String, name: &str, help: &str, kind: Kind, value: &AtomicU64) {
+    let kind = match kind {
+        Kind::Counter => "counter",
+        Kind::Gauge => "gauge",
+    };
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+        value.load(Ordering::Relaxed)
+    );
+}
+
+impl Source for crate::tap::Counters {
+    fn render(&self, out: &mut String) {
+        write(
+            out,
+            "tollgate_tap_events_emitted_total",
+            "Usage events handed to the tap.",
+            Kind::Counter,
+            &self.emitted,
+        );
+        write(
+            out,
+            "tollgate_tap_events_committed_total",
+            "Usage events durable in the spool.",
+            Kind::Counter,
+            &self.committed,
+        );
+        write(
+            out,
+            "tollgate_tap_events_dropped_queue_full_total",
+            "Usage events refused: tap queue full.",
+            Kind::Counter,
+            &self.dropped_queue_full,
+        );
+        write(
+            out,
+            "tollgate_tap_events_dropped_spool_full_total",
+            "Usage events refused: spool at its size bound.",
+            Kind::Counter,
+            &self.dropped_spool_full,
+        );
+    }
+}
+
+impl Source for crate::forward::ForwardStats {
+    fn render(&self, out: &mut String) {
+        write(
+            out,
+            "tollgate_forward_events_delivered_total",
+            "Usage events Kafka acknowledged.",
+            Kind::Counter,
+            &self.delivered,
+        );
+        write(
+            out,
+            "tollgate_forward_batches_failed_total",
+            "Batches sent again after a failed delivery.",
+            Kind::Counter,
+            &self.batches_failed,
+        );
+        write(
+            out,
+            "tollgate_forward_producers_recreated_total",
+            "Producers recreated after a fatal error.",
+            Kind::Counter,
+            &self.producers_recreated,
+        );
+    }
+}
