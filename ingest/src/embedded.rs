@@ -99,13 +99,7 @@ fn publish(
     stats: &Stats,
 ) -> Result<(), IngestError> {
     if !events.is_empty() {
-        let published = lake.publish(source, &name(start), &name(end), events)?;
-        stats
-            .rows
-            .fetch_add(published.rows as u64, Ordering::Relaxed);
-        stats
-            .files
-            .fetch_add(published.files.len() as u64, Ordering::Relaxed);
+        stats.published(&lake.publish(source, &name(start), &name(end), events)?);
     }
     // Only after the files are in place: a crash before this line is
     // caught by `resume`, which finds the published range.

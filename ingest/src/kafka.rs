@@ -381,13 +381,7 @@ fn published(
     stats: &Stats,
 ) -> Result<(), IngestError> {
     for d in done {
-        let published = d.result?;
-        stats
-            .rows
-            .fetch_add(published.rows as u64, Ordering::Relaxed);
-        stats
-            .files
-            .fetch_add(published.files.len() as u64, Ordering::Relaxed);
+        stats.published(&d.result?);
         if parts.contains_key(&d.key) {
             commit(source, consumer, d.key, d.next);
         }

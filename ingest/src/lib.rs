@@ -57,6 +57,15 @@ pub struct Stats {
     pub partitions: AtomicU64,
 }
 
+impl Stats {
+    /// Counts a published batch.
+    pub fn published(&self, p: &lake::Published) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.rows.fetch_add(p.rows as u64, Relaxed);
+        self.files.fetch_add(p.files.len() as u64, Relaxed);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("{path}: {source}")]

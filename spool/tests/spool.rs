@@ -265,17 +265,22 @@ fn segments_behind_the_cursor_are_removed_on_open() {
     drop((w, r));
     let before = segments(&dir).len();
     // A cursor saved at the end, old segments not yet deleted.
-    let cursor = all.end;
+    write_cursor(&dir, all.end);
+    let (_w, mut r, rec) = open(small(&dir)).unwrap();
+    assert_eq!(rec.backlog_records, 0);
+    assert!(segments(&dir).len() < before);
+    assert!(drain(&mut r).is_empty());
+}
+
+/// Writes a cursor file by hand, in the documented format (segment and
+/// offset as u64 LE, then their CRC-32C), as a crashed process left it.
+fn write_cursor(dir: &Path, cursor: Position) {
     let mut raw = Vec::new();
     raw.extend_from_slice(&cursor.segment.to_le_bytes());
     raw.extend_from_slice(&cursor.offset.to_le_bytes());
     let crc = crc32c_of(&raw);
     raw.extend_from_slice(&crc.to_le_bytes());
     fs::write(dir.join("cursor"), raw).unwrap();
-    let (_w, mut r, rec) = open(small(&dir)).unwrap();
-    assert_eq!(rec.backlog_records, 0);
-    assert!(segments(&dir).len() < before);
-    assert!(drain(&mut r).is_empty());
 }
 
 /// CRC-32C, bit by bit: an independent check of the cursor format.
@@ -338,13 +343,13 @@ fn production_limits() {
     let dir = scratch("limits");
     fs::create_dir_all(&dir).unwrap();
     // Start near the top of the segment counter's 20-digit names.
-    let start = 99_999_999_999_999_999u64;
-    let mut raw = Vec::new();
-    raw.extend_from_slice(&start.to_le_bytes());
-    raw.extend_from_slice(&0u64.to_le_bytes());
-    let crc = crc32c_of(&raw);
-    raw.extend_from_slice(&crc.to_le_bytes());
-    fs::write(dir.join("cursor"), raw).unwrap();
+    write_cursor(
+        &dir,
+        Position {
+            segment: 99_999_999_999_999_999,
+            offset: 0,
+        },
+    );
 
     let opts = SpoolOptions::new(&dir);
     let (mut w, mut r, _) = open(opts.clone()).unwrap();

@@ -83,6 +83,23 @@ async fn request(gw: &Gateway, i: usize) -> Seen {
     }
 }
 
+/// The gateway's `/metrics`, by name.
+async fn metrics(gw: &Gateway) -> BTreeMap<String, u64> {
+    let text = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, v)| (name.to_string(), v.parse().unwrap()))
+        .collect()
+}
+
 /// Waits until the lake holds `n` rows (or fails after `secs`).
 fn wait_rows(lake: &Path, n: usize, secs: u64) -> Vec<tollgate_schemas::UsageEvent> {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -180,23 +197,8 @@ async fn every_request_reaches_the_lake_through_kafka_once() {
     ];
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = client()
-            .get(gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let value = |name: &str| -> u64 {
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{name} ")))
-                .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
-                .parse()
-                .unwrap()
-        };
-        let got: Vec<(&str, u64)> = want.iter().map(|(n, _)| (*n, value(n))).collect();
+        let m = metrics(&gw).await;
+        let got: Vec<(&str, u64)> = want.iter().map(|(n, _)| (*n, m[*n])).collect();
         if got == want {
             break;
         }
@@ -535,21 +537,8 @@ async fn a_killed_gateway_keeps_every_committed_event() {
     // Wait for the group commit to cover every answered request.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = client()
-            .get(gw.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let committed: usize = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("tollgate_tap_events_committed_total "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        if committed == seen.len() {
+        let committed = metrics(&gw).await["tollgate_tap_events_committed_total"];
+        if committed == seen.len() as u64 {
             break;
         }
         assert!(
