@@ -7,7 +7,9 @@
 #   scripts/bench.sh pipeline   the usage pipeline: ingest ceiling, Kafka ingest
 #                               vs. raw consume on one broker, bytes per event,
 #                               tap CPU per event, freshness (BENCH_EVENTS)
-#   scripts/bench.sh            both
+#   scripts/bench.sh query      the query service vs DuckDB on the same
+#                               generated lake (BENCH_EVENTS=10000000)
+#   scripts/bench.sh            all three
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
@@ -18,7 +20,11 @@ if ! command -v wrk >/dev/null; then
   echo "==> installing wrk"
   apt-get update -qq && apt-get install -y -qq wrk
 fi
-if [ "$what" != gateway ] && ! command -v tansu >/dev/null; then
+VENV="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb" 2>/dev/null; then
+  python3 -m venv "$VENV" && "$VENV/bin/pip" install --quiet -r tests/python/requirements.txt
+fi
+if [ "$what" != gateway ] && [ "$what" != query ] && ! command -v tansu >/dev/null; then
   echo "==> installing the tansu broker"
   env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
 fi
@@ -29,6 +35,8 @@ BIN="$CARGO_TARGET_DIR/release/tollgate"
 case "$what" in
   gateway) python3 scripts/bench.py "$BIN" ;;
   pipeline) python3 scripts/bench_pipeline.py "$BIN" ;;
-  all) python3 scripts/bench.py "$BIN" && python3 scripts/bench_pipeline.py "$BIN" ;;
-  *) echo "usage: scripts/bench.sh [gateway|pipeline|all]" >&2; exit 2 ;;
+  query) "$VENV/bin/python" scripts/bench_query.py "$BIN" ;;
+  all) python3 scripts/bench.py "$BIN" && python3 scripts/bench_pipeline.py "$BIN" \
+    && "$VENV/bin/python" scripts/bench_query.py "$BIN" ;;
+  *) echo "usage: scripts/bench.sh [gateway|pipeline|query|all]" >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
 VENV="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
 ARTIFACTS="$CARGO_TARGET_DIR/tmp/e2e"
 
-# Python clients (openai SDK, DuckDB) and moto's S3-compatible server for
+# Python clients (openai SDK, DuckDB, psycopg) and moto's S3-compatible server for
 # the object-store lake test, in a venv outside the clone;
 # reinstalled only when requirements.txt changes.
 REQS_STAMP="$VENV/.requirements.sha256"
@@ -28,6 +28,14 @@ export PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v tansu >/dev/null 2>&1; then
   echo "==> installing the tansu broker (first run only)"
   env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
+fi
+
+# psql, for the PostgreSQL wire tests: Debian's postgresql-client.
+if ! command -v psql >/dev/null 2>&1; then
+  echo "==> installing postgresql-client (psql)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null
 fi
 
 export TOLLGATE_MOTO="$VENV/bin/moto_server"

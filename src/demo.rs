@@ -21,6 +21,12 @@ use tollgate_schemas::UsageEvent;
 pub struct DemoArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// The query service (SQL and reports over the demo's lake).
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    query_listen: SocketAddr,
+    /// The query service's PostgreSQL wire endpoint.
+    #[arg(long, default_value = "127.0.0.1:5433")]
+    pg_listen: SocketAddr,
     /// Where the demo keeps its spool and its Parquet lake.
     #[arg(long, default_value = "data/demo")]
     data: PathBuf,
@@ -46,6 +52,10 @@ instance = "demo"
 spool_dir = {spool:?}
 lake = {lake:?}
 flush_ms = 500
+
+[query]
+listen = "{query_listen}"
+pg_listen = "{pg_listen}"
 
 [upstreams.sim-deepseek]
 kind = "simulated"
@@ -81,6 +91,8 @@ team = "demo"
 api_keys = ["{key_line}"]
 "#,
         listen = args.listen,
+        query_listen = args.query_listen,
+        pg_listen = args.pg_listen,
         spool = args.data.join("spool").display().to_string(),
         lake = args.data.join("lake").display().to_string(),
         error_rate = args.error_rate,
@@ -92,6 +104,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
     let config = Config::parse(&config_text(&args, &key_line), "demo", |_| None)?;
     let (spool, pipeline) = crate::pipeline::start(&config, crate::pipeline::Role::All).await?;
+    let query = crate::query::start(&config).await?;
     let server = Server::bind(&config, spool, pipeline.metrics()).await?;
     let addr = server.local_addr()?;
     let lake = Lake::open(args.data.join("lake"))?;
@@ -114,6 +127,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  usage lake -> {} (rows appear as the pipeline publishes them)",
         lake.describe()
     );
+    if let Some(q) = &query {
+        println!(
+            "  its ledger: curl -s http://{}/v1/reports/roi -H 'Authorization: Bearer {key}'",
+            q.http
+        );
+        if let Some(pg) = q.pg {
+            println!(
+                "              PGPASSWORD={key} psql -h {} -p {} -U demo-app -d tollgate -c 'SELECT * FROM daily_cost'",
+                pg.ip(),
+                pg.port()
+            );
+        }
+    }
     println!();
     println!(
         "{:<12} {:<6} {:<18} {:>6} {:>7} {:>7} {:>6} {:>12}  note",

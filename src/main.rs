@@ -4,6 +4,7 @@ mod benchpipe;
 mod demo;
 mod loadgen;
 mod pipeline;
+mod query;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +55,14 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8002")]
         listen: SocketAddr,
     },
+    /// Serve SQL (HTTP and the PostgreSQL wire) and the reports over the
+    /// lake, as `[query]` in the config says.
+    Query {
+        #[arg(long, short, default_value = "tollgate.toml")]
+        config: PathBuf,
+    },
+    /// Write a synthetic lake (for trying the query service and its benchmark).
+    GenLake(query::GenLakeArgs),
     /// Merge the small Parquet files of each closed hour of the lake.
     Compact {
         #[arg(long, short, default_value = "tollgate.toml")]
@@ -148,6 +157,10 @@ async fn main() -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             tokio::task::spawn_blocking(move || compact(&config, date)).await?
         }
+        Command::Query { config } => run_query(config).await,
+        Command::GenLake(args) => {
+            tokio::task::spawn_blocking(move || query::gen_lake(&args)).await?
+        }
         Command::Demo(args) => demo::run(args).await,
         Command::Simulate(args) => run_simulator(args).await,
         Command::Loadgen(args) => loadgen::run(args).await,
@@ -166,11 +179,18 @@ async fn serve(
         config.gateway.listen = addr;
     }
     let (spool, pipeline) = pipeline::start(&config, role).await?;
+    let query = match role {
+        pipeline::Role::All => query::start(&config).await?,
+        pipeline::Role::ProxyOnly => None,
+    };
     let server = Server::bind(&config, spool, pipeline.metrics()).await?;
     let addr = server.local_addr()?;
     println!("tollgate gateway listening on http://{addr}");
     println!("usage lake -> {}", config.pipeline.lake);
     let summary = server.run(shutdown_signal()).await?;
+    if let Some(q) = query {
+        q.stop();
+    }
     let (stats, forwarded) = (pipeline.stats.clone(), pipeline.forwarded.clone());
     tokio::task::spawn_blocking(move || pipeline.finish()).await??;
     tracing::info!(
@@ -182,6 +202,19 @@ async fn serve(
         rows_published = stats.rows.load(std::sync::atomic::Ordering::Relaxed),
         "gateway stopped"
     );
+    Ok(())
+}
+
+async fn run_query(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let Some(service) = query::start(&config).await? else {
+        anyhow::bail!(
+            "{}: no [query] table; add one (see examples/tollgate.toml)",
+            path.display()
+        );
+    };
+    shutdown_signal().await;
+    service.stop();
     Ok(())
 }
 

@@ -50,6 +50,8 @@ impl std::fmt::Debug for Secret {
 pub struct Config {
     pub gateway: GatewayConfig,
     pub pipeline: PipelineConfig,
+    /// The query service; `None` when the file has no `[query]` table.
+    pub query: Option<QueryConfig>,
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
     pub consumers: Vec<ConsumerConfig>,
@@ -108,6 +110,27 @@ pub struct PipelineConfig {
     /// stays there for the next start.
     pub drain_ms: u64,
     pub kafka: Option<KafkaConfig>,
+}
+
+/// `[query]`: SQL and reports over the lake (`tollgate query`, and part of
+/// `tollgate serve` when present).
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    pub listen: SocketAddr,
+    /// The PostgreSQL wire endpoint; `None` leaves it off.
+    pub pg_listen: Option<SocketAddr>,
+    /// Sees every row; unset or empty lets only consumer keys in.
+    pub admin_token: Option<Secret>,
+    /// More catalogs to reprice with (`catalog=`), besides the gateway's.
+    pub catalogs: Vec<PathBuf>,
+    pub threads: usize,
+    pub memory_mb: usize,
+    pub max_rss_mb: u64,
+    pub timeout_ms: u64,
+    pub max_result_rows: usize,
+    pub max_result_mb: usize,
+    pub max_concurrent: usize,
+    pub max_generated_rows: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +228,7 @@ struct RawConfig {
     gateway: RawGateway,
     #[serde(default)]
     pipeline: RawPipeline,
+    query: Option<RawQuery>,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
     #[serde(default)]
@@ -222,6 +246,24 @@ struct RawGateway {
     instance: Option<String>,
     prices: Option<PathBuf>,
     client_ip: Option<ClientIp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuery {
+    listen: Option<SocketAddr>,
+    pg_listen: Option<String>,
+    admin_token: Option<String>,
+    #[serde(default)]
+    catalogs: Vec<PathBuf>,
+    threads: Option<usize>,
+    memory_mb: Option<usize>,
+    max_rss_mb: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_result_rows: Option<usize>,
+    max_result_mb: Option<usize>,
+    max_concurrent: Option<usize>,
+    max_generated_rows: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -454,6 +496,34 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
     if pipeline.lake.trim().is_empty() {
         return Err("pipeline.lake: must not be empty".into());
     }
+    let query = match raw.query {
+        None => None,
+        Some(q) => {
+            let pg_listen = match q.pg_listen.as_deref() {
+                None => Some(SocketAddr::from(([127, 0, 0, 1], 5433))),
+                Some("off") => None,
+                Some(a) => Some(a.parse().map_err(|_| {
+                    format!("query.pg_listen: {a:?} is not an address (127.0.0.1:5433) or \"off\"")
+                })?),
+            };
+            Some(QueryConfig {
+                listen: q
+                    .listen
+                    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8001))),
+                pg_listen,
+                admin_token: q.admin_token.filter(|t| !t.is_empty()).map(Secret),
+                catalogs: q.catalogs,
+                threads: q.threads.unwrap_or(2).max(1),
+                memory_mb: q.memory_mb.unwrap_or(512).max(16),
+                max_rss_mb: q.max_rss_mb.unwrap_or(2048).max(64),
+                timeout_ms: q.timeout_ms.unwrap_or(30_000).max(1),
+                max_result_rows: q.max_result_rows.unwrap_or(1_000_000).max(1),
+                max_result_mb: q.max_result_mb.unwrap_or(256).max(1),
+                max_concurrent: q.max_concurrent.unwrap_or(4).max(1),
+                max_generated_rows: q.max_generated_rows.unwrap_or(10_000_000).max(1),
+            })
+        }
+    };
 
     let mut upstreams = BTreeMap::new();
     for (name, spanned) in raw.upstreams {
@@ -675,6 +745,7 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
     Ok(Config {
         gateway,
         pipeline,
+        query,
         upstreams,
         routes,
         consumers,
@@ -858,7 +929,10 @@ models = ["deepseek-r1", "qwq-*"]
 
     #[test]
     fn the_shipped_examples_are_valid() {
-        let env = |name: &str| (name == "DEEPSEEK_API_KEY").then(|| "sk-test".to_string());
+        let env = |name: &str| {
+            matches!(name, "DEEPSEEK_API_KEY" | "TOLLGATE_ADMIN_TOKEN")
+                .then(|| "sk-test".to_string())
+        };
         for (name, text) in [
             (
                 "tollgate.toml",

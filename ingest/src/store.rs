@@ -64,6 +64,22 @@ fn store_err(e: impl std::fmt::Display) -> IngestError {
     IngestError::Store(e.to_string())
 }
 
+/// The S3 (or S3-compatible) bucket of an `s3://` lake; `options` are
+/// `object_store`'s S3 settings over the `AWS_*` environment variables.
+pub fn s3_bucket(
+    bucket: &str,
+    options: &[(String, String)],
+) -> Result<Arc<dyn ObjectStore>, IngestError> {
+    let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+    for (k, v) in options {
+        let key: object_store::aws::AmazonS3ConfigKey = k
+            .parse()
+            .map_err(|_| IngestError::Store(format!("unknown S3 setting {k:?}")))?;
+        builder = builder.with_config(key, v);
+    }
+    Ok(Arc::new(builder.build().map_err(store_err)?))
+}
+
 impl Store {
     /// `s3://bucket/prefix` or a local directory. For S3, `options` are
     /// `object_store`'s S3 settings (`endpoint`, `region`, `access_key_id`,
@@ -79,14 +95,7 @@ impl Store {
             return Ok(Store::Dir(PathBuf::from(location)));
         };
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
-        for (k, v) in options {
-            let key: object_store::aws::AmazonS3ConfigKey = k
-                .parse()
-                .map_err(|_| IngestError::Store(format!("unknown S3 setting {k:?}")))?;
-            builder = builder.with_config(key, v);
-        }
-        let store = builder.build().map_err(store_err)?;
+        let store = s3_bucket(bucket, options)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tollgate-lake-io")
@@ -94,7 +103,7 @@ impl Store {
             .build()
             .map_err(|e| IngestError::Store(format!("starting the lake's I/O runtime: {e}")))?;
         Ok(Store::Object {
-            store: Arc::new(store),
+            store,
             prefix: ObjectPath::from(prefix.trim_matches('/')),
             url: location.to_string(),
             runtime: Arc::new(IoRuntime(Some(runtime))),

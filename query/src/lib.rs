@@ -1,4 +1,94 @@
-//! Query: DataFusion over the Parquet lake, SQL over HTTP and the PostgreSQL
-//! wire protocol, cost and ROI reports, budgets and alerts.
+//! Query: SQL over the Parquet lake with DataFusion, over HTTP and the
+//! PostgreSQL wire protocol, plus the cost and ROI reports.
 //!
-//! Not built yet: it lands after the ingest crate produces the lake.
+//! One path for every query, whichever surface it came from:
+//! [`access`] (who is asking) -> [`engine`] (that principal's session, whose
+//! `usage` table only holds its rows) -> [`guard`] (read-only, checked on the
+//! statement and again on the plan) -> [`limits`] (concurrency, timeout,
+//! result size, memory) -> a surface: [`http`] or [`pg`]. [`tables`] builds
+//! what a session sees; [`reports`] are fixed queries with exact money.
+
+pub mod access;
+pub mod engine;
+pub mod generators;
+pub mod guard;
+pub mod http;
+pub mod limits;
+pub mod openapi;
+pub mod pg;
+pub mod reports;
+pub mod service;
+pub mod settings;
+pub mod tables;
+
+pub use access::Principal;
+pub use engine::Engine;
+pub use service::QueryService;
+pub use settings::{Limits, QuerySettings, Tenant};
+
+/// What a query can fail with; each kind maps to one HTTP status and one
+/// SQLSTATE.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    ReadOnly(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Sql(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    #[error("the query ran longer than {0} ms and was cancelled")]
+    Timeout(u64),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Resources(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl QueryError {
+    /// The SQLSTATE a PostgreSQL client sees.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            QueryError::Unauthenticated(_) => "28P01",
+            QueryError::ReadOnly(_) => "25006",
+            QueryError::Forbidden(_) => "42501",
+            QueryError::BadRequest(_) | QueryError::Sql(_) => "42601",
+            QueryError::NotFound(_) => "42P01",
+            QueryError::NotAcceptable(_) => "0A000",
+            QueryError::Timeout(_) => "57014",
+            QueryError::TooLarge(_) => "54000",
+            QueryError::Busy(_) => "53300",
+            QueryError::Resources(_) => "53200",
+            QueryError::Internal(_) => "XX000",
+        }
+    }
+
+    /// DataFusion's errors, sorted into what the client did and what the
+    /// server ran out of.
+    pub fn from_datafusion(e: datafusion::error::DataFusionError) -> QueryError {
+        use datafusion::error::DataFusionError as E;
+        match e.find_root() {
+            E::ResourcesExhausted(m) => QueryError::Resources(format!(
+                "the query needs more memory than the limit allows: {m}"
+            )),
+            E::SQL(..) | E::Plan(_) | E::SchemaError(..) | E::NotImplemented(_) => {
+                QueryError::Sql(e.strip_backtrace())
+            }
+            E::Execution(m) if m.starts_with(tables::TOO_MANY_ROWS) => {
+                QueryError::TooLarge(m.clone())
+            }
+            _ => QueryError::Sql(e.strip_backtrace()),
+        }
+    }
+}

@@ -122,6 +122,14 @@ impl PriceCatalog {
         &self.version
     }
 
+    /// Every entry once, by model then date.
+    pub fn entries(&self) -> Vec<&Price> {
+        let mut all: Vec<&Price> = self.by_name.values().flatten().collect();
+        all.sort_by(|a, b| (&a.model, a.effective_from).cmp(&(&b.model, b.effective_from)));
+        all.dedup_by(|a, b| a.model == b.model && a.effective_from == b.effective_from);
+        all
+    }
+
     /// The price of `model` in force at `at`; `None` for an unknown model or
     /// a time before its first entry.
     pub fn price(&self, model: &str, at: DateTime<Utc>) -> Option<&Price> {

@@ -57,6 +57,10 @@ fn the_demo_runs_traffic_and_prints_the_ledger() {
             "20",
             "--error-rate",
             "0.5",
+            "--query-listen",
+            "127.0.0.1:0",
+            "--pg-listen",
+            "127.0.0.1:0",
             "--data",
         ])
         .arg(&dir)

@@ -11,6 +11,7 @@ import pytest
 
 BIN = os.environ.get("TOLLGATE_BIN", "target/debug/tollgate")
 KEY = "tg-canary-python-3c2b1a09f8e7"
+ADMIN_TOKEN = "tg-canary-admin-7f6e5d4c3b2a"
 LIMITED_KEY = "tg-canary-python-limited-4d3c2b1a"
 UPSTREAM_KEY = "sk-canary-upstream-python-0a1b2c3d"
 
@@ -31,7 +32,12 @@ class Proc:
             env={**os.environ, **(env or {}), "TOLLGATE_LOG": "info"},
             text=True,
         )
+        self.query = self.pg = None
         for line in self.p.stdout:
+            if line.startswith("query API on http://"):
+                self.query = line.strip().split("http://")[1]
+            if line.startswith("PostgreSQL wire on "):
+                self.pg = line.strip().split(" on ")[1]
             if "listening on http://" in line:
                 self.addr = line.strip().split("listening on http://")[1]
                 break
@@ -77,6 +83,13 @@ spool_dir = "{artifacts / "spool"}"
 lake = "{lake}"
 flush_ms = 100
 
+[query]
+listen = "127.0.0.1:0"
+pg_listen = "127.0.0.1:0"
+admin_token = "${{TOLLGATE_ADMIN_TOKEN}}"
+max_concurrent = 4
+max_rss_mb = 1536
+
 {upstream("r1", r1)}{upstream("qwq", qwq)}{upstream("down", down)}
 [[routes]]
 model = "deepseek-r1"
@@ -103,7 +116,7 @@ models = ["qwq-*"]
 """
     path = artifacts / "tollgate.toml"
     path.write_text(config)
-    gw = Proc(["serve", "--config", str(path)], artifacts / "gateway.log", {"UPSTREAM_KEY": UPSTREAM_KEY})
+    gw = Proc(["serve", "--config", str(path)], artifacts / "gateway.log", {"UPSTREAM_KEY": UPSTREAM_KEY, "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN})
     gw.lake = lake
     yield gw
     for p in (gw, r1, qwq, down):

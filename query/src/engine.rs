@@ -1,0 +1,204 @@
+//! The engine: one DataFusion runtime (memory pool, caches) shared by one
+//! session per principal. The admin's session reads the lake table; a
+//! consumer's session has in its place a view filtered to that consumer, so
+//! every path (subqueries, CTEs, UNION, views, reports, the PostgreSQL wire)
+//! reads through the filter.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
+use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
+use tokio::sync::Mutex;
+use tollgate_schemas::PriceCatalog;
+
+use crate::access::{Access, Principal};
+use crate::guard::{self, Allowed};
+use crate::limits::Gate;
+use crate::settings::QuerySettings;
+use crate::{QueryError, tables};
+
+pub const CATALOG: &str = "tollgate";
+
+pub const ANALYZE_IS_ADMIN: &str =
+    "EXPLAIN ANALYZE shows row counts of the whole lake: it is for the admin token";
+
+/// A finished query: its schema (also when there are no rows) and batches.
+pub struct Output {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+}
+
+pub struct Engine {
+    runtime: Arc<RuntimeEnv>,
+    lake: Arc<dyn TableProvider>,
+    prices: Arc<dyn TableProvider>,
+    catalogs: Vec<PriceCatalog>,
+    access: Access,
+    gate: Arc<Gate>,
+    sessions: Mutex<HashMap<Principal, Arc<SessionContext>>>,
+}
+
+fn df(e: datafusion::error::DataFusionError) -> QueryError {
+    QueryError::from_datafusion(e)
+}
+
+impl Engine {
+    pub async fn open(settings: &QuerySettings) -> Result<Arc<Engine>, QueryError> {
+        let limits = settings.limits.clone();
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(limits.memory_bytes, 1.0)
+            // No spilling: a query over the limit fails, it never writes files.
+            .with_disk_manager_builder(
+                DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+            )
+            // Listings are not cached: a published file is visible at once.
+            .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+            .build_arc()
+            .map_err(df)?;
+        let lake_url = match settings.lake.strip_prefix("s3://") {
+            Some(rest) => {
+                let bucket = rest.split('/').next().unwrap_or(rest);
+                let store = tollgate_ingest::store::s3_bucket(bucket, &settings.lake_options)
+                    .map_err(|e| QueryError::Internal(e.to_string()))?;
+                let url = ObjectStoreUrl::parse(format!("s3://{bucket}")).map_err(df)?;
+                runtime.register_object_store(url.as_ref(), store);
+                settings.lake.clone()
+            }
+            None => {
+                let dir = std::path::Path::new(&settings.lake);
+                std::fs::create_dir_all(dir.join("usage")).map_err(|e| {
+                    QueryError::Internal(format!(
+                        "cannot create the lake at {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                let abs = dir
+                    .canonicalize()
+                    .map_err(|e| QueryError::Internal(format!("lake {}: {e}", dir.display())))?;
+                format!("file://{}", abs.display())
+            }
+        };
+        let probe = SessionContext::new_with_config_rt(SessionConfig::new(), runtime.clone());
+        let lake = tables::lake_table(&probe, &lake_url).await.map_err(df)?;
+        let prices = tables::prices_table(&settings.catalogs).map_err(df)?;
+        let gate = Gate::new(limits);
+        gate.watch_memory();
+        Ok(Arc::new(Engine {
+            runtime,
+            lake,
+            prices,
+            catalogs: settings.catalogs.clone(),
+            access: Access::new(settings.admin_token.as_deref(), settings.tenants.clone()),
+            gate,
+            sessions: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// Loaded catalogs; the first prices new events.
+    pub fn catalogs(&self) -> &[PriceCatalog] {
+        &self.catalogs
+    }
+
+    /// The principal's session, built on first use.
+    pub async fn session(&self, who: &Principal) -> Result<Arc<SessionContext>, QueryError> {
+        let mut sessions = self.sessions.lock().await;
+        if let Some(ctx) = sessions.get(who) {
+            return Ok(ctx.clone());
+        }
+        let ctx = Arc::new(self.build_session(who).await?);
+        sessions.insert(who.clone(), ctx.clone());
+        Ok(ctx)
+    }
+
+    async fn build_session(&self, who: &Principal) -> Result<SessionContext, QueryError> {
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema(CATALOG, "public")
+            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(self.runtime.clone())
+            .with_default_features()
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        let usage = match who {
+            Principal::Admin => self.lake.clone(),
+            Principal::Consumer(name) => {
+                tables::tenant_view(self.lake.clone(), name).map_err(df)?
+            }
+        };
+        ctx.register_table("usage", usage).map_err(df)?;
+        ctx.register_table("prices", self.prices.clone())
+            .map_err(df)?;
+        for (name, sql) in tables::VIEWS {
+            ctx.sql(&format!("CREATE VIEW {name} AS {sql}"))
+                .await
+                .map_err(|e| QueryError::Internal(format!("view {name}: {e}")))?;
+        }
+        crate::generators::install(&ctx, self.gate.limits().max_generated_rows);
+        setup_pg_catalog(&ctx, CATALOG, EmptyContextProvider)
+            .map_err(|e| QueryError::Internal(format!("pg_catalog: {e}")))?;
+        Ok(ctx)
+    }
+
+    /// Parses, checks and plans one statement in the principal's session.
+    pub async fn plan(
+        &self,
+        who: &Principal,
+        sql: &str,
+    ) -> Result<(Arc<SessionContext>, LogicalPlan), QueryError> {
+        let statement = guard::parse_one(sql)?;
+        let allowed = guard::check(&statement)?;
+        if allowed == (Allowed::Explain { analyze: true }) && *who != Principal::Admin {
+            return Err(QueryError::Forbidden(ANALYZE_IS_ADMIN.into()));
+        }
+        let ctx = self.session(who).await?;
+        let plan = ctx.state().statement_to_plan(statement).await.map_err(df)?;
+        guard::verify(&plan)?;
+        Ok((ctx, plan))
+    }
+
+    /// One SQL statement, start to finish, within every limit.
+    pub async fn run(&self, who: &Principal, sql: &str) -> Result<Output, QueryError> {
+        let _slot = self.gate.enter()?;
+        self.gate
+            .bounded(async {
+                let (ctx, plan) = self.plan(who, sql).await?;
+                let frame = ctx.execute_logical_plan(plan).await.map_err(df)?;
+                self.drain(frame).await
+            })
+            .await
+    }
+
+    /// A built query (the reports') within every limit.
+    pub async fn run_frame(&self, frame: DataFrame) -> Result<Output, QueryError> {
+        let _slot = self.gate.enter()?;
+        self.gate.bounded(self.drain(frame)).await
+    }
+
+    async fn drain(&self, frame: DataFrame) -> Result<Output, QueryError> {
+        let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+        let stream = frame.execute_stream().await.map_err(df)?;
+        let batches = self.gate.collect(stream).await?;
+        Ok(Output { schema, batches })
+    }
+}

@@ -1,0 +1,244 @@
+//! The HTTP surface: `POST /v1/sql` and the reports, behind
+//! `Authorization: Bearer <admin token or consumer key>`. Errors are JSON
+//! bodies `{"error": {"message", "type", "code"}}`, as on the proxy.
+
+use std::sync::Arc;
+
+use arrow::array::RecordBatch;
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+
+use crate::engine::{Engine, Output};
+use crate::{Principal, QueryError, openapi, reports};
+
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/openapi.json", get(openapi_doc))
+        .route("/v1/sql", post(sql))
+        .route("/v1/reports/cost", get(cost))
+        .route("/v1/reports/roi", get(roi))
+        .fallback(|| async {
+            error(QueryError::NotFound(
+                "no such endpoint; see /openapi.json".into(),
+            ))
+        })
+        .with_state(engine)
+}
+
+impl QueryError {
+    fn status(&self) -> StatusCode {
+        match self {
+            QueryError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            QueryError::ReadOnly(_) | QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
+            QueryError::BadRequest(_) | QueryError::Sql(_) => StatusCode::BAD_REQUEST,
+            QueryError::NotFound(_) => StatusCode::NOT_FOUND,
+            QueryError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            QueryError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            QueryError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            QueryError::Resources(_) => StatusCode::SERVICE_UNAVAILABLE,
+            QueryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            QueryError::Unauthenticated(_) => "authentication_error",
+            QueryError::ReadOnly(_) => "read_only",
+            QueryError::Forbidden(_) => "permission_error",
+            QueryError::BadRequest(_) => "invalid_request_error",
+            QueryError::Sql(_) => "sql_error",
+            QueryError::NotFound(_) => "not_found",
+            QueryError::NotAcceptable(_) => "not_acceptable",
+            QueryError::Timeout(_) => "timeout",
+            QueryError::TooLarge(_) => "result_too_large",
+            QueryError::Busy(_) => "too_many_queries",
+            QueryError::Resources(_) => "resources_exhausted",
+            QueryError::Internal(_) => "server_error",
+        }
+    }
+}
+
+pub fn error(e: QueryError) -> Response {
+    let body = serde_json::json!({"error": {
+        "message": e.to_string(),
+        "type": e.kind(),
+        "code": e.sqlstate(),
+    }});
+    let mut response = (e.status(), Json(body)).into_response();
+    if matches!(e, QueryError::Busy(_)) {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+fn principal(engine: &Engine, headers: &HeaderMap) -> Result<Principal, QueryError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            QueryError::Unauthenticated(
+                "send Authorization: Bearer <admin token or consumer key>".into(),
+            )
+        })?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| {
+            QueryError::Unauthenticated("the Authorization header is not a bearer token".into())
+        })?;
+    engine.access().bearer(token.trim())
+}
+
+async fn openapi_doc() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi::DOCUMENT,
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlRequest {
+    query: String,
+}
+
+/// The answer format from the Accept header: JSON unless CSV or Arrow is
+/// asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Csv,
+    Arrow,
+}
+
+fn format(headers: &HeaderMap) -> Result<Format, QueryError> {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return Ok(Format::Json);
+    };
+    for part in accept.split(',') {
+        let mime = part
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        match mime.as_str() {
+            "application/json" | "*/*" | "application/*" | "" => return Ok(Format::Json),
+            "text/csv" | "text/*" => return Ok(Format::Csv),
+            ARROW_STREAM => return Ok(Format::Arrow),
+            _ => {}
+        }
+    }
+    Err(QueryError::NotAcceptable(format!(
+        "cannot answer in {accept}: ask for application/json, text/csv or {ARROW_STREAM}"
+    )))
+}
+
+async fn sql(State(engine): State<Arc<Engine>>, headers: HeaderMap, body: Bytes) -> Response {
+    let answer = async {
+        let who = principal(&engine, &headers)?;
+        let format = format(&headers)?;
+        let request: SqlRequest = serde_json::from_slice(&body).map_err(|e| {
+            QueryError::BadRequest(format!("the body must be {{\"query\": \"<SQL>\"}}: {e}"))
+        })?;
+        let out = engine.run(&who, &request.query).await?;
+        encode(&out, format)
+    };
+    answer.await.unwrap_or_else(error)
+}
+
+fn encode(out: &Output, format: Format) -> Result<Response, QueryError> {
+    let internal = |e: arrow::error::ArrowError| QueryError::Internal(e.to_string());
+    let (mime, bytes) = match format {
+        Format::Json => ("application/json", json_rows(&out.batches)?),
+        Format::Csv => {
+            if let Some(f) = out
+                .schema
+                .fields()
+                .iter()
+                .find(|f| f.data_type().is_nested())
+            {
+                return Err(QueryError::NotAcceptable(format!(
+                    "CSV cannot hold the nested column {:?}; select scalar columns or ask for JSON",
+                    f.name()
+                )));
+            }
+            let mut w = arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(Vec::new());
+            for b in &out.batches {
+                w.write(b).map_err(internal)?;
+            }
+            ("text/csv", w.into_inner())
+        }
+        Format::Arrow => {
+            let mut w = arrow::ipc::writer::StreamWriter::try_new(Vec::new(), &out.schema)
+                .map_err(internal)?;
+            for b in &out.batches {
+                w.write(b).map_err(internal)?;
+            }
+            (ARROW_STREAM, w.into_inner().map_err(internal)?)
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, mime)], bytes).into_response())
+}
+
+/// An array of row objects; nulls are kept, so every row has every column.
+pub fn json_rows(batches: &[RecordBatch]) -> Result<Vec<u8>, QueryError> {
+    let mut w = arrow::json::WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, arrow::json::writer::JsonArray>(Vec::new());
+    for b in batches {
+        w.write(b)
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+    }
+    w.finish()
+        .map_err(|e| QueryError::Internal(e.to_string()))?;
+    let bytes = w.into_inner();
+    Ok(if bytes.is_empty() {
+        b"[]".to_vec()
+    } else {
+        bytes
+    })
+}
+
+async fn cost(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let answer = async {
+        let who = principal(&engine, &headers)?;
+        let request = reports::CostRequest::parse(&params, engine.catalogs())?;
+        let report = reports::cost(&engine, &who, &request).await?;
+        Ok::<_, QueryError>(Json(report).into_response())
+    };
+    answer.await.unwrap_or_else(error)
+}
+
+async fn roi(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    Query(params): Query<Vec<(String, String)>>,
+) -> Response {
+    let answer = async {
+        let who = principal(&engine, &headers)?;
+        let request = reports::RoiRequest::parse(&params, engine.catalogs())?;
+        let report = reports::roi(&engine, &who, &request).await?;
+        Ok::<_, QueryError>(Json(report).into_response())
+    };
+    answer.await.unwrap_or_else(error)
+}

@@ -1,0 +1,497 @@
+//! The PostgreSQL wire surface, on datafusion-postgres and pgwire.
+//!
+//! A login is `admin` with the admin token, or a consumer's name with one of
+//! its keys (cleartext password, so run it on loopback or behind TLS). Each
+//! principal gets its own datafusion-postgres service over its own session,
+//! so isolation is the engine's, as on HTTP. Queries are run by
+//! [`Bounded`]: checked read-only on the statement and the plan, and within
+//! the same limits as HTTP. `SET` is kept to the client settings drivers
+//! send; `SET datafusion.*` and the rest of the write or admin statements
+//! are refused with SQLSTATE 25006.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::common::ParamValues;
+use datafusion::datasource::MemTable;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DfStatement;
+use datafusion::sql::sqlparser::ast::{Set, Statement};
+use datafusion_postgres::arrow_pg::datatypes::df::{deserialize_parameters, encode_dataframe};
+use datafusion_postgres::hooks::set_show::SetShowHook;
+use datafusion_postgres::hooks::transactions::TransactionStatementHook;
+use datafusion_postgres::hooks::{HookClient, QueryHook};
+use datafusion_postgres::pgwire::api::auth::{
+    DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
+    save_startup_parameters_to_metadata,
+};
+use datafusion_postgres::pgwire::api::portal::{Format, Portal};
+use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use datafusion_postgres::pgwire::api::results::{FieldInfo, Response, Tag};
+use datafusion_postgres::pgwire::api::stmt::QueryParser;
+use datafusion_postgres::pgwire::api::store::PortalStore;
+use datafusion_postgres::pgwire::api::{
+    ClientInfo, ClientPortalStore, ErrorHandler, PgWireConnectionState, PgWireServerHandlers, Type,
+};
+use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::pgwire::messages::startup::Authentication;
+use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use datafusion_postgres::pgwire::types::format::FormatOptions;
+use datafusion_postgres::{DfSessionService, Parser};
+use futures_util::{Sink, SinkExt};
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+use crate::engine::Engine;
+use crate::guard::{self, Allowed};
+use crate::{Principal, QueryError};
+
+/// Set by the server after a login succeeds; never taken from the client.
+const PRINCIPAL: &str = "tollgate.principal";
+
+/// Session settings drivers send at connect time; anything else is ignored
+/// (as PostgreSQL's unknown `SET`s would be), `datafusion.*` refused.
+const CLIENT_SETTINGS: &[&str] = &[
+    "statement_timeout",
+    "datestyle",
+    "bytea_output",
+    "intervalstyle",
+    "application_name",
+    "extra_float_digits",
+    "search_path",
+];
+
+fn pg_error(e: QueryError) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new(
+        "ERROR".to_string(),
+        e.sqlstate().to_string(),
+        e.to_string(),
+    )))
+}
+
+fn principal_of<C: ClientInfo + ?Sized>(client: &C) -> PgWireResult<Principal> {
+    match client.metadata().get(PRINCIPAL).map(String::as_str) {
+        Some("admin") => Ok(Principal::Admin),
+        Some(name) => match name.strip_prefix("consumer:") {
+            Some(name) => Ok(Principal::Consumer(name.to_string())),
+            None => Err(pg_error(QueryError::Unauthenticated(
+                "not logged in".into(),
+            ))),
+        },
+        None => Err(pg_error(QueryError::Unauthenticated(
+            "not logged in".into(),
+        ))),
+    }
+}
+
+/// Serves until the listener fails.
+pub async fn serve(engine: Arc<Engine>, listener: TcpListener) -> std::io::Result<()> {
+    let handlers = Arc::new(Handlers::new(engine));
+    loop {
+        let (socket, peer) = listener.accept().await?;
+        let handlers = handlers.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                datafusion_postgres::pgwire::tokio::process_socket(socket, None, handlers).await
+            {
+                tracing::debug!("pg connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+pub struct Handlers {
+    login: Arc<Login>,
+    router: Arc<Router>,
+}
+
+impl Handlers {
+    pub fn new(engine: Arc<Engine>) -> Self {
+        let sessions = Arc::new(Sessions {
+            engine: engine.clone(),
+            services: Mutex::new(HashMap::new()),
+        });
+        let describe = DfSessionService::new(Arc::new(SessionContext::new())).query_parser();
+        Self {
+            login: Arc::new(Login { engine }),
+            router: Arc::new(Router {
+                parser: Arc::new(RouterParser {
+                    sessions: sessions.clone(),
+                    describe,
+                }),
+                sessions,
+            }),
+        }
+    }
+}
+
+impl PgWireServerHandlers for Handlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.router.clone()
+    }
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.router.clone()
+    }
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.login.clone()
+    }
+    fn error_handler(&self) -> Arc<impl ErrorHandler> {
+        Arc::new(LogErrors)
+    }
+}
+
+struct LogErrors;
+
+impl ErrorHandler for LogErrors {
+    fn on_error<C: ClientInfo>(&self, _client: &C, error: &mut PgWireError) {
+        tracing::debug!("pg error: {error}");
+    }
+}
+
+/// Cleartext password login checked against the admin token and the
+/// consumers' key digests.
+struct Login {
+    engine: Arc<Engine>,
+}
+
+#[async_trait]
+impl StartupHandler for Login {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                client.metadata_mut().remove(PRINCIPAL);
+                client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                client
+                    .send(PgWireBackendMessage::Authentication(
+                        Authentication::CleartextPassword,
+                    ))
+                    .await?;
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(pwd) => {
+                let pwd = pwd.into_password()?;
+                let user = client.metadata().get("user").cloned().unwrap_or_default();
+                let who = self
+                    .engine
+                    .access()
+                    .login(&user, &pwd.password)
+                    .map_err(|_| PgWireError::InvalidPassword(user.clone()))?;
+                let tag = match who {
+                    Principal::Admin => "admin".to_string(),
+                    Principal::Consumer(name) => format!("consumer:{name}"),
+                };
+                client.metadata_mut().insert(PRINCIPAL.to_string(), tag);
+                finish_authentication(client, &DefaultServerParameterProvider::default()).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// One datafusion-postgres service per principal, over its own session.
+struct Sessions {
+    engine: Arc<Engine>,
+    services: Mutex<HashMap<Principal, Arc<DfSessionService>>>,
+}
+
+impl Sessions {
+    async fn service<C: ClientInfo + ?Sized>(
+        &self,
+        client: &C,
+    ) -> PgWireResult<(Principal, Arc<DfSessionService>)> {
+        let who = principal_of(client)?;
+        let mut services = self.services.lock().await;
+        if let Some(s) = services.get(&who) {
+            return Ok((who, s.clone()));
+        }
+        let ctx = self.engine.session(&who).await.map_err(pg_error)?;
+        let hooks: Vec<Arc<dyn QueryHook>> = vec![
+            Arc::new(Bounded {
+                engine: self.engine.clone(),
+                who: who.clone(),
+            }),
+            Arc::new(SetShowHook),
+            Arc::new(TransactionStatementHook),
+        ];
+        let service = Arc::new(DfSessionService::new_with_hooks(ctx, hooks));
+        services.insert(who.clone(), service.clone());
+        Ok((who, service))
+    }
+}
+
+/// Sends each client to its principal's service.
+pub struct Router {
+    sessions: Arc<Sessions>,
+    parser: Arc<RouterParser>,
+}
+
+#[async_trait]
+impl SimpleQueryHandler for Router {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (_, service) = self.sessions.service(client).await?;
+        SimpleQueryHandler::do_query(service.as_ref(), client, query).await
+    }
+}
+
+type PgStatement = (String, Option<(Statement, LogicalPlan)>);
+
+/// Parses in the client's own session, so its hooks plan and check.
+pub struct RouterParser {
+    sessions: Arc<Sessions>,
+    /// Parameter and result descriptions need no session.
+    describe: Arc<Parser>,
+}
+
+#[async_trait]
+impl QueryParser for RouterParser {
+    type Statement = PgStatement;
+
+    async fn parse_sql<C>(
+        &self,
+        client: &C,
+        sql: &str,
+        types: &[Option<Type>],
+    ) -> PgWireResult<Option<PgStatement>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let (_, service) = self.sessions.service(client).await?;
+        service.query_parser().parse_sql(client, sql, types).await
+    }
+
+    fn get_parameter_types(&self, stmt: &PgStatement) -> PgWireResult<Vec<Type>> {
+        self.describe.get_parameter_types(stmt)
+    }
+
+    fn get_result_schema(
+        &self,
+        stmt: &PgStatement,
+        format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        self.describe.get_result_schema(stmt, format)
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for Router {
+    type Statement = PgStatement;
+    type QueryParser = RouterParser;
+
+    fn query_parser(&self) -> Arc<RouterParser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<PgStatement>,
+        max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = PgStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let (who, service) = self.sessions.service(client).await?;
+        if let (_, Some((statement, plan))) = &portal.statement.statement
+            && guard::check_sql(statement).is_ok()
+        {
+            let types = plan
+                .get_parameter_types()
+                .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
+            let mut ordered: Vec<_> = types.iter().collect();
+            ordered
+                .sort_by_key(|(k, _)| k.trim_start_matches('$').parse::<u32>().unwrap_or(u32::MAX));
+            let inferred: Vec<Option<&arrow::datatypes::DataType>> =
+                ordered.iter().map(|(_, t)| t.as_ref()).collect();
+            let params = deserialize_parameters(portal, &inferred)?;
+            let engine = &self.sessions.engine;
+            let ctx = engine.session(&who).await.map_err(pg_error)?;
+            let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+            return run_bounded(
+                engine,
+                &ctx,
+                plan.clone(),
+                Some(&params),
+                &portal.result_column_format,
+                options,
+            )
+            .await;
+        }
+        ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows).await
+    }
+}
+
+/// Runs a checked plan under the engine's limits, then hands the result to
+/// the encoder from memory.
+async fn run_bounded(
+    engine: &Engine,
+    ctx: &SessionContext,
+    plan: LogicalPlan,
+    params: Option<&ParamValues>,
+    format: &Format,
+    options: Arc<FormatOptions>,
+) -> PgWireResult<Response> {
+    guard::verify(&plan).map_err(pg_error)?;
+    let plan = match params {
+        Some(p) => plan
+            .replace_params_with_values(p)
+            .map_err(|e| pg_error(QueryError::from_datafusion(e)))?,
+        None => plan,
+    };
+    let frame = ctx
+        .execute_logical_plan(plan)
+        .await
+        .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
+    let out = engine.run_frame(frame).await.map_err(pg_error)?;
+    let table = MemTable::try_new(out.schema, vec![out.batches])
+        .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
+    let frame = ctx
+        .read_table(Arc::new(table))
+        .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
+    Ok(Response::Query(
+        encode_dataframe(frame, format, Some(options)).await?,
+    ))
+}
+
+/// First in every service's hooks: queries run bounded, client settings
+/// pass to the next hooks, everything else is refused.
+struct Bounded {
+    engine: Arc<Engine>,
+    who: Principal,
+}
+
+enum Verdict {
+    Run,
+    /// For the next hook (SET of a client setting, SHOW, transactions).
+    Pass,
+    /// Answered without effect.
+    Ignore,
+    Refuse(QueryError),
+}
+
+fn verdict(statement: &Statement, who: &Principal) -> Verdict {
+    match statement {
+        Statement::Query(_) | Statement::Explain { .. } => match guard::check_sql(statement) {
+            Ok(Allowed::Explain { analyze: true }) if *who != Principal::Admin => Verdict::Refuse(
+                QueryError::Forbidden(crate::engine::ANALYZE_IS_ADMIN.into()),
+            ),
+            Ok(_) => Verdict::Run,
+            Err(e) => Verdict::Refuse(e),
+        },
+        Statement::Set(Set::SingleAssignment { variable, .. }) => {
+            let var = variable.to_string().to_ascii_lowercase();
+            if CLIENT_SETTINGS.contains(&var.as_str()) {
+                Verdict::Pass
+            } else if var.starts_with("datafusion.") {
+                Verdict::Refuse(QueryError::ReadOnly(format!(
+                    "SET {var} is refused: engine settings are the server's"
+                )))
+            } else {
+                Verdict::Ignore
+            }
+        }
+        Statement::Set(
+            Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault { .. },
+        ) => Verdict::Ignore,
+        Statement::ShowVariable { .. }
+        | Statement::StartTransaction { .. }
+        | Statement::Commit { .. }
+        | Statement::Rollback { .. } => Verdict::Pass,
+        other => {
+            Verdict::Refuse(guard::check_sql(other).err().unwrap_or_else(|| {
+                QueryError::ReadOnly(format!("{} is refused", guard::kind(other)))
+            }))
+        }
+    }
+}
+
+#[async_trait]
+impl QueryHook for Bounded {
+    async fn handle_simple_query(
+        &self,
+        statement: &Statement,
+        ctx: &SessionContext,
+        client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        match verdict(statement, &self.who) {
+            Verdict::Pass => None,
+            Verdict::Ignore => Some(Ok(Response::Execution(Tag::new("SET")))),
+            Verdict::Refuse(e) => Some(Err(pg_error(e))),
+            Verdict::Run => {
+                let plan = match plan(ctx, statement).await {
+                    Ok(p) => p,
+                    Err(e) => return Some(Err(pg_error(e))),
+                };
+                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
+                Some(
+                    run_bounded(&self.engine, ctx, plan, None, &Format::UnifiedText, options).await,
+                )
+            }
+        }
+    }
+
+    async fn handle_extended_parse_query(
+        &self,
+        statement: &Statement,
+        ctx: &SessionContext,
+        _client: &(dyn ClientInfo + Send + Sync),
+    ) -> Option<PgWireResult<LogicalPlan>> {
+        match verdict(statement, &self.who) {
+            Verdict::Pass | Verdict::Ignore => None,
+            Verdict::Refuse(e) => Some(Err(pg_error(e))),
+            Verdict::Run => Some(plan(ctx, statement).await.map_err(pg_error)),
+        }
+    }
+
+    async fn handle_extended_query(
+        &self,
+        statement: &Statement,
+        _plan: &LogicalPlan,
+        _params: &ParamValues,
+        _ctx: &SessionContext,
+        _client: &mut dyn HookClient,
+    ) -> Option<PgWireResult<Response>> {
+        match verdict(statement, &self.who) {
+            Verdict::Ignore => Some(Ok(Response::Execution(Tag::new("SET")))),
+            Verdict::Refuse(e) => Some(Err(pg_error(e))),
+            Verdict::Pass | Verdict::Run => None,
+        }
+    }
+}
+
+async fn plan(ctx: &SessionContext, statement: &Statement) -> Result<LogicalPlan, QueryError> {
+    let plan = ctx
+        .state()
+        .statement_to_plan(DfStatement::Statement(Box::new(statement.clone())))
+        .await
+        .map_err(QueryError::from_datafusion)?;
+    guard::verify(&plan)?;
+    Ok(plan)
+}

@@ -1,0 +1,115 @@
+//! The query service as a whole: the engine, the HTTP and PostgreSQL
+//! listeners, on a runtime of their own so heavy queries never take
+//! threads from the proxy's hot path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::settings::QuerySettings;
+use crate::{QueryError, engine::Engine, http, pg};
+
+pub struct QueryService {
+    pub http: SocketAddr,
+    pub pg: Option<SocketAddr>,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl QueryService {
+    /// Opens the engine and binds both listeners; errors (a taken port, a
+    /// bad lake) come back here rather than from a background task.
+    pub async fn start(
+        settings: QuerySettings,
+        threads: usize,
+    ) -> Result<QueryService, QueryError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("tollgate-query")
+            .enable_all()
+            .build()
+            .map_err(|e| QueryError::Internal(format!("starting the query runtime: {e}")))?;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        runtime.spawn(async move {
+            let started = async {
+                let engine = Engine::open(&settings).await?;
+                let bind_err = |what: &'static str, addr: SocketAddr| {
+                    move |e: std::io::Error| QueryError::Internal(format!("{what} {addr}: {e}"))
+                };
+                let http_listener = tokio::net::TcpListener::bind(settings.listen)
+                    .await
+                    .map_err(bind_err("query listen", settings.listen))?;
+                let pg_listener = match settings.pg_listen {
+                    Some(addr) => Some(pg::bind(addr).await.map_err(bind_err("pg_listen", addr))?),
+                    None => None,
+                };
+                Ok::<_, QueryError>((engine, http_listener, pg_listener))
+            };
+            let (engine, http_listener, pg_listener) = match started.await {
+                Ok(parts) => parts,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let addrs = (
+                http_listener.local_addr().ok(),
+                pg_listener.as_ref().and_then(|l| l.local_addr().ok()),
+            );
+            let _ = ready_tx.send(Ok(addrs));
+            if let Some(listener) = pg_listener {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = pg::serve(engine, listener).await {
+                        tracing::error!("the PostgreSQL listener stopped: {e}");
+                    }
+                });
+            }
+            let app = http::router(Arc::clone(&engine));
+            let served = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!("the query HTTP listener stopped: {e}");
+            }
+        });
+        let (http, pg) = ready_rx
+            .await
+            .map_err(|_| QueryError::Internal("the query service did not start".into()))??;
+        let http =
+            http.ok_or_else(|| QueryError::Internal("query listener has no address".into()))?;
+        tracing::info!("query: SQL and reports on http://{http}");
+        if let Some(pg) = pg {
+            tracing::info!("query: PostgreSQL wire on {pg}");
+        }
+        Ok(QueryService {
+            http,
+            pg,
+            runtime: Some(runtime),
+            stop: Some(stop_tx),
+        })
+    }
+
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for QueryService {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

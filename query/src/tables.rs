@@ -1,0 +1,152 @@
+//! What a session sees: `usage` (the lake, or for a consumer only its own
+//! rows), `prices` (every loaded catalog with validity periods) and the
+//! documented views over them.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Date32Builder, Decimal128Builder, RecordBatch, StringBuilder};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use chrono::NaiveDate;
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::{MemTable, ViewTable, provider_as_source};
+use datafusion::error::Result;
+use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
+use datafusion::prelude::SessionContext;
+use tollgate_schemas::{PriceCatalog, Usd};
+
+/// The start of the error a capped generator returns.
+pub const TOO_MANY_ROWS: &str = "generated rows over the limit";
+
+/// Documented in the README; created in every session, so each consumer's
+/// views read only its own `usage`.
+pub const VIEWS: &[(&str, &str)] = &[
+    (
+        "daily_cost",
+        "SELECT date, consumer, team, coalesce(served_model, requested_model) AS model, \
+         count(*) AS requests, sum(input_tokens) AS input_tokens, \
+         sum(cached_input_tokens) AS cached_input_tokens, sum(output_tokens) AS output_tokens, \
+         sum(reasoning_tokens) AS reasoning_tokens, sum(cost_usd) AS cost_usd \
+         FROM usage GROUP BY date, consumer, team, coalesce(served_model, requested_model)",
+    ),
+    (
+        "hourly_health",
+        "SELECT date_trunc('hour', ts_start) AS hour_start, coalesce(served_model, requested_model) AS model, \
+         count(*) AS requests, avg(CASE WHEN status >= 400 THEN 1.0 ELSE 0.0 END) AS error_rate, \
+         avg(CASE WHEN fallback THEN 1.0 ELSE 0.0 END) AS fallback_rate, \
+         avg(CASE WHEN cache = 'hit' THEN 1.0 ELSE 0.0 END) AS cache_hit_rate, \
+         approx_percentile_cont(latency_ms, 0.5) AS latency_p50_ms, \
+         approx_percentile_cont(latency_ms, 0.95) AS latency_p95_ms \
+         FROM usage GROUP BY date_trunc('hour', ts_start), coalesce(served_model, requested_model)",
+    ),
+    (
+        "cost_by_tag",
+        "SELECT date, t.key AS tag, t.value AS tag_value, count(*) AS requests, sum(cost_usd) AS cost_usd \
+         FROM (SELECT date, cost_usd, unnest(map_entries(tags)) AS t FROM usage) \
+         GROUP BY date, t.key, t.value",
+    ),
+];
+
+/// The lake's `usage` table: Parquet files under `<lake>/usage/`, with the
+/// Hive `date` and `hour` directories as partition columns. Files are
+/// listed at every scan, so what the ingester publishes is seen at once.
+pub async fn lake_table(ctx: &SessionContext, lake_url: &str) -> Result<Arc<dyn TableProvider>> {
+    let url = ListingTableUrl::parse(format!("{}/usage/", lake_url.trim_end_matches('/')))?;
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+        .with_file_extension(".parquet")
+        .with_table_partition_cols(vec![
+            ("date".to_string(), DataType::Date32),
+            ("hour".to_string(), DataType::Int32),
+        ]);
+    let file_schema = tollgate_schemas::usage_schema();
+    let config = ListingTableConfig::new(url)
+        .with_listing_options(options)
+        .with_schema(file_schema);
+    let _ = ctx;
+    Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
+/// `usage` as one consumer sees it: a view whose plan filters the lake
+/// table by consumer. The lake table itself is not registered in that
+/// session, so no query can name it.
+pub fn tenant_view(lake: Arc<dyn TableProvider>, consumer: &str) -> Result<Arc<dyn TableProvider>> {
+    let plan = LogicalPlanBuilder::scan("usage", provider_as_source(lake), None)?
+        .filter(col("consumer").eq(lit(consumer.to_string())))?
+        .build()?;
+    Ok(Arc::new(ViewTable::new(plan, None)))
+}
+
+fn money() -> DataType {
+    DataType::Decimal128(38, Usd::SCALE as i8)
+}
+
+pub fn prices_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("catalog", DataType::Utf8, false),
+        Field::new("model", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("input_per_million", money(), false),
+        Field::new("cached_input_per_million", money(), false),
+        Field::new("output_per_million", money(), false),
+        Field::new("effective_from", DataType::Date32, false),
+        Field::new("effective_to", DataType::Date32, true),
+        Field::new("source", DataType::Utf8, false),
+    ]))
+}
+
+fn days(d: NaiveDate) -> i32 {
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+    (d - epoch).num_days() as i32
+}
+
+/// `prices`: one row per catalog, model name (aliases included) and
+/// period; `effective_to` is exclusive and null for the price in force.
+/// Join on `name = lower(served_model)` and the request's date to reprice.
+pub fn prices_table(catalogs: &[PriceCatalog]) -> Result<Arc<dyn TableProvider>> {
+    let mut cat = StringBuilder::new();
+    let mut model = StringBuilder::new();
+    let mut name = StringBuilder::new();
+    let dec = || Decimal128Builder::new().with_data_type(money());
+    let (mut input, mut cached, mut output) = (dec(), dec(), dec());
+    let mut from = Date32Builder::new();
+    let mut to = Date32Builder::new();
+    let mut source = StringBuilder::new();
+    for catalog in catalogs {
+        let entries = catalog.entries();
+        for (i, p) in entries.iter().enumerate() {
+            let next = entries[i + 1..]
+                .iter()
+                .find(|q| q.model == p.model)
+                .map(|q| days(q.effective_from));
+            let names = std::iter::once(&p.model).chain(&p.aliases);
+            for n in names {
+                cat.append_value(catalog.version());
+                model.append_value(&p.model);
+                name.append_value(n.to_ascii_lowercase());
+                input.append_value(p.input.to_scaled());
+                cached.append_value(p.cached_input.to_scaled());
+                output.append_value(p.output.to_scaled());
+                from.append_value(days(p.effective_from));
+                to.append_option(next);
+                source.append_value(&p.source);
+            }
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(cat.finish()),
+        Arc::new(model.finish()),
+        Arc::new(name.finish()),
+        Arc::new(input.finish()),
+        Arc::new(cached.finish()),
+        Arc::new(output.finish()),
+        Arc::new(from.finish()),
+        Arc::new(to.finish()),
+        Arc::new(source.finish()),
+    ];
+    let schema = prices_schema();
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
+}

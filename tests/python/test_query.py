@@ -1,0 +1,245 @@
+"""The query service with real clients: reports checked against DuckDB on
+the same files, psql and psycopg over the PostgreSQL wire, isolation,
+read-only refusals, bounded memory and the OpenAPI document."""
+
+import decimal
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import duckdb
+import openai
+import psycopg
+import pytest
+
+from conftest import ADMIN_TOKEN, KEY, LIMITED_KEY
+
+MESSAGES = [{"role": "user", "content": "What did search spend on reasoning tokens last week?"}]
+
+
+def http(gateway, method, path, token=ADMIN_TOKEN, body=None, accept=None):
+    req = urllib.request.Request(f"http://{gateway.query}{path}", method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if accept:
+        req.add_header("Accept", accept)
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, data, timeout=60) as r:
+            return r.status, r.headers.get("content-type"), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("content-type"), e.read()
+
+
+def sql(gateway, query, token=ADMIN_TOKEN):
+    status, _, body = http(gateway, "POST", "/v1/sql", token, {"query": query})
+    assert status == 200, body
+    return json.loads(body)
+
+
+def lake_glob(gateway):
+    return str(gateway.lake / "usage" / "**" / "*.parquet")
+
+
+@pytest.fixture(scope="module")
+def traffic(gateway):
+    """Streamed and plain requests from two consumers, a fallback and an
+    error; returns once the lake holds every row and stops changing."""
+    for i in range(10):
+        c = openai.OpenAI(base_url=f"http://{gateway.addr}/v1", api_key=KEY, max_retries=0)
+        model = ["deepseek-r1", "qwq-32b", "flaky-r1"][i % 3]
+        if i % 2:
+            list(c.chat.completions.create(model=model, messages=MESSAGES, stream=True,
+                                           stream_options={"include_usage": True}))
+        else:
+            c.chat.completions.create(model=model, messages=MESSAGES)
+    limited = openai.OpenAI(base_url=f"http://{gateway.addr}/v1", api_key=LIMITED_KEY, max_retries=0)
+    for _ in range(4):
+        limited.chat.completions.create(model="qwq-32b", messages=MESSAGES)
+    with pytest.raises(openai.PermissionDeniedError):
+        limited.chat.completions.create(model="deepseek-r1", messages=MESSAGES)
+    last, stable_since = None, time.time()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        n = duckdb.execute("SELECT count(*) FROM read_parquet(?, hive_partitioning = true) WHERE consumer = 'qwq-only'",
+                           [lake_glob(gateway)]).fetchone()[0]
+        total = duckdb.execute("SELECT count(*) FROM read_parquet(?)", [lake_glob(gateway)]).fetchone()[0]
+        if n >= 5 and total == last and time.time() - stable_since > 1.0:
+            return total
+        if total != last:
+            last, stable_since = total, time.time()
+        time.sleep(0.1)
+    raise AssertionError("the lake did not settle")
+
+
+def test_cost_report_equals_duckdb_on_the_same_files(gateway, traffic):
+    status, _, body = http(gateway, "GET", "/v1/reports/cost?from=2020-01-01&group_by=consumer,model&granularity=day")
+    assert status == 200, body
+    report = json.loads(body)
+    expected = duckdb.execute(
+        """SELECT strftime(date_trunc('day', ts_start AT TIME ZONE 'UTC'), '%Y-%m-%dT%H:%M:%SZ'), consumer,
+                  coalesce(served_model, requested_model), count(*), sum(input_tokens), sum(cached_input_tokens),
+                  sum(output_tokens), sum(reasoning_tokens), coalesce(sum(cost_usd), 0)
+           FROM read_parquet(?, hive_partitioning = true) GROUP BY ALL""",
+        [lake_glob(gateway)]).fetchall()
+    got = {(r["period"], r["consumer"], r["model"]): r for r in report["rows"]}
+    assert len(got) == len(expected)
+    for period, consumer, model, n, inp, cached, out, reasoning, cost in expected:
+        r = got[(period, consumer, model)]
+        assert (r["requests"], r["input_tokens"], r["cached_input_tokens"], r["output_tokens"], r["reasoning_tokens"]) \
+            == (n, inp, cached, out, reasoning)
+        assert decimal.Decimal(r["cost_usd"]) == cost, (r, cost)
+    assert sum(decimal.Decimal(r["cost_usd"]) for r in report["rows"]) == decimal.Decimal(report["totals"]["cost_usd"])
+    assert report["totals"]["requests"] == traffic
+
+
+def test_roi_report_rates_equal_duckdb(gateway, traffic):
+    status, _, body = http(gateway, "GET", "/v1/reports/roi?from=2020-01-01&reprice=deepseek-r1:qwq-32b&gpu_hour_usd=2&tokens_per_s=800")
+    assert status == 200, body
+    report = json.loads(body)
+    expected = duckdb.execute(
+        """SELECT coalesce(consumer, ''), coalesce(requested_model, ''), count(*),
+                  avg(CASE WHEN status >= 400 THEN 1 ELSE 0 END), avg(CASE WHEN fallback THEN 1 ELSE 0 END),
+                  coalesce(sum(cost_saved_usd), 0), coalesce(sum(cost_usd), 0)
+           FROM read_parquet(?, hive_partitioning = true) GROUP BY ALL""",
+        [lake_glob(gateway)]).fetchall()
+    got = {(r["consumer"], r["model"]): r for r in report["rows"]}
+    for consumer, model, n, errors, fallbacks, saved, cost in expected:
+        r = got[(consumer, model)]
+        assert r["requests"] == n
+        assert r["error_rate"] == pytest.approx(errors)
+        assert r["fallback_rate"] == pytest.approx(fallbacks)
+        assert decimal.Decimal(r["cache_saved_usd"]) == saved
+        assert decimal.Decimal(r["cost_usd"]) == cost
+    r1 = got[("python-app", "deepseek-r1")]
+    assert r1["repriced"]["model"] == "qwq-32b"
+    assert decimal.Decimal(r1["repriced"]["cost_usd"]) < decimal.Decimal(r1["cost_usd"])
+    assert decimal.Decimal(r1["thinking_tax_usd"]) > 0
+    flaky = got[("python-app", "flaky-r1")]
+    assert flaky["fallback_rate"] == 1.0 and sum(flaky["fallback_reasons"].values()) == flaky["requests"]
+    sh = report["self_host"]
+    assert sh["tokens_per_s_source"] == "given" and sh["break_even_output_tokens_per_month"] > 0
+
+
+def test_sql_formats_and_errors(gateway, traffic):
+    rows = sql(gateway, "SELECT consumer, count(*) AS n FROM usage GROUP BY consumer ORDER BY consumer")
+    assert [r["consumer"] for r in rows] == ["python-app", "qwq-only"]
+    assert sum(r["n"] for r in rows) == traffic
+    status, ctype, body = http(gateway, "POST", "/v1/sql", body={"query": "SELECT consumer, status FROM usage LIMIT 3"}, accept="text/csv")
+    assert status == 200 and ctype == "text/csv" and body.decode().splitlines()[0] == "consumer,status"
+    status, ctype, body = http(gateway, "POST", "/v1/sql", body={"query": "SELECT * FROM usage LIMIT 3"},
+                               accept="application/vnd.apache.arrow.stream")
+    assert status == 200 and ctype == "application/vnd.apache.arrow.stream"
+    assert duckdb.sql("SELECT 1").fetchone() and body[:4] == b"\xff\xff\xff\xff"
+    for query, code, kind in [
+        ("DROP TABLE usage", 403, "read_only"),
+        ("COPY usage TO '/tmp/x.csv'", 403, "read_only"),
+        ("SELECT 1; DELETE FROM usage", 403, "read_only"),
+        ("SELEC 1", 400, "sql_error"),
+        ("SELECT no_such_column FROM usage", 400, "sql_error"),
+        ("SELECT repeat('x', 100000000000)", 413, "result_too_large"),
+    ]:
+        status, _, body = http(gateway, "POST", "/v1/sql", body={"query": query})
+        err = json.loads(body)["error"]
+        assert (status, err["type"]) == (code, kind), (query, body)
+    assert http(gateway, "POST", "/v1/sql", token=None, body={"query": "SELECT 1"})[0] == 401
+    assert http(gateway, "POST", "/v1/sql", token="nope", body={"query": "SELECT 1"})[0] == 401
+    assert http(gateway, "POST", "/v1/sql", body={"sql": "SELECT 1"})[0] == 400
+
+
+def test_a_consumer_key_sees_only_its_rows(gateway, traffic):
+    own = sql(gateway, "SELECT DISTINCT consumer FROM usage", token=LIMITED_KEY)
+    assert own == [{"consumer": "qwq-only"}]
+    n = sql(gateway, "SELECT count(*) AS n FROM (SELECT * FROM usage UNION ALL SELECT * FROM usage WHERE consumer = 'python-app') x",
+            token=LIMITED_KEY)[0]["n"]
+    assert n == sql(gateway, "SELECT count(*) AS n FROM usage WHERE consumer = 'qwq-only'")[0]["n"]
+    status, _, body = http(gateway, "GET", "/v1/reports/cost?from=2020-01-01&group_by=consumer", token=LIMITED_KEY)
+    assert [r["consumer"] for r in json.loads(body)["rows"]] == ["qwq-only"]
+
+
+def pg(gateway, user, password):
+    host, port = gateway.pg.rsplit(":", 1)
+    return psycopg.connect(host=host, port=int(port), user=user, password=password, dbname="tollgate", connect_timeout=10)
+
+
+def test_psycopg_over_the_pg_wire(gateway, traffic):
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        assert conn.execute("SELECT count(*) FROM usage").fetchone()[0] == traffic
+        n = conn.execute("SELECT count(*) FROM usage WHERE consumer = %s AND status < %s", ["python-app", 400]).fetchone()[0]
+        assert n > 0
+        cost = conn.execute("SELECT sum(cost_usd) FROM usage").fetchone()[0]
+        assert cost == duckdb.execute("SELECT sum(cost_usd) FROM read_parquet(?)", [lake_glob(gateway)]).fetchone()[0]
+    with pg(gateway, "qwq-only", LIMITED_KEY) as conn:
+        assert conn.execute("SELECT DISTINCT consumer FROM usage").fetchall() == [("qwq-only",)]
+        assert conn.execute("SELECT count(*) FROM usage WHERE consumer = %s", ["python-app"]).fetchone()[0] == 0
+        with pytest.raises(psycopg.Error) as refused:
+            conn.execute("DROP TABLE usage")
+        assert refused.value.sqlstate == "25006"
+    with pytest.raises(psycopg.OperationalError):
+        pg(gateway, "qwq-only", KEY)
+    with pytest.raises(psycopg.OperationalError):
+        pg(gateway, "admin", "wrong")
+
+
+def psql(gateway, user, password, *args):
+    host, port = gateway.pg.rsplit(":", 1)
+    return subprocess.run(["psql", "-h", host, "-p", port, "-U", user, "-d", "tollgate", "-X", "-At", *args],
+                          env={**os.environ, "PGPASSWORD": password}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="psql is installed by scripts/test.sh")
+def test_psql(gateway, traffic):
+    r = psql(gateway, "admin", ADMIN_TOKEN, "-c", "SELECT count(*) FROM usage")
+    assert r.returncode == 0 and r.stdout.strip() == str(traffic), r.stderr
+    r = psql(gateway, "admin", ADMIN_TOKEN, "-c", r"\dt")
+    assert r.returncode == 0 and "usage" in r.stdout and "prices" in r.stdout, r.stderr
+    r = psql(gateway, "qwq-only", LIMITED_KEY, "-c", "SELECT consumer, count(*) FROM usage GROUP BY consumer")
+    assert r.returncode == 0 and r.stdout.strip().startswith("qwq-only|"), r.stderr
+    r = psql(gateway, "qwq-only", LIMITED_KEY, "-c", "DELETE FROM usage")
+    assert r.returncode != 0 and "read-only" in r.stderr
+    r = psql(gateway, "qwq-only", LIMITED_KEY, "-c", "SELECT count(*) FROM usage; DROP TABLE usage")
+    assert r.returncode != 0 and "read-only" in r.stderr
+
+
+def peak_rss_mb(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def test_hostile_queries_leave_the_process_bounded(gateway, traffic):
+    for query in [
+        "SELECT generate_series(1, 10000000000)",
+        "SELECT range(1, 10000000000, 1)",
+        "SELECT repeat('abcdef', 5000000000)",
+        "SELECT count(*) FROM generate_series(1, 100000000000) a",
+        "SELECT array_agg(v.value) FROM generate_series(1, 300000000) v",
+        "SELECT string_agg(repeat('x', 1000000), ',') FROM generate_series(1, 100000) v",
+        "SELECT a.value * b.value FROM generate_series(1, 100000) a CROSS JOIN generate_series(1, 100000) b ORDER BY 1 DESC",
+    ]:
+        status, _, body = http(gateway, "POST", "/v1/sql", body={"query": query})
+        assert status in (408, 413, 503), (query, status, body)
+        assert peak_rss_mb(gateway.p.pid) < 2048, query
+    assert sql(gateway, "SELECT 1 AS one") == [{"one": 1}]
+
+
+def test_the_openapi_document_covers_the_api(gateway, traffic):
+    status, _, body = http(gateway, "GET", "/openapi.json", token=None)
+    doc = json.loads(body)
+    assert status == 200 and doc["openapi"].startswith("3.")
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            payload = {"query": "SELECT 1"} if method == "post" else None
+            got, ctype, _ = http(gateway, method.upper(), path + ("?from=2020-01-01" if "reports" in path else ""), body=payload)
+            assert str(got) in op["responses"], (path, method, got)
+            unauthenticated = http(gateway, method.upper(), path, token="bad", body=payload)[0]
+            assert str(unauthenticated) in op["responses"], (path, method, unauthenticated)
+    assert http(gateway, "GET", "/v1/nope")[0] == 404
