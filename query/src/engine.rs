@@ -89,8 +89,7 @@ impl Engine {
                 format!("file://{}", abs.display())
             }
         };
-        let probe = SessionContext::new_with_config_rt(SessionConfig::new(), runtime.clone());
-        let lake = tables::lake_table(&probe, &lake_url).await.map_err(df)?;
+        let lake = tables::lake_table(&lake_url).map_err(df)?;
         let prices = tables::prices_table(&settings.catalogs).map_err(df)?;
         let gate = Gate::new(limits);
         gate.watch_memory();

@@ -15,7 +15,6 @@ use datafusion::datasource::listing::{
 use datafusion::datasource::{MemTable, ViewTable, provider_as_source};
 use datafusion::error::Result;
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
-use datafusion::prelude::SessionContext;
 use tollgate_schemas::{PriceCatalog, Usd};
 
 /// The start of the error a capped generator returns.
@@ -53,7 +52,7 @@ pub const VIEWS: &[(&str, &str)] = &[
 /// The lake's `usage` table: Parquet files under `<lake>/usage/`, with the
 /// Hive `date` and `hour` directories as partition columns. Files are
 /// listed at every scan, so what the ingester publishes is seen at once.
-pub async fn lake_table(ctx: &SessionContext, lake_url: &str) -> Result<Arc<dyn TableProvider>> {
+pub fn lake_table(lake_url: &str) -> Result<Arc<dyn TableProvider>> {
     let url = ListingTableUrl::parse(format!("{}/usage/", lake_url.trim_end_matches('/')))?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
@@ -65,7 +64,6 @@ pub async fn lake_table(ctx: &SessionContext, lake_url: &str) -> Result<Arc<dyn 
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(file_schema);
-    let _ = ctx;
     Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
