@@ -1031,3 +1031,74 @@ pub async fn roi(engine: &Engine, who: &Principal, r: &RoiRequest) -> Result<Rep
         unpriced_models: unpriced,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn catalogs() -> Vec<PriceCatalog> {
+        vec![PriceCatalog::shipped().unwrap_or_else(|e| panic!("{e}"))]
+    }
+
+    #[test]
+    fn cost_parameters_parse_with_defaults() {
+        let r = CostRequest::parse(&p(&[("from", "2026-11-01")]), &catalogs())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.group_by, vec![Group::Consumer, Group::Model]);
+        assert_eq!(r.granularity, Granularity::Day);
+        assert!(r.window.catalog.is_none());
+        let r = CostRequest::parse(
+            &p(&[
+                ("group_by", "team,tag:feature"),
+                ("granularity", "month"),
+                ("to", "2026-11-02T12:00:00Z"),
+                ("from", "2026-11-01"),
+            ]),
+            &catalogs(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.group_by, vec![Group::Team, Group::Tag("feature".into())]);
+        assert_eq!(r.window.to - r.window.from, Duration::hours(36));
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        for (pairs, needle) in [
+            (vec![("group_by", "region")], "group_by"),
+            (vec![("group_by", "tag:")], "group_by"),
+            (vec![("group_by", "model,model")], "twice"),
+            (vec![("granularity", "week")], "granularity"),
+            (vec![("from", "yesterday")], "not a date"),
+            (vec![("from", "2026-11-02"), ("to", "2026-11-01")], "before"),
+            (vec![("catalog", "1999-01-01")], "not loaded"),
+            (vec![("colour", "red")], "unknown parameter"),
+        ] {
+            match CostRequest::parse(&p(&pairs), &catalogs()) {
+                Err(QueryError::BadRequest(m)) => assert!(m.contains(needle), "{pairs:?}: {m}"),
+                other => panic!("{pairs:?}: {other:?}"),
+            }
+        }
+        for (pairs, needle) in [
+            (vec![("reprice", "deepseek-r1")], "<model>:<other model>"),
+            (vec![("reprice", "deepseek-r1:no-such-model")], "no price"),
+            (vec![("gpu_hour_usd", "-1")], "positive"),
+            (
+                vec![("gpu_hour_usd", "2"), ("gpus", "0")],
+                "positive integer",
+            ),
+            (vec![("tokens_per_s", "100")], "needs gpu_hour_usd"),
+        ] {
+            match RoiRequest::parse(&p(&pairs), &catalogs()) {
+                Err(QueryError::BadRequest(m)) => assert!(m.contains(needle), "{pairs:?}: {m}"),
+                other => panic!("{pairs:?}: {other:?}"),
+            }
+        }
+    }
+}
