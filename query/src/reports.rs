@@ -12,6 +12,7 @@ use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Date32Type, Decimal128Type, Float64Type, Int64Type};
 use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 use datafusion::common::ScalarValue;
+use datafusion::dataframe::DataFrame;
 use datafusion::functions::core::expr_fn::get_field;
 use datafusion::functions::datetime::expr_fn::date_trunc;
 use datafusion::functions::expr_fn::coalesce;
@@ -538,9 +539,54 @@ fn line_cost(w: &Window, l: &Line, unpriced: &mut Vec<String>) -> Decimal {
     }
 }
 
-pub async fn cost(engine: &Engine, who: &Principal, r: &CostRequest) -> Result<Report, QueryError> {
-    let ctx = engine.session(who).await?;
+/// The caller's `usage` rows in the window, and `extra` on top.
+async fn window_rows(
+    engine: &Engine,
+    who: &Principal,
+    w: &Window,
+    extra: Option<Expr>,
+) -> Result<DataFrame, QueryError> {
     let df = |e| QueryError::from_datafusion(e);
+    let ctx = engine.session(who).await?;
+    let filter = match extra {
+        Some(e) => in_window(w).and(e),
+        None => in_window(w),
+    };
+    ctx.table("usage")
+        .await
+        .map_err(df)?
+        .filter(filter)
+        .map_err(df)
+}
+
+/// Money per `keys` (of which the first `n_keys` are the report's own),
+/// priced model and day, as lines ready to reprice.
+async fn money_lines(
+    engine: &Engine,
+    who: &Principal,
+    w: &Window,
+    mut keys: Vec<Expr>,
+) -> Result<Vec<Line>, QueryError> {
+    let n_keys = keys.len();
+    keys.push(model().alias("priced_model"));
+    keys.push(col("date").alias("day"));
+    let frame = window_rows(engine, who, w, None)
+        .await?
+        .aggregate(keys, money_aggregates())
+        .map_err(QueryError::from_datafusion)?;
+    let out = engine.run_frame(frame).await?;
+    Ok(lines(&out.batches, n_keys))
+}
+
+/// A text cell, empty for null.
+fn text_at(b: &RecordBatch, col: usize, row: usize) -> String {
+    match value_at(b.column(col), row) {
+        Value::String(s) => s,
+        _ => String::new(),
+    }
+}
+
+pub async fn cost(engine: &Engine, who: &Principal, r: &CostRequest) -> Result<Report, QueryError> {
     let unit = match r.granularity {
         Granularity::Hour => "hour",
         Granularity::Day => "day",
@@ -553,22 +599,11 @@ pub async fn cost(engine: &Engine, who: &Principal, r: &CostRequest) -> Result<R
             .enumerate()
             .map(|(i, g)| g.expr(&format!("g{i}"))),
     );
-    let n_keys = keys.len();
-    keys.push(model().alias("priced_model"));
-    keys.push(col("date").alias("day"));
-    let frame = ctx
-        .table("usage")
-        .await
-        .map_err(df)?
-        .filter(in_window(&r.window))
-        .map_err(df)?
-        .aggregate(keys, money_aggregates())
-        .map_err(df)?;
-    let out = engine.run_frame(frame).await?;
+    let lines = money_lines(engine, who, &r.window, keys).await?;
     let mut unpriced = Vec::new();
     let mut rows: BTreeMap<String, (Vec<Value>, Sums)> = BTreeMap::new();
     let mut totals = Sums::default();
-    for l in lines(&out.batches, n_keys) {
+    for l in lines {
         let cost = line_cost(&r.window, &l, &mut unpriced);
         totals.add(&l, cost);
         let key = serde_json::to_string(&l.keys).unwrap_or_default();
@@ -647,19 +682,14 @@ async fn roi_stats(
     who: &Principal,
     w: &Window,
 ) -> Result<BTreeMap<(String, String), Map<String, Value>>, QueryError> {
-    let ctx = engine.session(who).await?;
     let df = |e| QueryError::from_datafusion(e);
     let flag = |e: Expr| when(e, lit(1i64)).otherwise(lit(0i64)).map_err(df);
     let ok = col("status")
         .lt(lit(400))
         .and(col("output_tokens").gt(lit(0i64)));
     let decode_ms = col("latency_ms") - coalesce(vec![col("ttft_ms"), lit(0i64)]);
-    let frame = ctx
-        .table("usage")
-        .await
-        .map_err(df)?
-        .filter(in_window(w))
-        .map_err(df)?
+    let frame = window_rows(engine, who, w, None)
+        .await?
         .aggregate(
             vec![
                 coalesce(vec![col("consumer"), lit("")]).alias("consumer"),
@@ -692,10 +722,7 @@ async fn roi_stats(
     let mut stats = BTreeMap::new();
     for b in &out.batches {
         for row in 0..b.num_rows() {
-            let s = |i: usize| match value_at(b.column(i), row) {
-                Value::String(s) => s,
-                _ => String::new(),
-            };
+            let s = |i: usize| text_at(b, i, row);
             let mut m = Map::new();
             m.insert("errors".into(), u64_at(b.column(2), row).into());
             m.insert("fallbacks".into(), u64_at(b.column(3), row).into());
@@ -725,12 +752,8 @@ async fn roi_stats(
         }
     }
     // Fallback reasons, counted per row.
-    let frame = ctx
-        .table("usage")
-        .await
-        .map_err(df)?
-        .filter(in_window(w).and(col("fallback")))
-        .map_err(df)?
+    let frame = window_rows(engine, who, w, Some(col("fallback")))
+        .await?
         .aggregate(
             vec![
                 coalesce(vec![col("consumer"), lit("")]).alias("consumer"),
@@ -745,10 +768,7 @@ async fn roi_stats(
     let out = engine.run_frame(frame).await?;
     for b in &out.batches {
         for row in 0..b.num_rows() {
-            let s = |i: usize| match value_at(b.column(i), row) {
-                Value::String(s) => s,
-                _ => String::new(),
-            };
+            let s = |i: usize| text_at(b, i, row);
             let m = stats.entry((s(0), s(1))).or_default();
             let reasons = m
                 .entry("fallback_reasons")
@@ -765,8 +785,6 @@ async fn roi_stats(
 const HOURS_PER_MONTH: i64 = 730;
 
 pub async fn roi(engine: &Engine, who: &Principal, r: &RoiRequest) -> Result<Report, QueryError> {
-    let ctx = engine.session(who).await?;
-    let df = |e| QueryError::from_datafusion(e);
     let catalog = r
         .window
         .catalog
@@ -776,18 +794,8 @@ pub async fn roi(engine: &Engine, who: &Principal, r: &RoiRequest) -> Result<Rep
     let keys = vec![
         coalesce(vec![col("consumer"), lit("")]).alias("consumer"),
         coalesce(vec![col("requested_model"), lit("")]).alias("model"),
-        model().alias("priced_model"),
-        col("date").alias("day"),
     ];
-    let frame = ctx
-        .table("usage")
-        .await
-        .map_err(df)?
-        .filter(in_window(&r.window))
-        .map_err(df)?
-        .aggregate(keys, money_aggregates())
-        .map_err(df)?;
-    let out = engine.run_frame(frame).await?;
+    let lines = money_lines(engine, who, &r.window, keys).await?;
     let mut stats = roi_stats(engine, who, &r.window).await?;
     let mut unpriced = Vec::new();
 
@@ -808,7 +816,7 @@ pub async fn roi(engine: &Engine, who: &Principal, r: &RoiRequest) -> Result<Rep
     let mut rows: BTreeMap<(String, String), Acc> = BTreeMap::new();
     let mut total = Acc::default();
     let mut repriced_total: Option<(Decimal, Decimal, u64)> = None;
-    for l in lines(&out.batches, 2) {
+    for l in lines {
         let key = |i: usize| match &l.keys[i] {
             Value::String(s) => s.clone(),
             _ => String::new(),

@@ -42,7 +42,11 @@ impl QueryService {
                     .await
                     .map_err(bind_err("query listen", settings.listen))?;
                 let pg_listener = match settings.pg_listen {
-                    Some(addr) => Some(pg::bind(addr).await.map_err(bind_err("pg_listen", addr))?),
+                    Some(addr) => Some(
+                        tokio::net::TcpListener::bind(addr)
+                            .await
+                            .map_err(bind_err("pg_listen", addr))?,
+                    ),
                     None => None,
                 };
                 Ok::<_, QueryError>((engine, http_listener, pg_listener))
