@@ -28,10 +28,14 @@ if [ "$what" != gateway ] && [ "$what" != query ] && ! command -v tansu >/dev/nu
   echo "==> installing the tansu broker"
   env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
 fi
-echo "==> building release"
-cargo build --release --bin tollgate
+# BENCH_PROFILE=profiling: release code generation without LTO, which
+# relinks in minutes on 2 cores where LTO takes half an hour.
+PROFILE="${BENCH_PROFILE:-release}"
+export BENCH_PROFILE="$PROFILE"
+echo "==> building $PROFILE"
+cargo build --profile "$PROFILE" --bin tollgate
 ulimit -n 65536 2>/dev/null || true
-BIN="$CARGO_TARGET_DIR/release/tollgate"
+BIN="$CARGO_TARGET_DIR/$PROFILE/tollgate"
 case "$what" in
   gateway) python3 scripts/bench.py "$BIN" ;;
   pipeline) python3 scripts/bench_pipeline.py "$BIN" ;;

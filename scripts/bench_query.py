@@ -27,6 +27,7 @@ BIN = sys.argv[1]
 EVENTS = int(os.environ.get("BENCH_EVENTS", "10000000"))
 DAYS = int(os.environ.get("BENCH_DAYS", "30"))
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+BUILD = os.environ.get("BENCH_PROFILE", "release")
 TOKEN = "bench-admin-token"
 LAKE = pathlib.Path(os.environ.get("BENCH_LAKE", pathlib.Path.home() / ".cache/tollgate/bench-lake")) / f"{EVENTS}-{DAYS}"
 
@@ -114,7 +115,7 @@ def main():
     try:
         daily = lambda: call(addr, "GET", f"/v1/reports/cost?from={frm}&to={to}&group_by=consumer,model&granularity=day")
         daily_duck = lambda: con.execute(
-            "SELECT date_trunc('day', ts_start), consumer, coalesce(served_model, requested_model), date, count(*), sum(input_tokens),"
+            "SELECT date, consumer, coalesce(served_model, requested_model), count(*), sum(input_tokens),"
             " sum(cached_input_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_usd), sum(cost_saved_usd) FROM usage GROUP BY ALL").fetchall()
         rows.append(("cost report: per consumer, model and day", timed(daily), timed(daily_duck)))
         check = daily()
@@ -144,7 +145,7 @@ def main():
     lines = [
         "## Query service",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, release build, one run. "
+        f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, {BUILD} build, one run. "
         f"A lake of {EVENTS:,} events over {DAYS} days from `tollgate gen-lake` "
         f"({len(files):,} files, {size / 1e6:.1f} MB, **{size / EVENTS:.1f} bytes per event**; generated in {gen_s:.0f} s). "
         f"Each query: one warm-up, then the median of {RUNS} runs, hot. Tollgate is timed over HTTP "

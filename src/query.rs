@@ -55,6 +55,7 @@ pub fn settings(config: &Config) -> anyhow::Result<Option<(QuerySettings, usize)
             max_concurrent: q.max_concurrent,
             max_generated_rows: q.max_generated_rows,
         },
+        cache_bytes: q.cache_mb << 20,
     };
     Ok(Some((settings, q.threads)))
 }

@@ -131,6 +131,8 @@ pub struct QueryConfig {
     pub max_result_mb: usize,
     pub max_concurrent: usize,
     pub max_generated_rows: u64,
+    /// File listings' footers and statistics kept between queries.
+    pub cache_mb: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +266,7 @@ struct RawQuery {
     max_result_mb: Option<usize>,
     max_concurrent: Option<usize>,
     max_generated_rows: Option<u64>,
+    cache_mb: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -521,6 +524,7 @@ fn validate(raw: RawConfig, text: &str) -> std::result::Result<Config, String> {
                 max_result_mb: q.max_result_mb.unwrap_or(256).max(1),
                 max_concurrent: q.max_concurrent.unwrap_or(4).max(1),
                 max_generated_rows: q.max_generated_rows.unwrap_or(10_000_000).max(1),
+                cache_mb: q.cache_mb.unwrap_or(256),
             })
         }
     };

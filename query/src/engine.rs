@@ -62,8 +62,15 @@ impl Engine {
             .with_disk_manager_builder(
                 DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
             )
-            // Listings are not cached: a published file is visible at once.
-            .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+            // Listings are not cached, so a published file is visible at
+            // once; each file's footer and statistics are, checked against
+            // its size and modification time.
+            .with_cache_manager(
+                CacheManagerConfig::default()
+                    .with_list_files_cache_limit(0)
+                    .with_metadata_cache_limit(settings.cache_bytes / 4 * 3)
+                    .with_file_statistics_cache_limit(settings.cache_bytes / 4),
+            )
             .build_arc()
             .map_err(df)?;
         let lake_url = match settings.lake.strip_prefix("s3://") {
@@ -89,7 +96,8 @@ impl Engine {
                 format!("file://{}", abs.display())
             }
         };
-        let lake = tables::lake_table(&lake_url).map_err(df)?;
+        let lake = tables::lake_table(&lake_url, runtime.cache_manager.get_file_statistic_cache())
+            .map_err(df)?;
         let prices = tables::prices_table(&settings.catalogs).map_err(df)?;
         let gate = Gate::new(limits);
         gate.watch_memory();
@@ -129,10 +137,12 @@ impl Engine {
     }
 
     async fn build_session(&self, who: &Principal) -> Result<SessionContext, QueryError> {
-        let config = SessionConfig::new()
+        // DATAFUSION_* variables tune the engine (e.g.
+        // DATAFUSION_EXECUTION_BATCH_SIZE); clients cannot.
+        let config = SessionConfig::from_env()
+            .map_err(df)?
             .with_information_schema(true)
-            .with_default_catalog_and_schema(CATALOG, "public")
-            .with_target_partitions(std::thread::available_parallelism().map_or(2, |n| n.get()));
+            .with_default_catalog_and_schema(CATALOG, "public");
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(self.runtime.clone())

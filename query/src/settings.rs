@@ -21,6 +21,9 @@ pub struct QuerySettings {
     /// versions are unique.
     pub catalogs: Vec<PriceCatalog>,
     pub limits: Limits,
+    /// Parquet footers and file statistics kept between queries, so a scan
+    /// does not decode every file's metadata again.
+    pub cache_bytes: usize,
 }
 
 /// A consumer: its name in the ledger and the SHA-256 of each of its keys.

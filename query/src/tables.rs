@@ -8,12 +8,13 @@ use arrow::array::{ArrayRef, Date32Builder, Decimal128Builder, RecordBatch, Stri
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::NaiveDate;
 use datafusion::catalog::TableProvider;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::file_format::parquet::{ParquetFormat, transform_schema_to_view};
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::{MemTable, ViewTable, provider_as_source};
 use datafusion::error::Result;
+use datafusion::execution::cache::cache_manager::FileStatisticsCache;
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use tollgate_schemas::{PriceCatalog, Usd};
 
@@ -51,8 +52,12 @@ pub const VIEWS: &[(&str, &str)] = &[
 
 /// The lake's `usage` table: Parquet files under `<lake>/usage/`, with the
 /// Hive `date` and `hour` directories as partition columns. Files are
-/// listed at every scan, so what the ingester publishes is seen at once.
-pub fn lake_table(lake_url: &str) -> Result<Arc<dyn TableProvider>> {
+/// listed at every scan, so what the ingester publishes is seen at once;
+/// their statistics are kept in `stats`.
+pub fn lake_table(
+    lake_url: &str,
+    stats: Option<Arc<FileStatisticsCache>>,
+) -> Result<Arc<dyn TableProvider>> {
     let url = ListingTableUrl::parse(format!("{}/usage/", lake_url.trim_end_matches('/')))?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
@@ -60,11 +65,13 @@ pub fn lake_table(lake_url: &str) -> Result<Arc<dyn TableProvider>> {
             ("date".to_string(), DataType::Date32),
             ("hour".to_string(), DataType::Int32),
         ]);
-    let file_schema = tollgate_schemas::usage_schema();
+    // Strings are read as views: a dictionary-encoded page then becomes
+    // views into its dictionary, not a copy of every value.
+    let file_schema = Arc::new(transform_schema_to_view(&tollgate_schemas::usage_schema()));
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(file_schema);
-    Ok(Arc::new(ListingTable::try_new(config)?))
+    Ok(Arc::new(ListingTable::try_new(config)?.with_cache(stats)))
 }
 
 /// `usage` as one consumer sees it: a view whose plan filters the lake

@@ -53,6 +53,7 @@ async fn engine(dir: &std::path::Path, limits: Limits) -> Arc<Engine> {
         lake_options: vec![],
         catalogs: vec![PriceCatalog::shipped().unwrap(), other],
         limits,
+        cache_bytes: 64 << 20,
     };
     Engine::open(&settings).await.unwrap()
 }
