@@ -761,6 +761,27 @@ struct Stats {
     ttft: Vec<(i32, u64)>,
 }
 
+/// Folds rows of (consumer, model, bucket, count, ...) into `acc`: the
+/// bucket counts into the histogram `pick` chooses, the rest by `more`.
+fn fold_histogram(
+    acc: &mut BTreeMap<(String, String), Stats>,
+    batches: &[RecordBatch],
+    pick: fn(&mut Stats) -> &mut Vec<(i32, u64)>,
+    mut more: impl FnMut(&mut Stats, &RecordBatch, usize),
+) {
+    for b in batches {
+        for row in 0..b.num_rows() {
+            let s = acc
+                .entry((text_at(b, 0, row), text_at(b, 1, row)))
+                .or_default();
+            if b.column(2).is_valid(row) {
+                pick(s).push((u64_at(b.column(2), row) as i32, u64_at(b.column(3), row)));
+            }
+            more(s, b, row);
+        }
+    }
+}
+
 /// Stats per (consumer, requested model) that do not reprice: rates,
 /// percentiles, throughput. Percentiles come from log-scale histograms the
 /// engine counts (a hash on small integers), not from a sketch per group.
@@ -805,22 +826,18 @@ async fn roi_stats(
         .map_err(df)?;
     let out = engine.run_frame(frame).await?;
     let mut acc: BTreeMap<(String, String), Stats> = BTreeMap::new();
-    for b in &out.batches {
-        for row in 0..b.num_rows() {
-            let s = acc
-                .entry((text_at(b, 0, row), text_at(b, 1, row)))
-                .or_default();
-            if b.column(2).is_valid(row) {
-                s.latency
-                    .push((u64_at(b.column(2), row) as i32, u64_at(b.column(3), row)));
-            }
+    fold_histogram(
+        &mut acc,
+        &out.batches,
+        |s| &mut s.latency,
+        |s, b, row| {
             s.errors += u64_at(b.column(4), row);
             s.fallbacks += u64_at(b.column(5), row);
             s.cache_hits += u64_at(b.column(6), row);
             s.decode_tokens += u64_at(b.column(7), row);
             s.decode_ms += u64_at(b.column(8), row);
-        }
-    }
+        },
+    );
     let mut keys = who_keys();
     keys.push(bucket(col("ttft_ms")).alias("b"));
     let frame = window_rows(engine, who, w, Some(col("ttft_ms").is_not_null()))
@@ -828,17 +845,7 @@ async fn roi_stats(
         .aggregate(keys, vec![count(lit(1)).alias("n")])
         .map_err(df)?;
     let out = engine.run_frame(frame).await?;
-    for b in &out.batches {
-        for row in 0..b.num_rows() {
-            let s = acc
-                .entry((text_at(b, 0, row), text_at(b, 1, row)))
-                .or_default();
-            if b.column(2).is_valid(row) {
-                s.ttft
-                    .push((u64_at(b.column(2), row) as i32, u64_at(b.column(3), row)));
-            }
-        }
-    }
+    fold_histogram(&mut acc, &out.batches, |s| &mut s.ttft, |_, _, _| {});
     let json = |v: Option<f64>| v.map_or(Value::Null, |v| serde_json::json!(v));
     let mut stats = BTreeMap::new();
     for (k, mut s) in acc {
