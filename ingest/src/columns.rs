@@ -23,6 +23,13 @@ fn money_builder(n: usize) -> Result<Decimal128Builder, ArrowError> {
     Decimal128Builder::with_capacity(n).with_precision_and_scale(MONEY_PRECISION, Usd::SCALE as i8)
 }
 
+/// The writer narrows money to INT64 unchecked: refuse rather than wrap.
+fn finish_money(mut b: Decimal128Builder) -> Result<ArrayRef, ArrowError> {
+    let a = b.finish();
+    a.validate_decimal_precision(MONEY_PRECISION)?;
+    Ok(Arc::new(a))
+}
+
 fn i64_of(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -63,7 +70,7 @@ pub fn to_batch(events: &[UsageEvent]) -> Result<RecordBatch, ArrowError> {
         for e in events {
             b.append_option(f(e).map(|u| u.to_scaled()));
         }
-        Ok(Arc::new(b.finish()))
+        finish_money(b)
     };
     let i32_col = |f: &dyn Fn(&UsageEvent) -> i32| -> ArrayRef {
         let mut b = Int32Builder::with_capacity(n);
@@ -186,6 +193,7 @@ fn attempts_column(events: &[UsageEvent]) -> Result<ArrayRef, ArrowError> {
         status.append_option(a.status.map(i32::from));
         cost.append_option(a.cost_usd.map(|u| u.to_scaled()));
     }
+    let cost = finish_money(cost)?;
     let values = StructArray::try_new(
         attempt_fields(),
         vec![
@@ -200,7 +208,7 @@ fn attempts_column(events: &[UsageEvent]) -> Result<ArrayRef, ArrowError> {
             ints(&|a| a.output_tokens),
             ints(&|a| a.reasoning_tokens),
             strs(&|a| a.token_source.map(token_source_name)),
-            Arc::new(cost.finish()),
+            cost,
         ],
         None,
     )?;

@@ -1,7 +1,8 @@
 //! A message's bytes to a validated `UsageEvent`, or the reason it is not
 //! one (which sends it to dead letters).
 
-use tollgate_schemas::{SCHEMA_VERSION, UsageEvent};
+use tollgate_schemas::arrow::money_fits;
+use tollgate_schemas::{SCHEMA_VERSION, UsageEvent, Usd};
 
 /// Why a message was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +73,16 @@ fn validate(e: &UsageEvent) -> Result<(), Rejection> {
     if e.input_tokens > i64::MAX as u64 || e.output_tokens > i64::MAX as u64 {
         return Err(reject("schema violation: token count out of range"));
     }
+    let amounts = [e.cost_usd, e.cost_saved_usd]
+        .into_iter()
+        .chain(e.attempts.iter().map(|a| a.cost_usd));
+    for amount in amounts.flatten() {
+        if amount < Usd::ZERO || !money_fits(amount) {
+            return Err(reject(format!(
+                "schema violation: amount {amount} out of range"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -114,6 +125,14 @@ mod tests {
             (
                 valid().replace("\"cached_input_tokens\":0", "\"cached_input_tokens\":11"),
                 "subset",
+            ),
+            (
+                valid().replace("\"cost_usd\":0.0001", "\"cost_usd\":100000000"),
+                "out of range",
+            ),
+            (
+                valid().replace("\"cost_usd\":0.0001", "\"cost_usd\":-0.5"),
+                "out of range",
             ),
         ];
         for (msg, want) in cases {

@@ -54,6 +54,22 @@ fn events_round_trip_through_parquet_exactly() {
 }
 
 #[test]
+fn money_round_trips_to_its_limit_and_is_never_narrowed_past_it() {
+    use std::str::FromStr;
+    use tollgate_schemas::Usd;
+    let lake = Lake::open(scratch("money")).unwrap();
+    let mut sent = events(2, 1);
+    sent[0].cost_usd = Some(Usd::from_str("99999999.9999999999").unwrap());
+    sent[1].cost_saved_usd = Some(Usd::from_str("0.0000000001").unwrap());
+    lake.publish("m.0", "0", "2", sent.clone()).unwrap();
+    assert_eq!(sorted(lake.read_events().unwrap()), sorted(sent));
+
+    let mut over = events(1, 1);
+    over[0].cost_usd = Some(Usd::from_str("100000000").unwrap());
+    assert!(lake.publish("m.1", "0", "1", over).is_err());
+}
+
+#[test]
 fn duplicates_in_a_batch_are_published_once() {
     let lake = Lake::open(scratch("dedupe")).unwrap();
     let mut sent = events(100, 1000);

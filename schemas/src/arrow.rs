@@ -12,11 +12,20 @@ use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
 use crate::money::Usd;
 
-/// Precision of the money columns; scale is [`Usd::SCALE`].
-pub const MONEY_PRECISION: u8 = 38;
+/// Precision of the money columns; scale is [`Usd::SCALE`]. Eighteen digits
+/// keep each amount in Parquet's INT64, read as plain integers, where more
+/// would store 16-byte fixed-length values that readers convert one by one;
+/// they still hold $99,999,999.9999999999 per event, and SQL sums widen.
+pub const MONEY_PRECISION: u8 = 18;
 
 pub fn money_type() -> DataType {
     DataType::Decimal128(MONEY_PRECISION, Usd::SCALE as i8)
+}
+
+/// Whether an amount fits the money columns (larger ones are refused at
+/// ingest rather than truncated by the Parquet writer).
+pub fn money_fits(amount: Usd) -> bool {
+    amount.to_scaled().unsigned_abs() < 10u128.pow(u32::from(MONEY_PRECISION))
 }
 
 pub fn timestamp_type() -> DataType {

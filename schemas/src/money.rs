@@ -35,7 +35,7 @@ impl Usd {
     }
 
     /// The amount as an integer count of 10^-SCALE dollars: the mantissa of
-    /// the lake's `Decimal128(38, SCALE)` columns.
+    /// the lake's `Decimal128` columns.
     pub fn to_scaled(&self) -> i128 {
         let mut d = self.0;
         d.rescale(Self::SCALE);
