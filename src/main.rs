@@ -14,8 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use tollgate_collector::simulate::{self, SimSettings};
 use tollgate_collector::{Config, Server, auth};
 
-// Query scans and proxy bodies make many short-lived buffers; glibc's
-// allocator spent a fifth of a lake scan in malloc and free.
+// Query scans make many short-lived buffers: glibc's allocator spent a fifth
+// of a lake scan in malloc and free.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
