@@ -131,7 +131,7 @@ pub struct QueryConfig {
     pub max_result_mb: usize,
     pub max_concurrent: usize,
     pub max_generated_rows: u64,
-    /// MiB of Parquet footers and file statistics kept between queries.
+    /// MiB of Parquet footers kept between queries.
     pub cache_mb: usize,
 }
 

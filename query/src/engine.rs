@@ -63,13 +63,12 @@ impl Engine {
                 DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
             )
             // Listings are not cached, so a published file is visible at
-            // once; each file's footer and statistics are, checked against
-            // its size and modification time.
+            // once; each file's footer is, checked against its size and
+            // modification time.
             .with_cache_manager(
                 CacheManagerConfig::default()
                     .with_list_files_cache_limit(0)
-                    .with_metadata_cache_limit(settings.cache_bytes / 4 * 3)
-                    .with_file_statistics_cache_limit(settings.cache_bytes / 4),
+                    .with_metadata_cache_limit(settings.cache_bytes),
             )
             .build_arc()
             .map_err(df)?;
@@ -96,8 +95,7 @@ impl Engine {
                 format!("file://{}", abs.display())
             }
         };
-        let lake = tables::lake_table(&lake_url, runtime.cache_manager.get_file_statistic_cache())
-            .map_err(df)?;
+        let lake = tables::lake_table(&lake_url).map_err(df)?;
         let prices = tables::prices_table(&settings.catalogs).map_err(df)?;
         let gate = Gate::new(limits);
         gate.watch_memory();
@@ -142,6 +140,11 @@ impl Engine {
         let config = SessionConfig::from_env()
             .map_err(df)?
             .with_information_schema(true)
+            // Merging 50 columns' statistics over hundreds of hourly files
+            // at every plan cost more than the file pruning they buy: the
+            // partition directories and each footer's row-group statistics
+            // prune as well (measured: the per-team query 520 -> 454 ms).
+            .with_collect_statistics(false)
             .with_default_catalog_and_schema(CATALOG, "public");
         let state = SessionStateBuilder::new()
             .with_config(config)

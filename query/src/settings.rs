@@ -21,7 +21,7 @@ pub struct QuerySettings {
     /// versions are unique.
     pub catalogs: Vec<PriceCatalog>,
     pub limits: Limits,
-    /// Parquet footers and file statistics kept between queries, so a scan
+    /// Parquet footers kept between queries, so a scan
     /// does not decode every file's metadata again.
     pub cache_bytes: usize,
 }

@@ -14,7 +14,6 @@ use datafusion::datasource::listing::{
 };
 use datafusion::datasource::{MemTable, ViewTable, provider_as_source};
 use datafusion::error::Result;
-use datafusion::execution::cache::cache_manager::FileStatisticsCache;
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
 use tollgate_schemas::{PriceCatalog, Usd};
 
@@ -52,12 +51,8 @@ pub const VIEWS: &[(&str, &str)] = &[
 
 /// The lake's `usage` table: Parquet files under `<lake>/usage/`, with the
 /// Hive `date` and `hour` directories as partition columns. Files are
-/// listed at every scan, so what the ingester publishes is seen at once;
-/// their statistics are kept in `stats`.
-pub fn lake_table(
-    lake_url: &str,
-    stats: Option<Arc<FileStatisticsCache>>,
-) -> Result<Arc<dyn TableProvider>> {
+/// listed at every scan, so what the ingester publishes is seen at once.
+pub fn lake_table(lake_url: &str) -> Result<Arc<dyn TableProvider>> {
     let url = ListingTableUrl::parse(format!("{}/usage/", lake_url.trim_end_matches('/')))?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
@@ -71,7 +66,7 @@ pub fn lake_table(
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
         .with_schema(file_schema);
-    Ok(Arc::new(ListingTable::try_new(config)?.with_cache(stats)))
+    Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
 /// `usage` as one consumer sees it: a view whose plan filters the lake
