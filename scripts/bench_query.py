@@ -27,7 +27,7 @@ from bench import machine
 BIN = sys.argv[1]
 EVENTS = int(os.environ.get("BENCH_EVENTS", "10000000"))
 DAYS = int(os.environ.get("BENCH_DAYS", "30"))
-RUNS = int(os.environ.get("BENCH_RUNS", "5"))
+RUNS = int(os.environ.get("BENCH_RUNS", "7"))
 BUILD = os.environ.get("BENCH_PROFILE", "release")
 TOKEN = "bench-admin-token"
 LAKE = pathlib.Path(os.environ.get("BENCH_LAKE", pathlib.Path.home() / ".cache/tollgate/bench-lake")) / f"{EVENTS}-{DAYS}"
@@ -97,14 +97,18 @@ def call(addr, method, path, body=None):
         return json.loads(r.read())
 
 
-def timed(fn):
-    fn()  # warm: footers and file listings cached by the OS and the engine
-    samples = []
-    for _ in range(RUNS):
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
+def side_by_side(ours, theirs):
+    """Medians of RUNS rounds that alternate the two (and which goes first),
+    so a noisy neighbour slows both sides alike instead of one."""
+    ours(), theirs()  # warm: footers and file listings cached by the OS and the engine
+    samples = ([], [])
+    for i in range(RUNS):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        for side in order:
+            t = time.perf_counter()
+            (ours, theirs)[side]()
+            samples[side].append(time.perf_counter() - t)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def main():
@@ -134,7 +138,7 @@ def main():
         daily_duck = lambda: con.execute(
             "SELECT date, consumer, coalesce(served_model, requested_model), count(*), sum(input_tokens),"
             " sum(cached_input_tokens), sum(output_tokens), sum(reasoning_tokens), sum(cost_usd), sum(cost_saved_usd) FROM usage GROUP BY ALL").fetchall()
-        rows.append(("cost report: per consumer, model and day", timed(daily), timed(daily_duck)))
+        rows.append(("cost report: per consumer, model and day", *side_by_side(daily, daily_duck)))
         check = daily()
         duck_total = con.execute("SELECT sum(cost_usd), count(*) FROM usage").fetchone()
         assert str(duck_total[0]).rstrip("0").rstrip(".") == check["totals"]["cost_usd"].rstrip("0").rstrip("."), (duck_total, check["totals"])
@@ -150,11 +154,11 @@ def main():
                         " sum(CASE WHEN status < 400 AND output_tokens > 0 THEN latency_ms - coalesce(ttft_ms, 0) ELSE 0 END) FROM usage GROUP BY ALL").fetchall(),
             con.execute("SELECT consumer, requested_model, coalesce(fallback_reason, 'unknown'), count(*) FROM usage WHERE fallback GROUP BY ALL ORDER BY 3").fetchall(),
         )
-        rows.append(("ROI report (3 queries)", timed(roi), timed(roi_duck)))
+        rows.append(("ROI report (3 queries)", *side_by_side(roi, roi_duck)))
         for name, sql, *duck in adhoc:
             ours = lambda: call(addr, "POST", "/v1/sql", {"query": sql})
             theirs = lambda: con.execute(duck[0] if duck else sql).fetchall()
-            rows.append((name, timed(ours), timed(theirs)))
+            rows.append((name, *side_by_side(ours, theirs)))
     finally:
         proc.terminate()
         proc.wait()
@@ -165,7 +169,7 @@ def main():
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, {BUILD} build, one run. "
         f"A lake of {EVENTS:,} events over {DAYS} days from `tollgate gen-lake` "
         f"({len(files):,} files, {size / 1e6:.1f} MB, **{size / EVENTS:.1f} bytes per event**; generated in {gen_s:.0f} s). "
-        f"Each query: one warm-up, then the median of {RUNS} runs, hot. Tollgate is timed over HTTP "
+        f"Each query: one warm-up, then the median of {RUNS} runs, hot, the two engines taking turns run by run. Tollgate is timed over HTTP "
         "(`tollgate query`, 2 threads, JSON answer included); DuckDB "
         f"{duckdb.__version__} in-process with `threads = 2` on the same files through `read_parquet(..., hive_partitioning = true)`. "
         "The reports are compared with the DuckDB queries that compute the same aggregates.",

