@@ -1,9 +1,9 @@
 """Query service benchmark: the cost and ROI reports and three ad-hoc SQL
 queries over a generated lake, each timed against DuckDB on the same files in
-the same run (hot: one warm-up, then the median of RUNS). Writes the `query`
-section of BENCHMARKS.md.
+the same run (hot: one warm-up, then the median of RUNS rounds in which the
+two engines take turns). Writes the `query` section of BENCHMARKS.md.
 
-    python3 scripts/bench_query.py <tollgate binary>   (BENCH_EVENTS, BENCH_DAYS)
+    python3 scripts/bench_query.py <tollgate binary>   (BENCH_EVENTS, BENCH_DAYS, BENCH_RUNS)
 """
 
 import hashlib
