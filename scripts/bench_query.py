@@ -6,6 +6,7 @@ two engines take turns). Writes the `query` section of BENCHMARKS.md.
     python3 scripts/bench_query.py <tollgate binary>   (BENCH_EVENTS, BENCH_DAYS, BENCH_RUNS)
 """
 
+import datetime
 import hashlib
 import json
 import os
@@ -115,8 +116,10 @@ def main():
     gen_s = generate()
     files = list((LAKE / "usage").rglob("*.parquet"))
     size = sum(f.stat().st_size for f in files)
-    last_day = max(p.name.split("=")[1] for p in (LAKE / "usage").iterdir())
-    week_from = (time.strftime("%Y-%m-%d", time.gmtime(time.time() - 7 * 86400)))
+    # The latest whole day: the lake's last day ends when it was generated.
+    days = sorted((p.name.split("=")[1], len(list(p.iterdir()))) for p in (LAKE / "usage").iterdir())
+    last_day = max((d for d, hours in days if hours == 24), default=days[-1][0])
+    week_from = (datetime.date.fromisoformat(days[-1][0]) - datetime.timedelta(days=6)).isoformat()
     proc, addr = start_service()
     con = duckdb.connect()
     con.execute("SET threads = 2")

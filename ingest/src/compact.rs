@@ -5,7 +5,7 @@
 //! its Parquet metadata; only then are the inputs deleted. A run cut short
 //! between the two is finished by the next run, which first deletes the
 //! inputs of every merged file it finds. Rows are deduplicated by event id
-//! and sorted by time. The last batch of each source is left alone: an
+//! and put in the lake's row order. The last batch of each source is left alone: an
 //! ingester uses it to find where it stopped.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -15,7 +15,7 @@ use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
 use parquet::file::metadata::KeyValue;
 use tollgate_schemas::UsageEvent;
 
-use crate::lake::{Lake, PartName, parquet_bytes, writer_properties};
+use crate::lake::{Lake, PartName, parquet_bytes, row_order, writer_properties};
 use crate::{IngestError, columns};
 
 /// Rows per merged file; bounds the memory a merge takes.
@@ -176,7 +176,7 @@ fn merge(
         .into_iter()
         .filter(|e| seen.insert(e.event_id))
         .collect();
-    rows.sort_by_key(|e| (e.ts_start, e.event_id));
+    rows.sort_by(row_order);
     let names: BTreeSet<String> = inputs.iter().map(|p| file_name(p)).collect();
     let first = rows.first().map_or(0, |e| e.ts_start.timestamp_micros());
     let last = rows.last().map_or(0, |e| e.ts_start.timestamp_micros());

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use tollgate_ingest::Lake;
-use tollgate_ingest::lake::PartName;
+use tollgate_ingest::lake::{PartName, row_order};
 use tollgate_ingest::synth::Synth;
 use tollgate_schemas::UsageEvent;
 
@@ -48,9 +48,10 @@ fn events_round_trip_through_parquet_exactly() {
             .contains("hour=10/t.0~0~2000~1of2.parquet")
     );
     assert_eq!(sorted(lake.read_events().unwrap()), sorted(sent));
-    // Rows inside a file are in time order.
+    // Rows inside a file are in the lake's row order.
     let first = lake.read_file(&published.files[0]).unwrap();
-    assert!(first.windows(2).all(|w| w[0].ts_start <= w[1].ts_start));
+    assert!(first.windows(2).all(|w| row_order(&w[0], &w[1]).is_lt()));
+    assert_ne!(first[0].consumer, first[first.len() - 1].consumer);
 }
 
 #[test]
