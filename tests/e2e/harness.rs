@@ -220,9 +220,13 @@ pub fn read_events(lake: &Path) -> Vec<UsageEvent> {
     if !lake.exists() {
         return Vec::new();
     }
-    tollgate_ingest::Lake::open(lake)
+    let mut events = tollgate_ingest::Lake::open(lake)
         .and_then(|l| l.read_events())
-        .unwrap_or_else(|e| panic!("reading the lake {}: {e}", lake.display()))
+        .unwrap_or_else(|e| panic!("reading the lake {}: {e}", lake.display()));
+    // Files keep rows by consumer and model; tests read them in the order
+    // the requests were made.
+    events.sort_by_key(|e| (e.ts_start, e.event_id));
+    events
 }
 
 /// `sha256:` config form of a key.
