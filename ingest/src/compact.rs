@@ -5,8 +5,8 @@
 //! its Parquet metadata; only then are the inputs deleted. A run cut short
 //! between the two is finished by the next run, which first deletes the
 //! inputs of every merged file it finds. Rows are deduplicated by event id
-//! and put in the lake's row order. The last batch of each source is left alone: an
-//! ingester uses it to find where it stopped.
+//! and put in the lake's row order. The last batch of each source is left
+//! alone: an ingester uses it to find where it stopped.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
@@ -178,8 +178,10 @@ fn merge(
         .collect();
     rows.sort_by(row_order);
     let names: BTreeSet<String> = inputs.iter().map(|p| file_name(p)).collect();
-    let first = rows.first().map_or(0, |e| e.ts_start.timestamp_micros());
-    let last = rows.last().map_or(0, |e| e.ts_start.timestamp_micros());
+    // Named for the time span it holds (rows are not in time order).
+    let micros = rows.iter().map(|e| e.ts_start.timestamp_micros());
+    let first = micros.clone().min().unwrap_or(0);
+    let last = micros.max().unwrap_or(0);
     let key = format!("{dir}/{PREFIX}{first}-{last}-{}.parquet", rows.len());
     let props = writer_properties()
         .into_builder()

@@ -195,6 +195,24 @@ fn compaction_merges_closed_hours_once_and_finishes_an_interrupted_run() {
     assert!(after.len() < before, "{before} -> {}", after.len());
     assert_eq!(report.files_out, 2, "{report:?}");
     assert_eq!(sorted(lake.read_events().unwrap()), sorted(sent.clone()));
+    // A merged file is in the lake's row order and named for its time span.
+    for merged in after
+        .iter()
+        .filter(|p| p.to_str().unwrap().contains("compacted-"))
+    {
+        let rows = lake.read_file(merged).unwrap();
+        assert!(rows.windows(2).all(|w| row_order(&w[0], &w[1]).is_lt()));
+        let micros = rows.iter().map(|e| e.ts_start.timestamp_micros());
+        let span = format!(
+            "compacted-{}-{}-",
+            micros.clone().min().unwrap(),
+            micros.max().unwrap()
+        );
+        assert!(
+            merged.to_str().unwrap().contains(&span),
+            "{merged:?} for {span}"
+        );
+    }
     // The last batch of the source stays as published.
     assert!(
         after
