@@ -274,6 +274,55 @@ fn produce_synthetic(broker: &Broker, topic: &str, n: usize, seed: u64) -> Vec<U
     sent
 }
 
+/// How many times ingester `n` has logged a partition assignment.
+fn assignments(dir: &Path, n: usize) -> usize {
+    std::fs::read_to_string(dir.join(format!("ingest-{n}.log")))
+        .unwrap_or_default()
+        .matches("partition assigned")
+        .count()
+}
+
+/// Waits until ingester `n` has been given partitions more than `seen`
+/// times: joining a group takes the broker a few seconds.
+fn wait_assigned(dir: &Path, n: usize, seen: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while assignments(dir, n) <= seen {
+        assert!(
+            Instant::now() < deadline,
+            "ingester {n} was not given partitions"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The rows ingester `n` said it published when it stopped.
+fn stopped_rows(dir: &Path, n: usize) -> u64 {
+    let log = std::fs::read_to_string(dir.join(format!("ingest-{n}.log"))).unwrap_or_default();
+    // Drop the terminal colour codes between a field's name and its value.
+    let mut plain = String::with_capacity(log.len());
+    let mut in_code = false;
+    for c in log.chars() {
+        match (in_code, c) {
+            (false, '\u{1b}') => in_code = true,
+            (true, 'm') => in_code = false,
+            (false, c) => plain.push(c),
+            (true, _) => {}
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| l.contains("ingester stopped"))
+        .filter_map(|l| {
+            l.split("rows=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// A `tollgate ingest` process.
 fn ingester(
     dir: &Path,
@@ -328,11 +377,10 @@ fn a_killed_ingester_publishes_nothing_twice() {
     let dir = scratch("kafka-sigkill");
     let broker = Broker::start(&dir);
     create_topic(&broker, "usage.kill");
-    let sent = produce_synthetic(&broker, "usage.kill", 20_000, 1);
+    let mut sent = produce_synthetic(&broker, "usage.kill", 10_000, 1);
     let lake = dir.join("lake");
     let mut kills = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
+    while kills < 5 {
         let p = ingester(
             &dir,
             &broker,
@@ -342,15 +390,21 @@ fn a_killed_ingester_publishes_nothing_twice() {
             700,
             kills,
         );
-        std::thread::sleep(Duration::from_millis(400 + fastrand::u64(0..600)));
+        // Fresh events once it is reading, so the kill lands in the middle
+        // of reading and publishing, not on an idle or still joining one.
+        wait_assigned(&dir, kills, 0);
+        let seed = 10 + kills as u64;
+        sent.extend(produce_synthetic(&broker, "usage.kill", 3_000, seed));
+        std::thread::sleep(Duration::from_millis(fastrand::u64(50..700)));
         p.kill9();
         kills += 1;
-        let rows = read_events(&lake);
-        assert_unique(&rows);
-        if (rows.len() == sent.len() && kills >= 5) || Instant::now() > deadline {
-            break;
-        }
+        assert_unique(&read_events(&lake));
     }
+    sent.sort();
+    assert!(
+        read_events(&lake).len() < sent.len(),
+        "the kills interrupted the ingestion"
+    );
     // One clean run to finish whatever the last kill interrupted.
     let last = ingester(
         &dir,
@@ -361,9 +415,8 @@ fn a_killed_ingester_publishes_nothing_twice() {
         700,
         999,
     );
-    let rows = wait_rows(&lake, sent.len(), 60);
+    let rows = wait_rows(&lake, sent.len(), 90);
     drop(last);
-    assert!(kills >= 5, "killed {kills} times");
     assert_unique(&rows);
     assert_eq!(ids(&rows), sent, "exact after {kills} SIGKILLs");
     assert_no_overlapping_batches(&lake);
@@ -433,21 +486,36 @@ fn two_ingesters_under_forced_rebalances_cover_every_event_once() {
     let dir = scratch("kafka-rebalance");
     let broker = Broker::start(&dir);
     create_topic(&broker, "usage.rebalance");
-    let sent = produce_synthetic(&broker, "usage.rebalance", 30_000, 4);
+    let mut sent = produce_synthetic(&broker, "usage.rebalance", 10_000, 4);
     let lake = dir.join("lake");
     let a = ingester(&dir, &broker, "usage.rebalance", "g-rb", None, 500, 0);
     let mut b = ingester(&dir, &broker, "usage.rebalance", "g-rb", None, 500, 1);
     for round in 2..8 {
-        std::thread::sleep(Duration::from_secs(2));
-        // Leaving and joining the group forces a rebalance each time.
+        // `b` leaves only once it holds partitions with fresh events in
+        // them, and the next `b` joins only once `a` has taken them back:
+        // each round hands work over in both directions, one membership
+        // change at a time.
+        wait_assigned(&dir, round - 1, 0);
+        let seed = 10 + round as u64;
+        sent.extend(produce_synthetic(&broker, "usage.rebalance", 3_000, seed));
+        std::thread::sleep(Duration::from_millis(fastrand::u64(100..1_000)));
+        let held_by_a = assignments(&dir, 0);
         b.terminate();
+        wait_assigned(&dir, 0, held_by_a);
         b = ingester(&dir, &broker, "usage.rebalance", "g-rb", None, 500, round);
     }
+    sent.sort();
     let rows = wait_rows(&lake, sent.len(), 90);
     drop((a, b));
     assert_unique(&rows);
+    assert_eq!(rows.len(), sent.len(), "every event, once");
     assert_eq!(ids(&rows), sent, "exactly the set sent");
     assert_no_overlapping_batches(&lake);
+    let by_b: u64 = (1..7).map(|n| stopped_rows(&dir, n)).sum();
+    assert!(
+        by_b > 0,
+        "the joining ingesters published none of the events"
+    );
 }
 
 #[tokio::test]
