@@ -379,7 +379,7 @@ fn a_killed_ingester_publishes_nothing_twice() {
     create_topic(&broker, "usage.kill");
     let mut sent = produce_synthetic(&broker, "usage.kill", 10_000, 1);
     let lake = dir.join("lake");
-    let mut kills = 0;
+    let (mut kills, mut interrupted) = (0, 0);
     while kills < 5 {
         let p = ingester(
             &dir,
@@ -390,21 +390,24 @@ fn a_killed_ingester_publishes_nothing_twice() {
             700,
             kills,
         );
-        // Fresh events once it is reading, so the kill lands in the middle
-        // of reading and publishing, not on an idle or still joining one.
+        // Killed while fresh events are still arriving: in the middle of
+        // reading and publishing, never idle or still joining.
         wait_assigned(&dir, kills, 0);
         let seed = 10 + kills as u64;
-        sent.extend(produce_synthetic(&broker, "usage.kill", 3_000, seed));
-        std::thread::sleep(Duration::from_millis(fastrand::u64(50..700)));
-        p.kill9();
+        let fresh = std::thread::scope(|s| {
+            let producing = s.spawn(|| produce_synthetic(&broker, "usage.kill", 5_000, seed));
+            std::thread::sleep(Duration::from_millis(fastrand::u64(100..1_000)));
+            p.kill9();
+            producing.join().unwrap()
+        });
+        sent.extend(fresh);
         kills += 1;
-        assert_unique(&read_events(&lake));
+        let rows = read_events(&lake);
+        assert_unique(&rows);
+        interrupted += usize::from(rows.len() < sent.len());
     }
     sent.sort();
-    assert!(
-        read_events(&lake).len() < sent.len(),
-        "the kills interrupted the ingestion"
-    );
+    assert!(interrupted > 0, "no kill interrupted the ingestion");
     // One clean run to finish whatever the last kill interrupted.
     let last = ingester(
         &dir,
