@@ -6,6 +6,7 @@ mod loadgen;
 mod pipeline;
 mod query;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -149,6 +150,9 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).context("bad log filter")?)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: logs sent to a file or a
+        // collector stay plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Command::Serve { config, listen } => serve(config, listen, pipeline::Role::All).await,

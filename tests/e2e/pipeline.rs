@@ -3,7 +3,7 @@
 //! rebalances and producer replays.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -274,9 +274,13 @@ fn produce_synthetic(broker: &Broker, topic: &str, n: usize, seed: u64) -> Vec<U
     sent
 }
 
+fn ingest_log(dir: &Path, n: usize) -> PathBuf {
+    dir.join(format!("ingest-{n}.log"))
+}
+
 /// How many times ingester `n` has logged a partition assignment.
 fn assignments(dir: &Path, n: usize) -> usize {
-    std::fs::read_to_string(dir.join(format!("ingest-{n}.log")))
+    std::fs::read_to_string(ingest_log(dir, n))
         .unwrap_or_default()
         .matches("partition assigned")
         .count()
@@ -297,19 +301,8 @@ fn wait_assigned(dir: &Path, n: usize, seen: usize) {
 
 /// The rows ingester `n` said it published when it stopped.
 fn stopped_rows(dir: &Path, n: usize) -> u64 {
-    let log = std::fs::read_to_string(dir.join(format!("ingest-{n}.log"))).unwrap_or_default();
-    // Drop the terminal colour codes between a field's name and its value.
-    let mut plain = String::with_capacity(log.len());
-    let mut in_code = false;
-    for c in log.chars() {
-        match (in_code, c) {
-            (false, '\u{1b}') => in_code = true,
-            (true, 'm') => in_code = false,
-            (false, c) => plain.push(c),
-            (true, _) => {}
-        }
-    }
-    plain
+    std::fs::read_to_string(ingest_log(dir, n))
+        .unwrap_or_default()
         .lines()
         .filter(|l| l.contains("ingester stopped"))
         .filter_map(|l| {
@@ -351,7 +344,7 @@ fn ingester(
             "--listen",
             "127.0.0.1:0",
         ],
-        &dir.join(format!("ingest-{n}.log")),
+        &ingest_log(dir, n),
         &[],
     )
 }
