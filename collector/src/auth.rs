@@ -6,9 +6,11 @@
 //! Keys are never logged, echoed or stored; events carry `api_key_id`, a
 //! short prefix of the digest.
 
-use axum::http::HeaderMap;
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tollgate_schemas::credential;
 
 use crate::config::ConsumerConfig;
 
@@ -98,17 +100,9 @@ impl Keyring {
 
 /// The key from `Authorization: Bearer` or `x-api-key`, as raw bytes.
 fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION) {
-        let v = v.as_bytes();
-        let scheme = v.get(..7)?;
-        if !scheme.eq_ignore_ascii_case(b"bearer ") {
-            return None;
-        }
-        let key = v[7..].trim_ascii();
-        return (!key.is_empty()).then_some(key);
-    }
-    let key = headers.get("x-api-key")?.as_bytes().trim_ascii();
-    (!key.is_empty()).then_some(key)
+    let authorization = headers.get(AUTHORIZATION).map(HeaderValue::as_bytes);
+    let api_key = headers.get("x-api-key").map(HeaderValue::as_bytes);
+    credential::presented(authorization, api_key).ok()
 }
 
 /// A new random key and the config line that grants it.
@@ -131,7 +125,6 @@ pub fn hash_key(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     fn ring(key: &str, models: Option<Vec<&str>>) -> Keyring {
         let line = hash_key(key);

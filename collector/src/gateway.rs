@@ -33,6 +33,8 @@ pub struct Gateway {
     pub ledger: Arc<Ledger>,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
+    /// Every configured upstream, for their counters on `/metrics`.
+    pub upstreams: Vec<Arc<Upstream>>,
     /// Other parts of the process shown on `/metrics`.
     pub metrics: Vec<Arc<dyn metrics::Source>>,
 }
@@ -51,9 +53,12 @@ impl Gateway {
             })?;
             upstreams.insert(name.clone(), Arc::new(up));
         }
+        let mut listed: Vec<Arc<Upstream>> = upstreams.values().cloned().collect();
+        listed.sort_by(|a, b| a.name().cmp(b.name()));
         Ok(Self {
             keyring: Keyring::new(&config.consumers),
             routes: Routes::new(&config.routes, &upstreams),
+            upstreams: listed,
             ledger: Arc::new(Ledger {
                 tap,
                 pricing: Pricing::new(catalog),
@@ -129,6 +134,7 @@ async fn method_not_allowed(
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
     let mut out = String::with_capacity(1024);
     gw.ledger.tap.counters().render(&mut out);
+    metrics::render_estimates(&mut out, &gw.upstreams);
     for source in &gw.metrics {
         source.render(&mut out);
     }

@@ -24,8 +24,10 @@ use crate::auth::Caller;
 use crate::config::ClientIp;
 use crate::error::GatewayError;
 use crate::routing::Candidate;
+use crate::tally::{Tally, Usage};
 use crate::tap::Tap;
-use crate::tokens;
+use crate::tokens::{self, Prompt};
+use crate::upstream::Upstream;
 
 /// The price catalog plus the memory of which unknown models were already
 /// warned about (one warning per model, not per request).
@@ -77,21 +79,14 @@ pub struct Ledger {
     pub client_ip: ClientIp,
 }
 
-/// What an attempt produced, as far as the ledger is concerned.
-pub struct Usage {
-    pub tokens: Tokens,
-    pub source: TokenSource,
-}
-
 pub struct Record {
     ledger: Arc<Ledger>,
     event: Option<UsageEvent>,
     started: Instant,
     upstream_wait: Duration,
     overhead: Option<Duration>,
-    /// The request body and its max_tokens, for estimating when an upstream
-    /// reports no usage.
-    prompt: Option<(Bytes, Option<u64>)>,
+    /// The request, for estimating when an upstream reports no usage.
+    prompt: Option<Prompt>,
     /// The attempt under way, billed if the request is dropped mid-way.
     in_flight: Option<(Candidate, Instant)>,
 }
@@ -205,7 +200,10 @@ impl Record {
             e.stream = stream;
             e.cache = CacheStatus::Miss;
         }
-        self.prompt = Some((raw, max_tokens));
+        self.prompt = Some(Prompt {
+            body: raw,
+            max_tokens,
+        });
     }
 
     /// An attempt is about to be sent.
@@ -225,26 +223,22 @@ impl Record {
         self.overhead = Some(self.started.elapsed().saturating_sub(self.upstream_wait));
     }
 
-    pub fn first_byte(&mut self) {
-        let ms = self.started.elapsed().as_millis() as u64;
+    /// The first event with generated content went to the client at `at`.
+    pub fn first_token(&mut self, at: Instant) {
+        let ms = at.saturating_duration_since(self.started).as_millis() as u64;
         if let Some(e) = self.event() {
             e.ttft_ms.get_or_insert(ms);
         }
     }
 
-    /// Tokens counted by the gateway for an attempt that reported none.
-    pub fn estimate(&self, generated: &str, prompt_billed: bool) -> Usage {
-        let (input, output) = match &self.prompt {
-            Some((raw, max)) => (
-                if prompt_billed { tokens::input(raw) } else { 0 },
-                tokens::output(generated, *max),
-            ),
-            None => (0, tokens::output(generated, None)),
-        };
-        Usage {
-            tokens: Tokens::new(input, 0, output, 0),
-            source: TokenSource::Estimated,
+    /// What an attempt that produced `tally` is billed: the upstream's
+    /// counts, else an estimate, which `upstream` counts by reason.
+    pub fn settle(&self, upstream: &Upstream, tally: &Tally) -> Usage {
+        let (usage, estimated) = tally.settle(self.prompt.as_ref());
+        if let Some(why) = estimated {
+            upstream.estimated(why);
         }
+        usage
     }
 
     /// Records a finished attempt (successful or not).
@@ -318,8 +312,13 @@ impl Record {
 
     fn close(&mut self, status: u16, outcome: Outcome, error_type: Option<&str>) {
         if let Some((c, sent)) = self.in_flight.take() {
-            // Dropped while an upstream was working: the prompt was billed.
-            let usage = self.estimate("", true);
+            // Dropped while an upstream was working on it: the prompt was
+            // processed, so it is billed, as the upstream will bill it.
+            let input = self.prompt.as_ref().map_or(0, |p| tokens::input(&p.body));
+            let usage = Usage {
+                tokens: Tokens::new(input, 0, 0, 0),
+                source: TokenSource::Estimated,
+            };
             self.attempt(
                 &c,
                 None,

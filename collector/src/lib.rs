@@ -9,10 +9,19 @@
 //! reaches a log line, an error body or an event.
 //!
 //! The path of a request: [`paths`] -> [`gateway::app`] -> [`proxy`]
-//! ([`auth`], [`request`], [`routing`], [`upstream`], [`relay`]) with the
-//! [`ledger`] recording it and the [`tap`] taking the event into the spool,
-//! which [`forward`] drains into Kafka.
+//! ([`auth`], [`request`], [`routing`], then per attempt [`upstream`] and
+//! [`attempt`], which judges the answer and for streams hands over to
+//! [`relay`]) with the [`ledger`] recording it and the [`tap`] taking the
+//! event into the spool, which [`forward`] drains into Kafka.
+//!
+//! Reading what upstreams send, one parser per concern: [`sse`] (event
+//! framing), [`response`] (one JSON document: model, choices, usage
+//! placements, errors), [`usage`] (one usage object's counts), [`tally`]
+//! (an attempt's usage and the estimate without it), [`rename`] (the
+//! client's model name); credentials are read by
+//! `tollgate_schemas::credential`, shared with the query service.
 
+pub mod attempt;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -25,9 +34,11 @@ pub mod proxy;
 pub mod relay;
 pub mod rename;
 pub mod request;
+pub mod response;
 pub mod routing;
 pub mod simulate;
 pub mod sse;
+pub mod tally;
 pub mod tap;
 pub mod tokens;
 pub mod upstream;

@@ -28,6 +28,34 @@ pub fn write(out: &mut String, name: &str, help: &str, kind: Kind, value: &Atomi
     );
 }
 
+/// `tollgate_usage_estimated_total{upstream, reason}`: attempts whose
+/// tokens the gateway estimated. A `reason` other than `no_usage` means the
+/// upstream sent usage in a shape the gateway does not read.
+pub fn render_estimates(out: &mut String, upstreams: &[std::sync::Arc<crate::upstream::Upstream>]) {
+    const NAME: &str = "tollgate_usage_estimated_total";
+    let _ = writeln!(
+        out,
+        "# HELP {NAME} Upstream attempts whose tokens were estimated, by reason.\n# TYPE {NAME} counter"
+    );
+    for u in upstreams {
+        for (why, n) in u.estimate_counts() {
+            let upstream = label_value(u.name());
+            let reason = why.as_str();
+            let _ = writeln!(
+                out,
+                "{NAME}{{upstream=\"{upstream}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+}
+
+/// A label value escaped as the text exposition format requires.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 impl Source for crate::tap::Counters {
     fn render(&self, out: &mut String) {
         write(

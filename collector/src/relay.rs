@@ -1,37 +1,227 @@
 //! Relaying a streamed (SSE) response to the client, event by event.
 //!
-//! Each complete upstream event goes out as soon as it is parsed: with the
-//! model renamed, and the usage-only chunk dropped when the client did not
-//! ask for it (the gateway asked on its behalf). Along the way the relay
-//! keeps only counters: the last usage object (usage may be cumulative in
-//! every chunk; the last one wins, never a sum) and the generated text for
-//! an estimate if no usage ever comes.
+//! [`prime`] reads the upstream's events up to the first one that carries
+//! generated content (or a finish, `[DONE]`, or the end), holding them back:
+//! until then nothing is committed and the attempt may still fail over.
+//! From there the [`Relay`] sends each complete event as soon as it is
+//! parsed, with the model renamed and the usage-only chunk dropped when the
+//! client did not ask for it (the gateway asked on its behalf). It keeps a
+//! [`Tally`] of usage and text, never the chunks.
+//!
+//! The client always receives whole events: a partial line the upstream
+//! left when it broke is dropped, and an unterminated last event that
+//! parses is terminated, so the gateway's own closing error event is one a
+//! standard SSE client reads. An `error` event (by its `event:` type or an
+//! `error` member in its data) is an upstream error: the relay sends the
+//! gateway's error event in its place and ends.
 //!
 //! The relay owns the request's [`Record`]. It closes it when the stream
-//! ends, when the upstream breaks (no fallback then: bytes already went
-//! out), or when the client disconnects and the relay is dropped, which
-//! also drops, and so cancels, the upstream request.
+//! ends, when the upstream breaks, or when the client disconnects and the
+//! relay is dropped, which also drops, and so cancels, the upstream request.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::time::Sleep;
-use tollgate_schemas::{Outcome, TokenSource, Tokens};
+use tollgate_schemas::Outcome;
 
-use crate::ledger::{Record, Usage};
+use crate::attempt::{Failure, scrub};
+use crate::ledger::Record;
 use crate::rename::Rename;
+use crate::response::{Document, Fault, FaultClass};
 use crate::routing::Candidate;
-use crate::sse;
+use crate::sse::{self, Event};
+use crate::tally::Tally;
 use crate::upstream::UpstreamResponse;
-use crate::usage::ResponseView;
 
 /// Longest single SSE event accepted from an upstream.
 const MAX_EVENT_BYTES: usize = 8 << 20;
-/// Generated text kept for estimation; beyond it the count is extrapolated.
-const MAX_TEXT_BYTES: usize = 4 << 20;
+/// Most bytes held back while waiting for the first content; past it the
+/// stream is committed without it.
+const MAX_HELD_BYTES: usize = 256 * 1024;
+/// Most bytes gathered from chunks that are already waiting before they go
+/// out together.
+const COALESCE_BYTES: usize = 64 * 1024;
+
+/// What the relay reads from the upstream's events, apart from the record.
+pub struct Events {
+    parser: sse::Parser,
+    rename: Rename,
+    client_wants_usage: bool,
+    tally: Tally,
+    /// When the first event with generated content was read.
+    first_content: Option<Instant>,
+    finished: bool,
+    saw_done: bool,
+}
+
+/// What to do with one event.
+enum Step {
+    Send(Bytes),
+    Skip,
+    Fault(Fault),
+}
+
+impl Events {
+    pub fn new(requested: &str, client_wants_usage: bool) -> Self {
+        Self {
+            parser: sse::Parser::new(MAX_EVENT_BYTES),
+            rename: Rename::new(requested),
+            client_wants_usage,
+            tally: Tally::default(),
+            first_content: None,
+            finished: false,
+            saw_done: false,
+        }
+    }
+
+    /// One event: read what the ledger needs, return what the client gets.
+    fn process(&mut self, ev: Event) -> Step {
+        let Some(data) = &ev.data else {
+            return Step::Send(ev.raw);
+        };
+        if ev.is_error() {
+            return Step::Fault(Fault::of_error_event(data));
+        }
+        if data.as_ref() == b"[DONE]" {
+            self.saw_done = true;
+            return Step::Send(ev.raw);
+        }
+        let Some(doc) = Document::parse(data) else {
+            return Step::Send(ev.raw);
+        };
+        if let Some(fault) = doc.error() {
+            return Step::Fault(fault);
+        }
+        self.tally.read(&doc);
+        if self.first_content.is_none() && doc.has_content() {
+            self.first_content = Some(Instant::now());
+        }
+        self.finished |= doc.finished();
+        if doc.is_usage_only() && !self.client_wants_usage {
+            return Step::Skip;
+        }
+        Step::Send(self.rename.event(&ev, &doc))
+    }
+
+    /// The unterminated last event when the body ends: terminated if it is
+    /// a whole event, dropped if it is a partial line.
+    fn tail(&mut self) -> Option<Step> {
+        let ev = self.parser.finish()?;
+        let data = ev.data.as_ref()?;
+        let whole = data.as_ref() == b"[DONE]" || Document::parse(data).is_some() || ev.is_error();
+        if !whole {
+            return None;
+        }
+        Some(match self.process(ev) {
+            Step::Send(raw) => {
+                let mut out = BytesMut::with_capacity(raw.len() + 2);
+                out.extend_from_slice(&raw);
+                out.extend_from_slice(if raw.ends_with(b"\n") || raw.ends_with(b"\r") {
+                    b"\n"
+                } else {
+                    b"\n\n"
+                });
+                Step::Send(out.freeze())
+            }
+            other => other,
+        })
+    }
+
+    fn committed(&self) -> bool {
+        self.first_content.is_some() || self.finished || self.saw_done
+    }
+}
+
+/// A stream whose first content has arrived, with what came before it.
+pub struct Primed {
+    upstream: UpstreamResponse,
+    events: Events,
+    held: Option<Bytes>,
+    /// The upstream's body has already ended.
+    ended: bool,
+}
+
+impl Primed {
+    /// When the first event with generated content was read.
+    pub fn first_content(&self) -> Option<Instant> {
+        self.events.first_content
+    }
+}
+
+/// Reads the stream up to its first content, holding back what came
+/// before it; any failure on the way is the attempt's failure.
+pub async fn prime(
+    mut upstream: UpstreamResponse,
+    mut events: Events,
+    candidate: &Candidate,
+) -> Result<Primed, Failure> {
+    let mut held = BytesMut::new();
+    let fault = |events: &Events, f: Fault| {
+        let mut failure = Failure::from_fault(f, Some(200), candidate);
+        failure.usage = events.tally.reported().then(|| events.tally.settle(None).0);
+        failure
+    };
+    let ended = loop {
+        let next = tokio::time::timeout(upstream.idle_timeout, upstream.body.next()).await;
+        match next {
+            Err(_) => {
+                return Err(Failure::stalled(
+                    "the upstream stalled before its first token",
+                ));
+            }
+            Ok(Some(Err(e))) => {
+                return Err(Failure::broken(format!(
+                    "the upstream stream broke before its first token: {e}"
+                )));
+            }
+            Ok(Some(Ok(chunk))) => {
+                events.parser.push(&chunk);
+                loop {
+                    let ev = match events.parser.next_event() {
+                        Ok(Some(ev)) => ev,
+                        Ok(None) => break,
+                        Err(_) => {
+                            return Err(Failure::broken(
+                                "the upstream sent an oversized event".into(),
+                            ));
+                        }
+                    };
+                    match events.process(ev) {
+                        Step::Send(bytes) => held.extend_from_slice(&bytes),
+                        Step::Skip => {}
+                        Step::Fault(f) => return Err(fault(&events, f)),
+                    }
+                }
+                if events.committed() || held.len() > MAX_HELD_BYTES {
+                    break false;
+                }
+            }
+            Ok(None) => {
+                match events.tail() {
+                    Some(Step::Send(bytes)) => held.extend_from_slice(&bytes),
+                    Some(Step::Fault(f)) => return Err(fault(&events, f)),
+                    Some(Step::Skip) | None => {}
+                }
+                if !events.committed() {
+                    return Err(Failure::broken(
+                        "the upstream stream ended before its first token".into(),
+                    ));
+                }
+                break true;
+            }
+        }
+    };
+    Ok(Primed {
+        upstream,
+        events,
+        held: (!held.is_empty()).then(|| held.freeze()),
+        ended,
+    })
+}
 
 pub struct Relay {
     record: Option<Record>,
@@ -39,110 +229,85 @@ pub struct Relay {
     upstream: UpstreamResponse,
     sent_at: Instant,
     idle: Pin<Box<Sleep>>,
-    parser: sse::Parser,
-    rename: Rename,
-    client_wants_usage: bool,
-    usage: Option<Tokens>,
-    text: String,
-    text_overflow: usize,
-    saw_done: bool,
+    events: Events,
+    held: Option<Bytes>,
+    upstream_ended: bool,
     ended: bool,
 }
 
 impl Relay {
-    pub fn new(
-        record: Record,
-        candidate: Candidate,
-        upstream: UpstreamResponse,
-        sent_at: Instant,
-        requested: &str,
-        client_wants_usage: bool,
-    ) -> Self {
-        let idle = Box::pin(tokio::time::sleep(upstream.idle_timeout));
+    pub fn new(record: Record, candidate: Candidate, primed: Primed, sent_at: Instant) -> Self {
+        let idle = Box::pin(tokio::time::sleep(primed.upstream.idle_timeout));
         Self {
             record: Some(record),
             candidate,
-            upstream,
+            upstream: primed.upstream,
             sent_at,
             idle,
-            parser: sse::Parser::new(MAX_EVENT_BYTES),
-            rename: Rename::new(requested),
-            client_wants_usage,
-            usage: None,
-            text: String::new(),
-            text_overflow: 0,
-            saw_done: false,
+            events: primed.events,
+            held: primed.held,
+            upstream_ended: primed.ended,
             ended: false,
         }
     }
 
-    /// Turns complete events into bytes for the client.
-    fn drain_events(
-        &mut self,
-        out: &mut Option<BytesMut>,
-        single: &mut Option<Bytes>,
-    ) -> Result<(), sse::Overflow> {
-        while let Some(ev) = self.parser.next_event()? {
-            if let Some(bytes) = self.process(ev) {
-                if let Some(rec) = self.record.as_mut() {
-                    rec.first_byte();
+    /// Turns complete events into bytes for the client; `false` once the
+    /// relay has ended on an error.
+    fn drain_events(&mut self, out: &mut Gathered) -> bool {
+        loop {
+            let ev = match self.events.parser.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return true,
+                Err(_) => {
+                    self.fail(out, "stream_error", "the upstream sent an oversized event");
+                    return false;
                 }
-                push_out(out, single, bytes);
+            };
+            match self.events.process(ev) {
+                Step::Send(bytes) => out.push(bytes),
+                Step::Skip => {}
+                Step::Fault(f) => {
+                    self.fault(out, f);
+                    return false;
+                }
             }
         }
-        Ok(())
     }
 
-    /// One event: read what the ledger needs, return what the client gets.
-    fn process(&mut self, ev: sse::Event) -> Option<Bytes> {
-        let Some(data) = &ev.data else {
-            return Some(ev.raw);
-        };
-        if data.as_ref() == b"[DONE]" {
-            self.saw_done = true;
-            return Some(ev.raw);
+    /// The upstream's body ended.
+    fn finish(&mut self, out: &mut Gathered) {
+        match self.events.tail() {
+            Some(Step::Send(bytes)) => out.push(bytes),
+            Some(Step::Fault(f)) => return self.fault(out, f),
+            Some(Step::Skip) | None => {}
         }
-        let Ok(view) = serde_json::from_slice::<ResponseView>(data) else {
-            return Some(ev.raw);
-        };
-        if let Some(u) = view.usage.as_ref().and_then(|u| u.normalize()) {
-            self.usage = Some(u);
-        }
-        if self.text.len() < MAX_TEXT_BYTES {
-            view.collect_text(&mut self.text);
+        if self.events.saw_done {
+            self.close(None, Outcome::Ok);
         } else {
-            let mut more = String::new();
-            view.collect_text(&mut more);
-            self.text_overflow += more.len();
+            self.fail(
+                out,
+                "stream_error",
+                "the upstream stream ended without [DONE]",
+            );
         }
-        let usage_only = view.choices.is_empty() && view.usage.is_some();
-        if usage_only && !self.client_wants_usage {
-            return None;
-        }
-        let served = view.model.as_deref().map(str::to_string);
-        Some(self.rename.apply(ev.raw, served.as_deref()))
     }
 
-    fn usage(&self) -> Usage {
-        match (self.usage, &self.record) {
-            (Some(tokens), _) => Usage {
-                tokens,
-                source: TokenSource::Upstream,
-            },
-            (None, Some(rec)) => {
-                let mut u = rec.estimate(&self.text, true);
-                if self.text_overflow > 0 && !self.text.is_empty() {
-                    // Extrapolate the count over text not kept.
-                    let per_byte = u.tokens.output as f64 / self.text.len() as f64;
-                    u.tokens.output += (per_byte * self.text_overflow as f64).ceil() as u64;
-                }
-                u
-            }
-            (None, None) => Usage {
-                tokens: Tokens::default(),
-                source: TokenSource::Estimated,
-            },
-        }
+    fn fault(&mut self, out: &mut Gathered, f: Fault) {
+        let label = match f.class {
+            FaultClass::RateLimited => "429",
+            FaultClass::Client => "4xx",
+            FaultClass::Server => "5xx",
+        };
+        let message = scrub(&f.message, self.candidate.upstream.secret());
+        tracing::warn!(upstream = self.candidate.upstream.name(), error = %message, "the upstream sent an error event mid-stream");
+        self.close(Some(label), Outcome::UpstreamError);
+        out.push(error_event(&message, "upstream_error"));
+    }
+
+    /// Ends the relay with the gateway's own error event.
+    fn fail(&mut self, out: &mut Gathered, label: &str, message: &str) {
+        self.close(Some(label), Outcome::UpstreamError);
+        out.push(error_event(message, "stream_error"));
     }
 
     /// Closes the record once. `error` is the attempt's failure, if any.
@@ -151,10 +316,13 @@ impl Relay {
             return;
         }
         self.ended = true;
-        let usage = self.usage();
         let latency = self.sent_at.elapsed();
         let status = self.upstream.status;
         if let Some(mut rec) = self.record.take() {
+            if let Some(at) = self.events.first_content {
+                rec.first_token(at);
+            }
+            let usage = rec.settle(&self.candidate.upstream, &self.events.tally);
             rec.attempt(&self.candidate, Some(status), error, latency, Some(usage));
             match error {
                 None => rec.finish(status),
@@ -162,31 +330,46 @@ impl Relay {
             }
         }
     }
-
-    fn error_event(message: &str) -> Bytes {
-        let body = serde_json::json!({"error": {
-            "message": message, "type": "upstream_error", "param": null, "code": "stream_error",
-        }});
-        Bytes::from(format!("data: {body}\n\n"))
-    }
 }
 
-fn push_out(out: &mut Option<BytesMut>, single: &mut Option<Bytes>, bytes: Bytes) {
-    match (single.take(), out.as_mut()) {
-        (None, None) => *single = Some(bytes),
-        (Some(first), None) => {
-            let mut buf = BytesMut::with_capacity(first.len() + bytes.len());
-            buf.extend_from_slice(&first);
-            buf.extend_from_slice(&bytes);
-            *out = Some(buf);
+/// The gateway's own error event, in OpenAI's error shape.
+fn error_event(message: &str, code: &str) -> Bytes {
+    let body = serde_json::json!({"error": {
+        "message": message, "type": "upstream_error", "param": null, "code": code,
+    }});
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+/// Bytes gathered for one write: a single chunk as is, several copied
+/// into one buffer.
+#[derive(Default)]
+struct Gathered {
+    single: Option<Bytes>,
+    buf: Option<BytesMut>,
+}
+
+impl Gathered {
+    fn push(&mut self, bytes: Bytes) {
+        match (self.single.take(), self.buf.as_mut()) {
+            (None, None) => self.single = Some(bytes),
+            (Some(first), None) => {
+                let mut buf = BytesMut::with_capacity(first.len() + bytes.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&bytes);
+                self.buf = Some(buf);
+            }
+            (_, Some(buf)) => buf.extend_from_slice(&bytes),
         }
-        (_, Some(buf)) => buf.extend_from_slice(&bytes),
+    }
+
+    fn len(&self) -> usize {
+        self.buf.as_ref().map_or(0, BytesMut::len) + self.single.as_ref().map_or(0, Bytes::len)
+    }
+
+    fn take(self) -> Option<Bytes> {
+        self.buf.map(BytesMut::freeze).or(self.single)
     }
 }
-
-/// Most bytes gathered from chunks that are already waiting before they go
-/// out together.
-const COALESCE_BYTES: usize = 64 * 1024;
 
 impl Stream for Relay {
     type Item = Result<Bytes, std::io::Error>;
@@ -196,82 +379,181 @@ impl Stream for Relay {
     /// first `Pending` sends what was gathered.
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        let (mut out, mut single): (Option<BytesMut>, Option<Bytes>) = (None, None);
-        let gathered = |out: &Option<BytesMut>, single: &Option<Bytes>| {
-            out.as_ref().map_or(0, BytesMut::len) + single.as_ref().map_or(0, Bytes::len)
-        };
+        let mut out = Gathered::default();
+        if let Some(held) = this.held.take() {
+            out.push(held);
+        }
+        if this.upstream_ended && !this.ended {
+            this.finish(&mut out);
+        }
         loop {
             if this.ended {
-                return Poll::Ready(take(out, single).map(Ok));
+                return Poll::Ready(out.take().map(Ok));
             }
             match this.upstream.body.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let deadline = tokio::time::Instant::now() + this.upstream.idle_timeout;
                     this.idle.as_mut().reset(deadline);
-                    this.parser.push(&chunk);
-                    if this.drain_events(&mut out, &mut single).is_err() {
-                        this.close(Some("stream_error"), Outcome::UpstreamError);
-                        push_out(
-                            &mut out,
-                            &mut single,
-                            Self::error_event("upstream sent an oversized event"),
-                        );
-                        continue;
-                    }
-                    if gathered(&out, &single) >= COALESCE_BYTES {
+                    this.events.parser.push(&chunk);
+                    if this.drain_events(&mut out) && out.len() >= COALESCE_BYTES {
                         break;
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(upstream = this.candidate.upstream.name(), error = %e, "upstream stream broke");
-                    let _ = this.drain_events(&mut out, &mut single);
-                    this.close(Some("stream_error"), Outcome::UpstreamError);
-                    push_out(
-                        &mut out,
-                        &mut single,
-                        Self::error_event("the upstream stream broke before it finished"),
-                    );
-                }
-                Poll::Ready(None) => {
-                    if let Some(tail) = this.parser.finish().and_then(|ev| this.process(ev)) {
-                        push_out(&mut out, &mut single, tail);
-                    }
-                    if this.saw_done {
-                        this.close(None, Outcome::Ok);
-                    } else {
-                        this.close(Some("stream_error"), Outcome::UpstreamError);
-                        push_out(
+                    if this.drain_events(&mut out) {
+                        this.fail(
                             &mut out,
-                            &mut single,
-                            Self::error_event("the upstream stream ended without [DONE]"),
+                            "stream_error",
+                            "the upstream stream broke before it finished",
                         );
                     }
                 }
+                Poll::Ready(None) => this.finish(&mut out),
                 Poll::Pending => {
-                    if gathered(&out, &single) > 0 {
+                    if out.len() > 0 {
                         break;
                     }
                     if this.idle.as_mut().poll(cx).is_ready() {
-                        this.close(Some("timeout"), Outcome::UpstreamError);
-                        return Poll::Ready(Some(Ok(Self::error_event(
-                            "the upstream stream stalled",
-                        ))));
+                        this.fail(&mut out, "timeout", "the upstream stream stalled");
+                        continue;
                     }
                     return Poll::Pending;
                 }
             }
         }
-        Poll::Ready(take(out, single).map(Ok))
+        Poll::Ready(out.take().map(Ok))
     }
-}
-
-fn take(out: Option<BytesMut>, single: Option<Bytes>) -> Option<Bytes> {
-    out.map(BytesMut::freeze).or(single)
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
         // The client went away mid-stream: bill what was generated.
         self.close(Some("client_cancelled"), Outcome::ClientCancelled);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::simulate::SimSettings;
+    use crate::upstream::Upstream;
+
+    fn candidate() -> Candidate {
+        Candidate {
+            upstream: Arc::new(Upstream::simulated("up", "test", SimSettings::default())),
+            model: "served".into(),
+            route_model: "asked".into(),
+        }
+    }
+
+    /// An upstream response whose body yields `parts` (`None` = the body
+    /// breaks there), each after `gap`.
+    fn upstream(parts: Vec<Option<&'static str>>, gap: Duration) -> UpstreamResponse {
+        let body = futures_util::stream::iter(parts).then(move |p| async move {
+            tokio::time::sleep(gap).await;
+            p.map(|s| Bytes::from_static(s.as_bytes()))
+                .ok_or_else(|| "reset".to_string())
+        });
+        UpstreamResponse {
+            status: 200,
+            content_type: None,
+            body: Box::pin(body),
+            idle_timeout: Duration::from_millis(200),
+        }
+    }
+
+    async fn primed(parts: Vec<Option<&'static str>>) -> Result<Primed, Failure> {
+        let events = Events::new("asked", false);
+        prime(upstream(parts, Duration::ZERO), events, &candidate()).await
+    }
+
+    const ROLE: &str = "data: {\"model\":\"served\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+    const HI: &str = "data: {\"model\":\"served\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+
+    #[tokio::test]
+    async fn events_before_the_first_content_are_held_and_renamed() {
+        let p = primed(vec![
+            Some(ROLE),
+            Some(": ka\n\n"),
+            Some(HI),
+            Some("data: [DONE]\n\n"),
+        ])
+        .await
+        .ok()
+        .unwrap();
+        let held = String::from_utf8(p.held.clone().unwrap().to_vec()).unwrap();
+        assert_eq!(held.matches("\"model\":\"asked\"").count(), 2, "{held}");
+        assert!(
+            held.contains(": ka\n\n") && !held.contains("[DONE]"),
+            "{held}"
+        );
+        assert!(p.first_content().is_some() && !p.ended);
+    }
+
+    #[tokio::test]
+    async fn any_failure_before_the_first_content_fails_the_attempt() {
+        let cases: Vec<(Vec<Option<&'static str>>, &str)> = vec![
+            (
+                vec![Some(
+                    "data: {\"error\":{\"message\":\"x\",\"code\":502}}\n\n",
+                )],
+                "5xx",
+            ),
+            (
+                vec![
+                    Some(ROLE),
+                    Some(
+                        "event: error\ndata: {\"message\":\"busy\",\"type\":\"rate_limit_error\"}\n\n",
+                    ),
+                ],
+                "429",
+            ),
+            (vec![Some(ROLE), None], "stream_error"),
+            (vec![Some(ROLE)], "stream_error"),
+            (vec![Some("<html>oops</html>")], "stream_error"),
+        ];
+        for (parts, label) in cases {
+            let shown = format!("{parts:?}");
+            let f = primed(parts)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{shown}"));
+            assert_eq!(f.label, label, "{shown}");
+            assert!(
+                f.usage.is_none(),
+                "{shown}: nothing generated, nothing billed"
+            );
+        }
+        let stalled = prime(
+            upstream(vec![Some(ROLE), Some(HI)], Duration::from_millis(500)),
+            Events::new("asked", false),
+            &candidate(),
+        )
+        .await;
+        assert_eq!(stalled.err().map(|f| f.label), Some("timeout"));
+    }
+
+    #[tokio::test]
+    async fn a_finish_or_an_end_commits_a_stream_without_content() {
+        let fin = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"content_filter\"}]}\n\n";
+        let p = primed(vec![Some(ROLE), Some(fin), Some("data: [DONE]")])
+            .await
+            .ok()
+            .unwrap();
+        assert!(p.first_content().is_none() && !p.ended);
+        let ended = primed(vec![Some(ROLE), Some("data: [DONE]")])
+            .await
+            .ok()
+            .unwrap();
+        assert!(ended.ended);
+        let held = ended.held.unwrap();
+        assert!(
+            held.ends_with(b"data: [DONE]\n\n"),
+            "the last event is terminated: {held:?}"
+        );
     }
 }

@@ -2,127 +2,140 @@
 //!
 //! Upstreams answer with their own model name (`deepseek-reasoner`, or the
 //! fallback's `qwq-32b`); the client asked for `deepseek-r1` and gets that
-//! name back. The rewrite is a byte replacement of `"model":"<served>"`,
-//! which cannot match inside a JSON string (quotes there are escaped), so
-//! streamed chunks are not re-serialised; a body written with other
-//! spacing falls back to a parse and re-serialise.
+//! name back. The parse that reads a document (see [`crate::response`])
+//! also says where its top-level `model` string sits, so the rename
+//! replaces exactly those bytes and leaves every other byte as sent: any
+//! spacing, key order, and every SSE framing (`id:`, `event:`, `retry:`,
+//! comments, data split over several lines).
 
 use bytes::{Bytes, BytesMut};
-use memchr::memmem;
-use serde_json::Value;
+
+use crate::response::Document;
+use crate::sse::Event;
 
 pub struct Rename {
-    /// `"model":"<requested>"`
-    replacement: Vec<u8>,
     requested: String,
-    /// The served name this finder was built for, and the finder.
-    finder: Option<(String, memmem::Finder<'static>)>,
+    /// `requested` as a JSON string.
+    replacement: Vec<u8>,
 }
 
 impl Rename {
     pub fn new(requested: &str) -> Self {
-        let mut replacement = b"\"model\":".to_vec();
-        replacement.extend_from_slice(&json_string(requested));
+        let replacement = serde_json::to_vec(requested).unwrap_or_else(|_| b"\"\"".to_vec());
         Self {
-            replacement,
             requested: requested.to_string(),
-            finder: None,
+            replacement,
         }
     }
 
-    /// `json` with its top-level `model` (whose value is `served`) renamed.
-    pub fn apply(&mut self, json: Bytes, served: Option<&str>) -> Bytes {
-        let Some(served) = served.filter(|s| *s != self.requested) else {
-            return json;
+    /// A complete JSON body, `doc` parsed from it, with the model renamed.
+    pub fn body(&self, body: &Bytes, doc: &Document) -> Bytes {
+        match doc.model(body) {
+            Some((span, served)) if served != self.requested => {
+                self.splice(body, span.start, span.len())
+            }
+            _ => body.clone(),
+        }
+    }
+
+    /// One SSE event, `doc` parsed from its data, with the model renamed.
+    pub fn event(&self, ev: &Event, doc: &Document) -> Bytes {
+        let Some(data) = &ev.data else {
+            return ev.raw.clone();
         };
-        if self.finder.as_ref().is_none_or(|(name, _)| name != served) {
-            let mut needle = b"\"model\":".to_vec();
-            needle.extend_from_slice(&json_string(served));
-            self.finder = Some((
-                served.to_string(),
-                memmem::Finder::new(&needle).into_owned(),
-            ));
-        }
-        let Some((_, finder)) = &self.finder else {
-            return json;
+        let Some((span, served)) = doc.model(data) else {
+            return ev.raw.clone();
         };
-        let hits: Vec<usize> = finder.find_iter(&json).collect();
-        if hits.is_empty() {
-            return self.reserialize(&json).unwrap_or(json);
+        if served == self.requested {
+            return ev.raw.clone();
         }
-        let needle_len = finder.needle().len();
-        let mut out = BytesMut::with_capacity(json.len() + hits.len() * self.replacement.len());
-        let mut at = 0;
-        for h in hits {
-            out.extend_from_slice(&json[at..h]);
-            out.extend_from_slice(&self.replacement);
-            at = h + needle_len;
+        let at = ev.raw_position(span.start);
+        match at.filter(|&at| ev.raw.get(at..at + span.len()) == data.get(span.clone())) {
+            Some(at) => self.splice(&ev.raw, at, span.len()),
+            None => ev.raw.clone(),
         }
-        out.extend_from_slice(&json[at..]);
+    }
+
+    fn splice(&self, bytes: &[u8], at: usize, len: usize) -> Bytes {
+        let mut out = BytesMut::with_capacity(bytes.len() - len + self.replacement.len());
+        out.extend_from_slice(&bytes[..at]);
+        out.extend_from_slice(&self.replacement);
+        out.extend_from_slice(&bytes[at + len..]);
         out.freeze()
     }
-
-    /// The slow path for JSON with unusual spacing. Works on a whole JSON
-    /// document or on one SSE event with a single `data:` line.
-    fn reserialize(&self, raw: &[u8]) -> Option<Bytes> {
-        let (prefix, body, suffix): (&[u8], &[u8], &[u8]) = match raw.strip_prefix(b"data:") {
-            Some(rest) => {
-                let end = rest.iter().rposition(|b| !b.is_ascii_whitespace())? + 1;
-                (b"data: ", rest[..end].trim_ascii_start(), &rest[end..])
-            }
-            None => (b"", raw, b""),
-        };
-        let mut v: Value = serde_json::from_slice(body).ok()?;
-        let obj = v.as_object_mut()?;
-        if !obj.contains_key("model") {
-            return None;
-        }
-        obj.insert("model".into(), Value::String(self.requested.clone()));
-        let mut out = prefix.to_vec();
-        serde_json::to_writer(&mut out, &v).ok()?;
-        out.extend_from_slice(suffix);
-        Some(Bytes::from(out))
-    }
-}
-
-fn json_string(s: &str) -> Vec<u8> {
-    serde_json::to_vec(s).unwrap_or_else(|_| b"\"\"".to_vec())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sse::Parser;
 
-    #[test]
-    fn compact_json_is_renamed_in_place() {
-        let mut r = Rename::new("deepseek-r1");
-        let chunk = Bytes::from_static(b"data: {\"id\":\"x\",\"model\":\"deepseek-reasoner\",\"choices\":[{\"delta\":{\"content\":\"\\\"model\\\":\\\"deepseek-reasoner\\\"\"}}]}\n\n");
-        let out = r.apply(chunk, Some("deepseek-reasoner"));
-        let text = std::str::from_utf8(&out).unwrap();
-        assert!(text.contains("\"model\":\"deepseek-r1\""), "{text}");
-        assert!(
-            text.contains("\\\"model\\\":\\\"deepseek-reasoner\\\""),
-            "content is untouched: {text}"
-        );
+    fn renamed_events(input: &[u8], requested: &str) -> Vec<u8> {
+        let r = Rename::new(requested);
+        let mut p = Parser::new(1 << 20);
+        p.push(input);
+        let mut out = Vec::new();
+        while let Some(ev) = p.next_event().unwrap() {
+            let data = ev.data.clone().unwrap_or_default();
+            let bytes = match Document::parse(&data) {
+                Some(doc) => r.event(&ev, &doc),
+                None => ev.raw,
+            };
+            out.extend_from_slice(&bytes);
+        }
+        out
     }
 
     #[test]
-    fn spaced_json_falls_back_to_reserialising() {
-        let mut r = Rename::new("m-public");
-        let out = r.apply(
-            Bytes::from_static(b"data: {\"model\" : \"m-up\", \"a\": 1}\r\n\r\n"),
-            Some("m-up"),
-        );
-        assert_eq!(&out[..], b"data: {\"a\":1,\"model\":\"m-public\"}\r\n\r\n");
-        let doc = r.apply(Bytes::from_static(b"{ \"model\": \"m-up\" }"), Some("m-up"));
-        assert_eq!(&doc[..], b"{\"model\":\"m-public\"}");
+    fn every_sse_framing_is_renamed_and_nothing_else_changes() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "data: {\"model\":\"up\",\"choices\":[]}\n\n",
+                "data: {\"model\":\"pub\",\"choices\":[]}\n\n",
+            ),
+            (
+                "id: 1\ndata: { \"model\" : \"up\", \"a\": 1 }\n\n",
+                "id: 1\ndata: { \"model\" : \"pub\", \"a\": 1 }\n\n",
+            ),
+            (
+                "event: chunk\r\nretry: 5\r\ndata:{\"model\":\"up\"}\r\n\r\n",
+                "event: chunk\r\nretry: 5\r\ndata:{\"model\":\"pub\"}\r\n\r\n",
+            ),
+            (
+                ": ping\ndata: {\ndata:   \"model\": \"up\",\nid: 9\ndata: \"x\": \"\\\"model\\\":\\\"up\\\"\"\ndata: }\n\n",
+                ": ping\ndata: {\ndata:   \"model\": \"pub\",\nid: 9\ndata: \"x\": \"\\\"model\\\":\\\"up\\\"\"\ndata: }\n\n",
+            ),
+            ("data: [DONE]\n\n", "data: [DONE]\n\n"),
+            (": keep-alive\n\n", ": keep-alive\n\n"),
+        ];
+        for (input, want) in cases {
+            let got = renamed_events(input.as_bytes(), "pub");
+            assert_eq!(String::from_utf8_lossy(&got), *want, "{input:?}");
+        }
     }
 
     #[test]
-    fn same_name_or_no_name_is_left_alone() {
-        let mut r = Rename::new("m");
-        let raw = Bytes::from_static(b"data: {\"model\":\"m\"}\n\n");
-        assert_eq!(r.apply(raw.clone(), Some("m")), raw);
-        assert_eq!(r.apply(raw.clone(), None), raw);
+    fn a_model_name_inside_content_is_left_alone() {
+        let input = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"model\\\":\\\"up\\\"\"}}],\"model\":\"up\"}\n\n";
+        let got = String::from_utf8(renamed_events(input.as_bytes(), "pub")).unwrap();
+        assert!(got.contains(r#"\"model\":\"up\""#), "{got}");
+        assert!(got.ends_with("\"model\":\"pub\"}\n\n"), "{got}");
+    }
+
+    #[test]
+    fn bodies_keep_their_spacing_and_escaped_names_are_matched_by_value() {
+        let r = Rename::new("deepseek-r1");
+        let body = Bytes::from_static(
+            b"{\n  \"model\": \"deepseek-\\u0072easoner\",\n  \"choices\": []\n}",
+        );
+        let doc = Document::parse(&body).unwrap();
+        let out = r.body(&body, &doc);
+        assert_eq!(
+            &out[..],
+            b"{\n  \"model\": \"deepseek-r1\",\n  \"choices\": []\n}"
+        );
+        let same = Bytes::from_static(b"{\"model\":\"deepseek-r1\"}");
+        let doc = Document::parse(&same).unwrap();
+        assert_eq!(r.body(&same, &doc), same);
     }
 }

@@ -214,11 +214,11 @@ struct Plan {
 impl Sim {
     fn check_auth(&self, headers: &HeaderMap) -> Option<Response> {
         let want = self.settings.require_api_key.as_ref()?;
-        let got = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if got == Some(want.as_str()) {
+        let got = tollgate_schemas::credential::presented(
+            headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+            headers.get("x-api-key").map(|v| v.as_bytes()),
+        );
+        if got == Ok(want.as_bytes()) {
             None
         } else {
             Some(error(

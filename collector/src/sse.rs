@@ -15,6 +15,40 @@ pub struct Event {
     /// The `data` field, lines joined by `\n`; `None` for comments and
     /// events without data.
     pub data: Option<Bytes>,
+    /// The `event` field (the event type), when the upstream named one.
+    pub name: Option<Bytes>,
+}
+
+impl Event {
+    fn new(raw: Bytes) -> Self {
+        let (data, name) = fields(&raw);
+        Event { raw, data, name }
+    }
+
+    /// Whether the upstream typed this event `error`.
+    pub fn is_error(&self) -> bool {
+        self.name.as_deref() == Some(b"error")
+    }
+
+    /// Where byte `at` of `data` sits in `raw`. A value inside one JSON
+    /// token never spans data lines, so a span that starts here continues
+    /// on the same line.
+    pub fn raw_position(&self, at: usize) -> Option<usize> {
+        let data = self.data.as_ref()?;
+        let base = self.raw.as_ptr() as usize;
+        let offset = |s: &[u8]| (s.as_ptr() as usize).checked_sub(base);
+        if offset(data).is_some_and(|o| o + data.len() <= self.raw.len()) {
+            return offset(data).map(|o| o + at);
+        }
+        let mut start = 0;
+        for line in data_lines(&self.raw) {
+            if at < start + line.len() {
+                return offset(line).map(|o| o + at - start);
+            }
+            start += line.len() + 1;
+        }
+        None
+    }
 }
 
 #[derive(Debug, Default)]
@@ -53,9 +87,7 @@ impl Parser {
         match find_event_end(&self.buf, self.scanned.saturating_sub(3)) {
             Some(end) => {
                 self.scanned = 0;
-                let raw = self.buf.split_to(end).freeze();
-                let data = data_of(&raw);
-                Ok(Some(Event { raw, data }))
+                Ok(Some(Event::new(self.buf.split_to(end).freeze())))
             }
             None => {
                 self.scanned = self.buf.len();
@@ -73,9 +105,7 @@ impl Parser {
             self.buf.clear();
             return None;
         }
-        let raw = self.buf.split().freeze();
-        let data = data_of(&raw);
-        Some(Event { raw, data })
+        Some(Event::new(self.buf.split().freeze()))
     }
 }
 
@@ -106,20 +136,32 @@ fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
-fn data_of(raw: &Bytes) -> Option<Bytes> {
-    let mut lines = raw
-        .split(|b| *b == b'\n' || *b == b'\r')
-        .filter_map(|line| {
-            let value = line.strip_prefix(b"data")?;
+/// The values of the `data` lines of `raw`, in order.
+fn data_lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+    field_lines(raw, b"data")
+}
+
+fn field_lines<'r>(raw: &'r [u8], field: &'static [u8]) -> impl Iterator<Item = &'r [u8]> {
+    raw.split(|b| *b == b'\n' || *b == b'\r')
+        .filter_map(move |line| {
+            let value = line.strip_prefix(field)?;
             match value.first() {
                 None => Some(&value[..0]),
                 Some(b':') => Some(value[1..].strip_prefix(b" ").unwrap_or(&value[1..])),
                 Some(_) => None, // a field such as `dataset:`
             }
-        });
-    let first = lines.next()?;
-    match lines.next() {
-        None => Some(raw.slice_ref(first)),
+        })
+}
+
+/// The `data` field (lines joined by `\n`) and the `event` field.
+fn fields(raw: &Bytes) -> (Option<Bytes>, Option<Bytes>) {
+    let name = field_lines(raw, b"event").last().map(|n| raw.slice_ref(n));
+    let mut lines = data_lines(raw);
+    let Some(first) = lines.next() else {
+        return (None, name);
+    };
+    let data = match lines.next() {
+        None => raw.slice_ref(first),
         Some(second) => {
             let mut joined = Vec::with_capacity(first.len() + second.len() + 1);
             joined.extend_from_slice(first);
@@ -129,9 +171,10 @@ fn data_of(raw: &Bytes) -> Option<Bytes> {
                 joined.push(b'\n');
                 joined.extend_from_slice(more);
             }
-            Some(Bytes::from(joined))
+            Bytes::from(joined)
         }
-    }
+    };
+    (Some(data), name)
 }
 
 #[cfg(test)]
@@ -185,6 +228,35 @@ mod tests {
         let joined: Vec<u8> = events.iter().flat_map(|e| e.raw.to_vec()).collect();
         assert_eq!(joined, input);
         assert_eq!(events[1].data, None);
+    }
+
+    #[test]
+    fn the_event_type_is_read() {
+        let events = parse_whole(b"event: error\ndata: {}\n\nevent:ping\n\ndata: x\n\n");
+        assert!(events[0].is_error());
+        assert_eq!(events[1].name.as_deref(), Some(&b"ping"[..]));
+        assert_eq!(events[2].name, None);
+    }
+
+    #[test]
+    fn data_positions_map_back_to_the_raw_event() {
+        let cases: &[&[u8]] = &[
+            b"data: {\"model\":\"m\"}\n\n",
+            b"id: 7\nevent: chunk\ndata:{\"model\":\"m\"}\r\n\r\n",
+            b": c\ndata: {\ndata: \"a\": 1,\nretry: 10\ndata:  \"model\" : \"m\"\ndata: }\n\n",
+        ];
+        for raw in cases {
+            let ev = &parse_whole(raw)[0];
+            let data = ev.data.as_ref().unwrap();
+            let at = memchr::memmem::find(data, b"\"m\"").unwrap();
+            let pos = ev.raw_position(at).unwrap();
+            assert_eq!(
+                &ev.raw[pos..pos + 3],
+                b"\"m\"",
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 
     #[test]

@@ -5,8 +5,18 @@
 //! `token_source = "estimated"`. The tokenizer loads on first use only, so a
 //! gateway whose upstreams all report usage never pays for it.
 
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
+
+/// What a request asked for, as far as an estimate needs it.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    /// The client's request body.
+    pub body: Bytes,
+    /// `max_completion_tokens` or `max_tokens`: the cap on each choice.
+    pub max_tokens: Option<u64>,
+}
 
 fn count(text: &str) -> u64 {
     if text.is_empty() {

@@ -9,21 +9,26 @@
 //! request can change either.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
+use http::HeaderValue;
 use tower::ServiceExt;
 
 use crate::config::{OpenAiUpstreamConfig, Secret, UpstreamConfig, UpstreamKind};
 use crate::request::Endpoint;
 use crate::simulate::{self, SimSettings};
+use crate::tally::Estimated;
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
 pub struct UpstreamResponse {
     pub status: u16,
+    /// The `content-type` header as sent, if any.
+    pub content_type: Option<HeaderValue>,
     pub body: BodyStream,
     /// Longest silence allowed between two body chunks.
     pub idle_timeout: Duration,
@@ -41,6 +46,17 @@ pub struct Upstream {
     name: String,
     provider: String,
     transport: Transport,
+    estimates: Estimates,
+}
+
+/// Attempts whose tokens were estimated, by reason.
+#[derive(Default)]
+struct Estimates {
+    no_usage: AtomicU64,
+    unreadable: AtomicU64,
+    total_only: AtomicU64,
+    /// Whether the upstream's unreadable usage was already logged.
+    warned: AtomicBool,
 }
 
 enum Transport {
@@ -72,6 +88,7 @@ impl Upstream {
             name: name.to_string(),
             provider: provider.to_string(),
             transport: Transport::Simulated(simulate::router(settings)),
+            estimates: Estimates::default(),
         }
     }
 
@@ -93,6 +110,7 @@ impl Upstream {
                 first_byte_timeout: c.first_byte_timeout,
                 idle_timeout: c.idle_timeout,
             },
+            estimates: Estimates::default(),
         })
     }
 
@@ -102,6 +120,36 @@ impl Upstream {
 
     pub fn provider(&self) -> &str {
         &self.provider
+    }
+
+    /// Counts an attempt whose tokens were estimated. An estimate made
+    /// while the upstream did send usage is logged, once per upstream: it
+    /// means a usage shape this gateway does not read yet.
+    pub fn estimated(&self, why: Estimated) {
+        let counter = match why {
+            Estimated::NoUsage => &self.estimates.no_usage,
+            Estimated::Unreadable => &self.estimates.unreadable,
+            Estimated::TotalOnly => &self.estimates.total_only,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if why != Estimated::NoUsage && !self.estimates.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                upstream = self.name,
+                reason = why.as_str(),
+                "the upstream sent usage this gateway cannot read; its tokens are estimated \
+                 (logged once per upstream, counted in tollgate_usage_estimated_total)"
+            );
+        }
+    }
+
+    /// `(reason, count)` of `tollgate_usage_estimated_total` for this upstream.
+    pub fn estimate_counts(&self) -> [(Estimated, u64); 3] {
+        let e = &self.estimates;
+        [
+            (Estimated::NoUsage, e.no_usage.load(Ordering::Relaxed)),
+            (Estimated::Unreadable, e.unreadable.load(Ordering::Relaxed)),
+            (Estimated::TotalOnly, e.total_only.load(Ordering::Relaxed)),
+        ]
     }
 
     /// The upstream's key, so responses can be scrubbed of it.
@@ -145,6 +193,7 @@ impl Upstream {
                 };
                 Ok(UpstreamResponse {
                     status: resp.status().as_u16(),
+                    content_type: resp.headers().get(http::header::CONTENT_TYPE).cloned(),
                     body: resp.bytes_stream().map_err(|e| describe(&e)).boxed(),
                     idle_timeout: *idle_timeout,
                 })
@@ -160,6 +209,7 @@ impl Upstream {
                     .await
                     .map_err(|e| SendError::Other(e.to_string()))?;
                 let status = resp.status().as_u16();
+                let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
                 let body = resp
                     .into_body()
                     .into_data_stream()
@@ -167,6 +217,7 @@ impl Upstream {
                     .boxed();
                 Ok(UpstreamResponse {
                     status,
+                    content_type,
                     body,
                     idle_timeout: SIMULATED_IDLE_TIMEOUT,
                 })

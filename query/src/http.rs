@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
+use tollgate_schemas::credential;
 
 use crate::engine::{Engine, Output};
 use crate::{Principal, QueryError, openapi, reports};
@@ -84,21 +85,18 @@ pub fn error(e: QueryError) -> Response {
 }
 
 fn principal(engine: &Engine, headers: &HeaderMap) -> Result<Principal, QueryError> {
-    let value = headers
+    let authorization = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            QueryError::Unauthenticated(
-                "send Authorization: Bearer <admin token or consumer key>".into(),
-            )
-        })?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| {
-            QueryError::Unauthenticated("the Authorization header is not a bearer token".into())
-        })?;
-    engine.access().bearer(token.trim())
+        .map(HeaderValue::as_bytes);
+    let api_key = headers.get("x-api-key").map(HeaderValue::as_bytes);
+    let token = credential::presented(authorization, api_key)
+        .map_err(|e| QueryError::Unauthenticated(e.to_string()))?;
+    let token = std::str::from_utf8(token).map_err(|_| {
+        QueryError::Unauthenticated(
+            "the token is neither the admin token nor a consumer's key".into(),
+        )
+    })?;
+    engine.access().bearer(token)
 }
 
 async fn openapi_doc() -> Response {

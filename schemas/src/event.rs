@@ -33,7 +33,10 @@ pub struct UsageEvent {
     #[serde(with = "chrono::serde::ts_microseconds")]
     pub ts_end: DateTime<Utc>,
     pub latency_ms: u64,
-    /// Time to the first byte of the response body sent to the client.
+    /// Streams only: time from the request's arrival to the first relayed
+    /// event that carries generated content (content, reasoning, a tool
+    /// call, completion text). Keep-alive comments and role-only chunks do
+    /// not count.
     pub ttft_ms: Option<u64>,
     /// Time spent waiting on upstreams, all attempts together.
     pub upstream_latency_ms: Option<u64>,
@@ -102,8 +105,11 @@ pub struct Attempt {
     /// Upstream HTTP status; null when no response arrived (connect error,
     /// timeout, cancellation before headers).
     pub status: Option<u16>,
-    /// `connect`, `timeout`, `5xx`, `429`, `4xx`, `stream_error`,
-    /// `client_cancelled`; null for a successful attempt.
+    /// `connect`, `timeout`, `5xx`, `429`, `4xx` (by the status, or by the
+    /// error object an upstream sent inside a 200 or a stream),
+    /// `invalid_response` (a 200 that is not an answer: HTML, not JSON, no
+    /// `choices`), `stream_error`, `client_cancelled`; null for a
+    /// successful attempt.
     pub error: Option<String>,
     pub latency_ms: u64,
     pub input_tokens: u64,

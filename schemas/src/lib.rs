@@ -1,6 +1,7 @@
 //! The types every part of Tollgate shares: the [`UsageEvent`] (one row per
 //! client request), token counts with one documented meaning ([`Tokens`]),
-//! exact money ([`Usd`]) and the price catalog ([`PriceCatalog`]).
+//! exact money ([`Usd`]), the price catalog ([`PriceCatalog`]) and the one
+//! reading of a presented API key ([`credential`]).
 //!
 //! Token semantics, fixed here once for the whole ledger (OpenAI's meaning):
 //! `input_tokens` includes `cached_input_tokens`, and `output_tokens`
@@ -15,6 +16,7 @@
 //! `schema_version` names the version a producer wrote.
 
 pub mod arrow;
+pub mod credential;
 pub mod event;
 pub mod money;
 pub mod prices;

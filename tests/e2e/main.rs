@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod broker;
+mod canned;
 mod harness;
 
 mod errors;
+mod exactness;
 mod hostile;
 mod lifecycle;
 mod pipeline;

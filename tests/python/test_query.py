@@ -155,6 +155,29 @@ def test_sql_formats_and_errors(gateway, traffic):
     assert http(gateway, "POST", "/v1/sql", body={"sql": "SELECT 1"})[0] == 400
 
 
+def test_the_query_service_reads_keys_like_the_gateway(gateway, traffic):
+    """One credential parser on every surface (the gateway's side is in the
+    Rust e2e suite): the scheme in any case, any spacing, or x-api-key."""
+    def status(headers):
+        req = urllib.request.Request(f"http://{gateway.query}/v1/sql", method="POST",
+                                     data=json.dumps({"query": "SELECT 1 AS one"}).encode(),
+                                     headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    for value in [f"Bearer {ADMIN_TOKEN}", f"bearer {ADMIN_TOKEN}", f"BEARER {ADMIN_TOKEN}",
+                  f"bEaReR   {ADMIN_TOKEN}", f"Bearer {LIMITED_KEY}"]:
+        assert status({"Authorization": value}) == (200, [{"one": 1}]), value
+    assert status({"x-api-key": ADMIN_TOKEN}) == (200, [{"one": 1}])
+    for headers in [{"Authorization": f"Basic {ADMIN_TOKEN}"}, {"Authorization": "Bearer"},
+                    {"Authorization": f"Bearer{ADMIN_TOKEN}"}, {}]:
+        code, body = status(headers)
+        assert (code, body["error"]["type"]) == (401, "authentication_error"), (headers, body)
+
+
 def test_a_consumer_key_sees_only_its_rows(gateway, traffic):
     own = sql(gateway, "SELECT DISTINCT consumer FROM usage", token=LIMITED_KEY)
     assert own == [{"consumer": "qwq-only"}]

@@ -1,0 +1,333 @@
+//! One upstream attempt and its verdict, judged from what the upstream
+//! actually sent, not from its status line alone:
+//!
+//! - a status of 400 or more fails by its class (429, 4xx, 5xx);
+//! - a complete body must be a JSON answer (`choices`, or `data` for
+//!   embeddings) without an `error` member; an HTML error page or an
+//!   `{"error": ...}` inside a 200 fails like the status it names;
+//! - a stream is read up to its first event with generated content before
+//!   anything goes to the client; an error event, a JSON body instead of an
+//!   event stream, a break, a stall or an end before that first content
+//!   fails the attempt.
+//!
+//! A failure is a fallback trigger like a 5xx of its class, because nothing
+//! has been sent yet. An attempt that generated nothing bills nothing (only
+//! what the upstream itself reported, if it reported usage).
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+
+use crate::config::FallbackTrigger;
+use crate::error::{GatewayError, redact};
+use crate::ledger::Record;
+use crate::relay::{self, Events};
+use crate::rename::Rename;
+use crate::request::{ClientRequest, Endpoint};
+use crate::response::{Document, Fault, FaultClass};
+use crate::routing::Candidate;
+use crate::tally::{Tally, Usage};
+use crate::upstream::{BodyStream, SendError, UpstreamResponse};
+
+/// Longest upstream error body read for its message.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A successful attempt.
+pub enum Answer {
+    /// A complete JSON body, the client's model name restored.
+    Complete { body: Bytes, usage: Usage },
+    /// A stream whose first content (or its end) has arrived.
+    Stream(Box<relay::Primed>),
+}
+
+/// A failed attempt: how the ledger records it and whether the route may
+/// fall back.
+pub struct Failure {
+    pub trigger: FallbackTrigger,
+    /// The attempt's `error` in the ledger.
+    pub label: &'static str,
+    /// The upstream's HTTP status, when a response head arrived.
+    pub status: Option<u16>,
+    /// Tokens the upstream reported for the failed attempt, if it did.
+    pub usage: Option<Usage>,
+    pub error: GatewayError,
+}
+
+impl Failure {
+    fn new(
+        trigger: FallbackTrigger,
+        label: &'static str,
+        status: Option<u16>,
+        error: GatewayError,
+    ) -> Self {
+        Failure {
+            trigger,
+            label,
+            status,
+            usage: None,
+            error,
+        }
+    }
+
+    /// A 200 that is not an answer.
+    fn invalid(message: String) -> Self {
+        Failure::new(
+            FallbackTrigger::ServerError,
+            "invalid_response",
+            Some(200),
+            GatewayError::Upstream { message },
+        )
+    }
+
+    /// An error the upstream reported in a body or an event.
+    pub fn from_fault(fault: Fault, status: Option<u16>, candidate: &Candidate) -> Self {
+        let message = scrub(&fault.message, candidate.upstream.secret());
+        match fault.class {
+            FaultClass::RateLimited => Failure::new(
+                FallbackTrigger::RateLimited,
+                "429",
+                status,
+                GatewayError::UpstreamRateLimited { message },
+            ),
+            FaultClass::Client => Failure::new(
+                FallbackTrigger::ClientError,
+                "4xx",
+                status,
+                GatewayError::UpstreamRejected {
+                    status: fault.status.unwrap_or(400),
+                    message,
+                },
+            ),
+            FaultClass::Server => Failure::new(
+                FallbackTrigger::ServerError,
+                "5xx",
+                status,
+                GatewayError::Upstream {
+                    message: format!("{} reported an error: {message}", candidate.upstream.name()),
+                },
+            ),
+        }
+    }
+
+    pub(crate) fn broken(message: String) -> Self {
+        Failure::new(
+            FallbackTrigger::Connect,
+            "stream_error",
+            Some(200),
+            GatewayError::Upstream { message },
+        )
+    }
+
+    pub(crate) fn stalled(message: &str) -> Self {
+        Failure::new(
+            FallbackTrigger::Timeout,
+            "timeout",
+            Some(200),
+            GatewayError::UpstreamTimeout {
+                message: message.into(),
+            },
+        )
+    }
+}
+
+/// Sends `req` to `candidate` and judges the answer.
+pub async fn run(
+    candidate: &Candidate,
+    endpoint: Endpoint,
+    req: &mut ClientRequest,
+    rec: &Record,
+    max_response_bytes: usize,
+) -> Result<Answer, Failure> {
+    let resp = candidate
+        .upstream
+        .send(endpoint, req.upstream_body(&candidate.model))
+        .await
+        .map_err(refused)?;
+    if resp.status >= 400 {
+        return Err(error_status(resp, candidate).await);
+    }
+    if !(200..300).contains(&resp.status) {
+        return Err(Failure::invalid(format!(
+            "{} answered {} instead of a response",
+            candidate.upstream.name(),
+            resp.status
+        )));
+    }
+    let media = media_type(&resp);
+    if req.stream && !is_json(&media) {
+        let events = Events::new(&req.model, req.include_usage);
+        return relay::prime(resp, events, candidate)
+            .await
+            .map(|primed| Answer::Stream(Box::new(primed)));
+    }
+    let idle = resp.idle_timeout;
+    let bytes = match read_all(resp.body, max_response_bytes, idle).await {
+        Ok(bytes) => bytes,
+        Err(ReadError::Timeout) => {
+            return Err(Failure::stalled(
+                "the upstream stalled while sending its response",
+            ));
+        }
+        Err(ReadError::Broken(m)) => return Err(Failure::broken(m)),
+    };
+    let what = if req.stream {
+        format!("a JSON body ({media}) to a streamed request")
+    } else {
+        format!("{media} that is not a JSON response")
+    };
+    complete(candidate, rec, &req.model, endpoint, &bytes, &what)
+}
+
+/// A whole body: an answer, or the failure it reports.
+fn complete(
+    candidate: &Candidate,
+    rec: &Record,
+    requested: &str,
+    endpoint: Endpoint,
+    bytes: &Bytes,
+    what: &str,
+) -> Result<Answer, Failure> {
+    let name = candidate.upstream.name();
+    let Some(doc) = Document::parse(bytes) else {
+        return Err(Failure::invalid(format!("{name} answered 200 with {what}")));
+    };
+    let mut tally = Tally::default();
+    tally.read(&doc);
+    if let Some(fault) = doc.error() {
+        let mut failure = Failure::from_fault(fault, Some(200), candidate);
+        failure.usage = tally
+            .reported()
+            .then(|| rec.settle(&candidate.upstream, &tally));
+        return Err(failure);
+    }
+    if !doc.is_answer(endpoint == Endpoint::Embeddings) {
+        return Err(Failure::invalid(format!("{name} answered 200 with {what}")));
+    }
+    let usage = rec.settle(&candidate.upstream, &tally);
+    let body = Rename::new(requested).body(bytes, &doc);
+    Ok(Answer::Complete { body, usage })
+}
+
+fn refused(e: SendError) -> Failure {
+    let (trigger, label, error) = match e {
+        SendError::Connect(m) | SendError::Other(m) => (
+            FallbackTrigger::Connect,
+            "connect",
+            GatewayError::Upstream { message: m },
+        ),
+        SendError::Timeout(m) => (
+            FallbackTrigger::Timeout,
+            "timeout",
+            GatewayError::UpstreamTimeout { message: m },
+        ),
+    };
+    Failure::new(trigger, label, None, error)
+}
+
+/// A status of 400 or more, with the message of its body.
+async fn error_status(resp: UpstreamResponse, candidate: &Candidate) -> Failure {
+    let status = resp.status;
+    let text = read_error_body(resp, candidate.upstream.secret()).await;
+    let name = candidate.upstream.name();
+    let (trigger, label, error) = match status {
+        429 => (
+            FallbackTrigger::RateLimited,
+            "429",
+            GatewayError::UpstreamRateLimited { message: text },
+        ),
+        500.. => (
+            FallbackTrigger::ServerError,
+            "5xx",
+            GatewayError::Upstream {
+                message: format!("{name} answered {status}: {text}"),
+            },
+        ),
+        _ => (
+            FallbackTrigger::ClientError,
+            "4xx",
+            GatewayError::UpstreamRejected {
+                status,
+                message: text,
+            },
+        ),
+    };
+    Failure::new(trigger, label, Some(status), error)
+}
+
+/// The media type of the response, lower-cased, without parameters.
+fn media_type(resp: &UpstreamResponse) -> String {
+    let value = resp
+        .content_type
+        .as_ref()
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("no content type");
+    let media = value.split(';').next().unwrap_or("").trim();
+    crate::error::shown(&media.to_ascii_lowercase())
+}
+
+fn is_json(media: &str) -> bool {
+    media == "application/json" || media.ends_with("+json")
+}
+
+pub(crate) enum ReadError {
+    Timeout,
+    Broken(String),
+}
+
+/// The whole body, up to `limit` bytes, with at most `idle` between chunks.
+pub(crate) async fn read_all(
+    mut body: BodyStream,
+    limit: usize,
+    idle: Duration,
+) -> Result<Bytes, ReadError> {
+    let mut buf = BytesMut::new();
+    let mut single: Option<Bytes> = None;
+    loop {
+        match tokio::time::timeout(idle, body.next()).await {
+            Err(_) => return Err(ReadError::Timeout),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ReadError::Broken(e)),
+            Ok(Some(Ok(chunk))) => {
+                if buf.len() + chunk.len() + single.as_ref().map_or(0, Bytes::len) > limit {
+                    return Err(ReadError::Broken(format!(
+                        "upstream response exceeds {limit} bytes"
+                    )));
+                }
+                match single.take() {
+                    None if buf.is_empty() => single = Some(chunk),
+                    None => buf.extend_from_slice(&chunk),
+                    Some(first) => {
+                        buf.extend_from_slice(&first);
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
+            }
+        }
+    }
+    Ok(single.unwrap_or_else(|| buf.freeze()))
+}
+
+/// The message of an upstream error body, scrubbed of the upstream's key.
+async fn read_error_body(resp: UpstreamResponse, secret: Option<&str>) -> String {
+    let idle = resp.idle_timeout.min(Duration::from_secs(10));
+    let text = match read_all(resp.body, MAX_ERROR_BODY, idle).await {
+        Ok(bytes) => match Document::parse(&bytes).and_then(|d| d.error()) {
+            Some(fault) => fault.message,
+            None => String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
+        },
+        Err(_) => "(no body)".to_string(),
+    };
+    scrub(&text, secret)
+}
+
+/// An upstream's words made safe to pass on: no control characters,
+/// bounded, and without the upstream's key.
+pub(crate) fn scrub(text: &str, secret: Option<&str>) -> String {
+    let text: String = text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(1024)
+        .collect();
+    redact(&text, &secret.into_iter().collect::<Vec<_>>())
+}

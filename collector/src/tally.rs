@@ -1,0 +1,309 @@
+//! What one upstream attempt generated, read document by document (a
+//! complete body, or each event of a stream), and what it is billed.
+//!
+//! Usage objects are cumulative wherever they appear (every chunk, the
+//! finish chunk, a last usage-only chunk, Anthropic's start and delta), so
+//! counts merge by taking the larger of each, never by summing. Without a
+//! readable count the attempt is estimated: input from the request body,
+//! output from the text of each choice, each choice capped by `max_tokens`
+//! on its own (a request with `n = 3` may generate three times the cap).
+
+use tollgate_schemas::{TokenSource, Tokens};
+
+use crate::response::Document;
+use crate::tokens::{self, Prompt};
+use crate::usage::Counted;
+
+/// Generated text kept for an estimate, all choices together; past it the
+/// count is extrapolated from the bytes dropped.
+const MAX_TEXT_BYTES: usize = 4 << 20;
+/// Choices tracked one by one; text of any further choice is counted with
+/// the last one tracked (OpenAI allows `n` up to 128).
+const MAX_CHOICES: usize = 128;
+
+#[derive(Debug, Default)]
+pub struct Tally {
+    reported: Option<Tokens>,
+    total_only: Option<u64>,
+    unreadable: bool,
+    choices: Vec<Generated>,
+    kept: usize,
+}
+
+#[derive(Debug)]
+struct Generated {
+    index: u32,
+    text: String,
+    dropped: usize,
+}
+
+/// Tokens and where they came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub tokens: Tokens,
+    pub source: TokenSource,
+}
+
+/// Why an attempt's tokens were estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Estimated {
+    /// The upstream sent no usage at all.
+    NoUsage,
+    /// A usage object came, but with no count that could be read.
+    Unreadable,
+    /// Only `total_tokens` came: the total is kept, the split estimated.
+    TotalOnly,
+}
+
+impl Estimated {
+    /// The `reason` label of `tollgate_usage_estimated_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Estimated::NoUsage => "no_usage",
+            Estimated::Unreadable => "unreadable_usage",
+            Estimated::TotalOnly => "total_only",
+        }
+    }
+}
+
+impl Tally {
+    /// Takes in one document's usage objects and generated text.
+    pub fn read(&mut self, doc: &Document) {
+        for u in doc.usage() {
+            match u.counted() {
+                Counted::Tokens(t) => {
+                    let r = self.reported.get_or_insert_default();
+                    r.input = r.input.max(t.input);
+                    r.cached_input = r.cached_input.max(t.cached_input);
+                    r.output = r.output.max(t.output);
+                    r.reasoning = r.reasoning.max(t.reasoning);
+                }
+                Counted::TotalOnly(t) => {
+                    self.total_only = Some(self.total_only.unwrap_or(0).max(t));
+                }
+                Counted::Unreadable => self.unreadable = true,
+            }
+        }
+        for c in doc.choices() {
+            let slot = self.slot(c.index());
+            let mut kept = self.kept;
+            let g = &mut self.choices[slot];
+            c.each_text(|t| {
+                if kept + t.len() <= MAX_TEXT_BYTES {
+                    g.text.push_str(t);
+                    kept += t.len();
+                } else {
+                    g.dropped += t.len();
+                }
+            });
+            self.kept = kept;
+        }
+    }
+
+    fn slot(&mut self, index: u32) -> usize {
+        if let Some(i) = self.choices.iter().position(|g| g.index == index) {
+            return i;
+        }
+        if self.choices.len() < MAX_CHOICES {
+            self.choices.push(Generated {
+                index,
+                text: String::new(),
+                dropped: 0,
+            });
+        }
+        self.choices.len() - 1
+    }
+
+    /// Whether the upstream reported a count.
+    pub fn reported(&self) -> bool {
+        self.reported.is_some()
+    }
+
+    /// What the attempt is billed, and why it was estimated if it was.
+    pub fn settle(&self, prompt: Option<&Prompt>) -> (Usage, Option<Estimated>) {
+        if let Some(tokens) = self.reported {
+            let usage = Usage {
+                tokens,
+                source: TokenSource::Upstream,
+            };
+            return (usage, None);
+        }
+        let input = prompt.map_or(0, |p| tokens::input(&p.body));
+        let (tokens, why) = match self.total_only {
+            Some(total) => {
+                let input = input.min(total);
+                (
+                    Tokens::new(input, 0, total - input, 0),
+                    Estimated::TotalOnly,
+                )
+            }
+            None => {
+                let max = prompt.and_then(|p| p.max_tokens);
+                let output = self.choices.iter().map(|g| g.output(max)).sum();
+                let why = if self.unreadable {
+                    Estimated::Unreadable
+                } else {
+                    Estimated::NoUsage
+                };
+                (Tokens::new(input, 0, output, 0), why)
+            }
+        };
+        let usage = Usage {
+            tokens,
+            source: TokenSource::Estimated,
+        };
+        (usage, Some(why))
+    }
+}
+
+impl Generated {
+    /// Output tokens of this choice, extrapolated over text not kept, and
+    /// capped by `max_tokens`.
+    fn output(&self, max_tokens: Option<u64>) -> u64 {
+        let mut n = tokens::output(&self.text, None);
+        if self.dropped > 0 {
+            let per_byte = if self.text.is_empty() {
+                0.25
+            } else {
+                n as f64 / self.text.len() as f64
+            };
+            n += (per_byte * self.dropped as f64).ceil() as u64;
+        }
+        max_tokens.map_or(n, |m| n.min(m))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn read(tally: &mut Tally, json: &str) {
+        tally.read(&Document::parse(json.as_bytes()).unwrap());
+    }
+
+    fn prompt(max_tokens: Option<u64>) -> Prompt {
+        Prompt {
+            body: Bytes::from_static(br#"{"messages":[{"role":"user","content":"hello world"}]}"#),
+            max_tokens,
+        }
+    }
+
+    #[test]
+    fn cumulative_usage_counts_once_and_partial_objects_merge() {
+        let mut t = Tally::default();
+        read(
+            &mut t,
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":10,"completion_tokens":1}}"#,
+        );
+        read(
+            &mut t,
+            r#"{"choices":[{"index":0,"delta":{"content":"b"}}],"usage":{"prompt_tokens":10,"completion_tokens":2}}"#,
+        );
+        read(
+            &mut t,
+            r#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":2}}"#,
+        );
+        let (u, why) = t.settle(Some(&prompt(None)));
+        assert_eq!(
+            (u.tokens, u.source, why),
+            (Tokens::new(10, 0, 2, 0), TokenSource::Upstream, None)
+        );
+        // Anthropic: input at the start, output in the delta.
+        let mut a = Tally::default();
+        read(
+            &mut a,
+            r#"{"type":"message_start","message":{"usage":{"input_tokens":5,"cache_read_input_tokens":20,"output_tokens":1}}}"#,
+        );
+        read(
+            &mut a,
+            r#"{"type":"message_delta","usage":{"output_tokens":42}}"#,
+        );
+        assert_eq!(a.settle(None).0.tokens, Tokens::new(25, 20, 42, 0));
+    }
+
+    #[test]
+    fn estimates_count_and_cap_each_choice_on_its_own() {
+        let mut t = Tally::default();
+        // n = 3, max_tokens = 8: each choice generated 10 words.
+        let words = " the gateway routes every request and counts each token to";
+        for i in 0..3 {
+            read(
+                &mut t,
+                &format!(r#"{{"choices":[{{"index":{i},"delta":{{"content":"{words}"}}}}]}}"#),
+            );
+        }
+        let (u, why) = t.settle(Some(&prompt(Some(8))));
+        assert_eq!(u.tokens.output, 24, "8 per choice, three choices");
+        assert_eq!(u.tokens.input, 9);
+        assert_eq!(
+            (u.source, why),
+            (TokenSource::Estimated, Some(Estimated::NoUsage))
+        );
+        let (uncapped, _) = t.settle(Some(&prompt(None)));
+        assert_eq!(uncapped.tokens.output, 30);
+    }
+
+    #[test]
+    fn an_unreadable_or_total_only_usage_is_an_estimate_that_says_so() {
+        let mut t = Tally::default();
+        read(
+            &mut t,
+            r#"{"choices":[{"index":0,"message":{"content":"hello world"}}],"usage":{"tokens":"lots"}}"#,
+        );
+        let (u, why) = t.settle(Some(&prompt(None)));
+        assert_eq!(
+            (u.tokens, why),
+            (Tokens::new(9, 0, 2, 0), Some(Estimated::Unreadable))
+        );
+        let mut total = Tally::default();
+        read(
+            &mut total,
+            r#"{"choices":[{"index":0,"message":{"content":"x"}}],"usage":{"total_tokens":100}}"#,
+        );
+        let (u, why) = total.settle(Some(&prompt(None)));
+        assert_eq!(
+            (u.tokens, why),
+            (Tokens::new(9, 0, 91, 0), Some(Estimated::TotalOnly))
+        );
+        let mut tiny = Tally::default();
+        read(&mut tiny, r#"{"usage":{"total_tokens":4}}"#);
+        assert_eq!(
+            tiny.settle(Some(&prompt(None))).0.tokens,
+            Tokens::new(4, 0, 0, 0),
+            "input never exceeds the total"
+        );
+    }
+
+    #[test]
+    fn text_past_the_bound_is_extrapolated_not_kept() {
+        let mut t = Tally::default();
+        let chunk = format!(
+            r#"{{"choices":[{{"index":0,"delta":{{"content":"{}"}}}}]}}"#,
+            " token".repeat(1 << 16)
+        );
+        for _ in 0..20 {
+            read(&mut t, &chunk);
+        }
+        assert!(t.kept <= MAX_TEXT_BYTES);
+        let out = t.settle(None).0.tokens.output;
+        let exact = 20 * (1u64 << 16);
+        assert!(out.abs_diff(exact) < exact / 100, "{out} vs {exact}");
+    }
+
+    #[test]
+    fn hostile_choice_indexes_do_not_grow_memory() {
+        let mut t = Tally::default();
+        for i in 0..1000u32 {
+            read(
+                &mut t,
+                &format!(
+                    r#"{{"choices":[{{"index":{},"delta":{{"content":" a"}}}}]}}"#,
+                    i * 4_000_000
+                ),
+            );
+        }
+        assert_eq!(t.choices.len(), MAX_CHOICES);
+        assert_eq!(t.settle(None).0.tokens.output, 1000);
+    }
+}
