@@ -4,6 +4,11 @@ Layout on a 2-core machine: the gateway is pinned to core 0; the load
 generator and the simulator share core 1. "direct" = load generator ->
 simulator; "gateway" = load generator -> gateway -> simulator. Both run in
 this one invocation, so their ratio is meaningful on a shared, noisy machine.
+
+BENCH_BASELINE=/path/to/another/tollgate runs that build as a second gateway
+beside this one (same core, taken in turns, the order alternating between
+scenarios), and adds a section comparing the two: a regression check
+measured side by side. BENCH_BASELINE_LABEL names it (e.g. a commit).
 """
 
 from benchmd import write_section
@@ -18,6 +23,8 @@ import tempfile
 import time
 
 BIN = sys.argv[1]
+BASELINE = os.environ.get("BENCH_BASELINE")
+BASELINE_LABEL = os.environ.get("BENCH_BASELINE_LABEL", "baseline")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 GW_CORE, LOAD_CORE = "0", "1"
 KEY = "tg-bench-" + os.urandom(8).hex()
@@ -25,9 +32,9 @@ WORK = tempfile.mkdtemp(prefix="tollgate-bench-")
 CHAT = {"model": "qwq-32b", "messages": [{"role": "user", "content": "Summarise the gateway's cost per consumer for last week."}]}
 
 
-def start(args, name, core):
+def start(args, name, core, binary=BIN):
     out = open(os.path.join(WORK, name + ".out"), "w+")
-    p = subprocess.Popen(["taskset", "-c", core, BIN, *args], stdout=out, stderr=subprocess.STDOUT,
+    p = subprocess.Popen(["taskset", "-c", core, binary, *args], stdout=out, stderr=subprocess.STDOUT,
                          env={**os.environ, "TOLLGATE_LOG": "warn"})
     for _ in range(300):
         out.seek(0)
@@ -86,12 +93,14 @@ def main():
     sim, sim_addr = start(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "16"], "sim", LOAD_CORE)
     slow, slow_addr = start(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "60", "--tokens-per-s", "4"],
                             "slow", LOAD_CORE)
-    config = f"""
+    def gateway(name, binary):
+        config = f"""
 [gateway]
 listen = "127.0.0.1:0"
 instance = "bench"
-[tap]
-path = "{WORK}/events.jsonl"
+[pipeline]
+spool_dir = "{WORK}/{name}/spool"
+lake = "{WORK}/{name}/lake"
 [upstreams.sim]
 kind = "openai"
 base_url = "http://{sim_addr}/v1"
@@ -108,27 +117,45 @@ targets = [{{ upstream = "slow" }}]
 name = "bench"
 api_keys = ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
 """
-    path = os.path.join(WORK, "tollgate.toml")
-    open(path, "w").write(config)
-    gw, gw_addr = start(["serve", "--config", path], "gateway", GW_CORE)
+        path = os.path.join(WORK, name + ".toml")
+        open(path, "w").write(config)
+        return start(["serve", "--config", path], name, GW_CORE, binary)
+
+    gw, gw_addr = gateway("gateway", BIN)
     direct_url = f"http://{sim_addr}/v1/chat/completions"
     gw_url = f"http://{gw_addr}/v1/chat/completions"
+    base, base_url = None, None
+    if BASELINE:
+        base, base_addr = gateway("baseline", BASELINE)
+        base_url = f"http://{base_addr}/v1/chat/completions"
 
     rows = []
-    cpu = {}
+    compared = []
     try:
+        turn = 0
         for stream in (False, True):
             body = {**CHAT, "stream": stream}
             for conns in (1, 64, 256):
                 d = wrk(direct_url, body, conns, auth=False)
-                t0 = cpu_ticks(gw.pid)
-                g = wrk(gw_url, body, conns)
-                ticks = cpu_ticks(gw.pid) - t0
-                us_per_req = ticks * (1_000_000 / os.sysconf("SC_CLK_TCK")) / max(g["requests"], 1)
-                cpu[(stream, conns)] = us_per_req
+                order = [("this", gw, gw_url), ("base", base, base_url)] if base else [("this", gw, gw_url)]
+                if turn % 2:
+                    order.reverse()
+                turn += 1
+                measured = {}
+                for who, proc, url in order:
+                    t0 = cpu_ticks(proc.pid)
+                    g = wrk(url, body, conns)
+                    ticks = cpu_ticks(proc.pid) - t0
+                    measured[who] = (g, ticks * (1_000_000 / os.sysconf("SC_CLK_TCK")) / max(g["requests"], 1))
+                g, us_per_req = measured["this"]
                 rows.append((stream, conns, d, g, us_per_req))
                 print(f"{'stream' if stream else 'json':6} c={conns:<4} direct {d['rps']:>9.0f} rps  gateway {g['rps']:>9.0f} rps"
                       f"  ratio {g['rps'] / d['rps']:.2f}  gw cpu {us_per_req:.1f} us/req", flush=True)
+                if base:
+                    b, b_us = measured["base"]
+                    compared.append((stream, conns, b, b_us, g, us_per_req))
+                    print(f"{'':6} {'':6} {BASELINE_LABEL} {b['rps']:>9.0f} rps  this/{BASELINE_LABEL} {g['rps'] / b['rps']:.2f}"
+                          f"  cpu {b_us:.1f} -> {us_per_req:.1f} us/req", flush=True)
         steady_hwm = status_kb(gw.pid, "VmHWM")
 
         fixed = {}
@@ -138,8 +165,14 @@ api_keys = ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
                 kw["stream"] = True
             fixed[(stream, "direct")] = loadgen(direct_url, **kw)
             fixed[(stream, "gateway")] = loadgen(gw_url, **kw)
+            if base:
+                fixed[(stream, "base")] = loadgen(base_url, **kw)
             print(f"1000 req/s {'stream' if stream else 'json'}: direct {fixed[(stream, 'direct')]}  gateway {fixed[(stream, 'gateway')]}",
                   flush=True)
+        if base:
+            base.terminate()
+            base.wait()
+            base = None
 
         rss_before = status_kb(gw.pid, "VmRSS")
         holder = subprocess.Popen(["taskset", "-c", LOAD_CORE, BIN, "loadgen", "--url", gw_url, "--key", KEY,
@@ -152,12 +185,13 @@ api_keys = ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
         held = json.loads(holder.communicate(timeout=120)[0])
         print(f"1000 open streams: rss {peak_open / 1024:.1f} MB ({held})", flush=True)
     finally:
-        for p in (gw, sim, slow):
+        procs = [p for p in (gw, sim, slow, base) if p]
+        for p in procs:
             p.terminate()
-        for p in (gw, sim, slow):
+        for p in procs:
             p.wait()
 
-    write_report(rows, fixed, steady_hwm, rss_before, peak_open, held)
+    write_report(rows, fixed, steady_hwm, rss_before, peak_open, held, compared)
 
 
 NOTES = """### Reading the figures
@@ -195,7 +229,28 @@ def ms(us):
     return f"{us / 1000:.2f}" if us is not None else "-"
 
 
-def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
+def write_comparison(lines, compared, fixed):
+    lines.append(f"### Against {BASELINE_LABEL}, side by side\n")
+    lines.append(f"The build `{BASELINE_LABEL}` ran as a second gateway on the same core in the same run, "
+                 "each scenario measured on both in turn (the order alternating), against the same simulator.\n")
+    lines.append(f"| body | conns | {BASELINE_LABEL} req/s | this req/s | this/{BASELINE_LABEL} | "
+                 f"{BASELINE_LABEL} p99 ms | this p99 ms | {BASELINE_LABEL} CPU us/req | this CPU us/req |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for stream, conns, b, b_us, g, g_us in compared:
+        lines.append(f"| {'stream' if stream else 'json'} | {conns} | {b['rps']:.0f} | {g['rps']:.0f} | {g['rps'] / b['rps']:.2f} | "
+                     f"{ms(b['p99_us'])} | {ms(g['p99_us'])} | {b_us:.1f} | {g_us:.1f} |")
+    lines.append("")
+    lines.append(f"| at 1,000 req/s | {BASELINE_LABEL} | this |")
+    lines.append("|---|---:|---:|")
+    for stream in (False, True):
+        b, g = fixed[(stream, "base")], fixed[(stream, "gateway")]
+        keys = ["latency_p50_us", "latency_p99_us"] + (["ttfb_p50_us", "ttfb_p99_us"] if stream else [])
+        for k in keys:
+            lines.append(f"| {'stream' if stream else 'json'} {k.replace('_us', '').replace('_', ' ')} | {ms(b[k])} ms | {ms(g[k])} ms |")
+    lines.append("")
+
+
+def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held, compared):
     lines = []
     lines.append("## Gateway\n")
     lines.append(f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, release build, `scripts/bench.sh` "
@@ -209,7 +264,8 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
         "Both are measured in the same run, so the ratio holds on a noisy shared machine.\n"
         "- Throughput and closed-loop latency: `wrk` (Debian) with a POST body, keep-alive connections. "
         "The gateway authenticates the key, parses and rewrites the body, injects `include_usage` on streams, "
-        "relays, renames the model, strips the usage chunk and writes one usage event per request.\n"
+        "relays, renames the model, strips the usage chunk and writes one usage event per request into its spool; "
+        "`tollgate serve`'s embedded ingester turns them into Parquet in the same process, on the same core.\n"
         "- Gateway CPU per request: utime+stime of the gateway process (`/proc/PID/stat`) over the gateway run, "
         "divided by the requests wrk completed.\n"
         "- Fixed rate: `tollgate loadgen` (open loop, 1,000 req/s, new request every 1 ms regardless of responses) "
@@ -224,6 +280,8 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
                      f"{ms(d['p50_us'])} / {ms(d['p99_us'])} | {ms(g['p50_us'])} / {ms(g['p99_us'])} | {us:.1f} |")
     lines.append("")
     c1 = [r for r in rows if r[1] == 1]
+    if compared:
+        write_comparison(lines, compared, fixed)
     lines.append("### Latency added by the gateway\n")
     lines.append("| measure | direct | gateway | added |")
     lines.append("|---|---:|---:|---:|")
@@ -243,7 +301,7 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held):
     lines.append("")
     lines.append("Requests and errors at 1,000 req/s: " + ", ".join(
         f"{'stream' if s else 'json'} {w} {r['requests']} req / {r['errors']} errors / {r['skipped']} skipped"
-        for (s, w), r in fixed.items()) + ".\n")
+        for (s, w), r in fixed.items() if w != "base") + ".\n")
     lines.append("### Memory\n")
     lines.append("| measure | gateway |")
     lines.append("|---|---:|")

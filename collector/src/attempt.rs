@@ -70,8 +70,8 @@ impl Failure {
         }
     }
 
-    /// A 200 that is not an answer.
-    fn invalid(message: String) -> Self {
+    /// A 2xx that is not an answer.
+    pub(crate) fn invalid(message: String) -> Self {
         Failure::new(
             FallbackTrigger::ServerError,
             "invalid_response",
@@ -147,17 +147,20 @@ pub async fn run(
     if resp.status >= 400 {
         return Err(error_status(resp, candidate).await);
     }
-    if !(200..300).contains(&resp.status) {
-        return Err(Failure::invalid(format!(
+    if !(200..300).contains(&resp.status) || resp.status == 204 {
+        let mut failure = Failure::invalid(format!(
             "{} answered {} instead of a response",
             candidate.upstream.name(),
             resp.status
-        )));
+        ));
+        failure.status = Some(resp.status);
+        return Err(failure);
     }
     let media = media_type(&resp);
     if req.stream && !is_json(&media) {
         let events = Events::new(&req.model, req.include_usage);
-        return relay::prime(resp, events, candidate)
+        let settle = |t: &Tally| rec.settle(&candidate.upstream, t);
+        return relay::prime(resp, events, candidate, settle)
             .await
             .map(|primed| Answer::Stream(Box::new(primed)));
     }
@@ -171,41 +174,49 @@ pub async fn run(
         }
         Err(ReadError::Broken(m)) => return Err(Failure::broken(m)),
     };
-    let what = if req.stream {
-        format!("a JSON body ({media}) to a streamed request")
-    } else {
-        format!("{media} that is not a JSON response")
-    };
-    complete(candidate, rec, &req.model, endpoint, &bytes, &what)
+    complete(candidate, rec, req, endpoint, &bytes, &media)
 }
 
-/// A whole body: an answer, or the failure it reports.
+/// A whole body: an answer, or the failure it reports. A failed attempt
+/// is billed what the upstream reported, or an estimate of what it
+/// generated; nothing if it generated nothing.
 fn complete(
     candidate: &Candidate,
     rec: &Record,
-    requested: &str,
+    req: &ClientRequest,
     endpoint: Endpoint,
     bytes: &Bytes,
-    what: &str,
+    media: &str,
 ) -> Result<Answer, Failure> {
     let name = candidate.upstream.name();
     let Some(doc) = Document::parse(bytes) else {
-        return Err(Failure::invalid(format!("{name} answered 200 with {what}")));
+        let what = format!("{name} answered 200 with {media} that is not a JSON response");
+        return Err(Failure::invalid(what));
     };
-    let mut tally = Tally::default();
+    let mut tally = match endpoint {
+        Endpoint::Embeddings => Tally::embeddings(),
+        _ => Tally::default(),
+    };
     tally.read(&doc);
-    if let Some(fault) = doc.error() {
-        let mut failure = Failure::from_fault(fault, Some(200), candidate);
-        failure.usage = tally
-            .reported()
+    let failed = |mut failure: Failure| {
+        failure.usage = (tally.reported() || tally.generated())
             .then(|| rec.settle(&candidate.upstream, &tally));
-        return Err(failure);
+        failure
+    };
+    if let Some(fault) = doc.error() {
+        return Err(failed(Failure::from_fault(fault, Some(200), candidate)));
     }
     if !doc.is_answer(endpoint == Endpoint::Embeddings) {
-        return Err(Failure::invalid(format!("{name} answered 200 with {what}")));
+        let what = format!("{name} answered 200 with JSON that is not a response");
+        return Err(failed(Failure::invalid(what)));
+    }
+    if req.stream {
+        // An SDK reading a stream would see no event at all.
+        let what = format!("{name} answered a streamed request with a whole JSON body ({media})");
+        return Err(failed(Failure::invalid(what)));
     }
     let usage = rec.settle(&candidate.upstream, &tally);
-    let body = Rename::new(requested).body(bytes, &doc);
+    let body = Rename::new(&req.model).body(bytes, &doc);
     Ok(Answer::Complete { body, usage })
 }
 
@@ -314,20 +325,83 @@ async fn read_error_body(resp: UpstreamResponse, secret: Option<&str>) -> String
     let text = match read_all(resp.body, MAX_ERROR_BODY, idle).await {
         Ok(bytes) => match Document::parse(&bytes).and_then(|d| d.error()) {
             Some(fault) => fault.message,
-            None => String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),
+            None => String::from_utf8_lossy(&bytes).into_owned(),
         },
         Err(_) => "(no body)".to_string(),
     };
     scrub(&text, secret)
 }
 
-/// An upstream's words made safe to pass on: no control characters,
-/// bounded, and without the upstream's key.
+/// Longest upstream message passed on, in characters.
+const MAX_MESSAGE_CHARS: usize = 512;
+
+/// An upstream's words made safe to pass on: JSON `\uXXXX` escapes
+/// decoded, the upstream's key removed, then control characters dropped and
+/// the length bounded (in that order, so a cut never leaves a piece of the
+/// key).
 pub(crate) fn scrub(text: &str, secret: Option<&str>) -> String {
-    let text: String = text
-        .chars()
+    let text = redact(&unescape(text), &secret.into_iter().collect::<Vec<_>>());
+    text.chars()
         .filter(|c| !c.is_control())
-        .take(1024)
-        .collect();
-    redact(&text, &secret.into_iter().collect::<Vec<_>>())
+        .take(MAX_MESSAGE_CHARS)
+        .collect()
+}
+
+/// `text` with `\uXXXX` escapes decoded (surrogate pairs included), so an
+/// escaped key is seen by the redaction; anything else is left as it is.
+fn unescape(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains("\\u") {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("\\u") {
+        out.push_str(&rest[..at]);
+        let hex = |s: &str| s.get(..4).and_then(|h| u32::from_str_radix(h, 16).ok());
+        let after = &rest[at + 2..];
+        let decoded = hex(after).and_then(|hi| {
+            if (0xD800..0xDC00).contains(&hi) {
+                let lo = after
+                    .get(4..6)
+                    .filter(|p| *p == "\\u")
+                    .and_then(|_| hex(&after[6..]))?;
+                let c =
+                    char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo.checked_sub(0xDC00)?))?;
+                Some((c, 10))
+            } else {
+                char::from_u32(hi).map(|c| (c, 4))
+            }
+        });
+        match decoded {
+            Some((c, used)) => {
+                out.push(c);
+                rest = &after[used..];
+            }
+            None => {
+                out.push_str("\\u");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_redacted_before_the_message_is_cut_and_in_any_escaping() {
+        let key = "sk-UPSTREAM-CANARY-0123456789";
+        let long = format!("{}{key} tail", "x".repeat(MAX_MESSAGE_CHARS - 10));
+        let out = scrub(&long, Some(key));
+        assert!(!out.contains("sk-UPSTREAM"), "{out}");
+        assert_eq!(out.chars().count(), MAX_MESSAGE_CHARS);
+        let escaped = r"bad key sk-UPSTREAM\u002dCANARY\u002d0123456789 given";
+        assert_eq!(scrub(escaped, Some(key)), "bad key [redacted] given");
+        let pair = r"emoji \ud83d\ude00 and \u00e9 and a stray \uZZZZ";
+        assert_eq!(scrub(pair, None), r"emoji 😀 and é and a stray \uZZZZ");
+        assert_eq!(scrub("line\nbreak\u{7}", None), "linebreak");
+    }
 }

@@ -29,6 +29,10 @@ use crate::tap::Tap;
 use crate::tokens::{self, Prompt};
 use crate::upstream::Upstream;
 
+/// Unknown models remembered for their one warning; past this many, a
+/// client sending made-up names cannot grow the set (or the log) further.
+const MAX_WARNED_MODELS: usize = 1024;
+
 /// The price catalog plus the memory of which unknown models were already
 /// warned about (one warning per model, not per request).
 pub struct Pricing {
@@ -58,6 +62,7 @@ impl Pricing {
             Some(p) => Some(p.cost(tokens)),
             None => {
                 if let Ok(mut warned) = self.warned.lock()
+                    && warned.len() < MAX_WARNED_MODELS
                     && warned.insert(model.to_string())
                 {
                     tracing::warn!(

@@ -34,7 +34,7 @@ use crate::rename::Rename;
 use crate::response::{Document, Fault, FaultClass};
 use crate::routing::Candidate;
 use crate::sse::{self, Event};
-use crate::tally::Tally;
+use crate::tally::{Tally, Usage};
 use crate::upstream::UpstreamResponse;
 
 /// Longest single SSE event accepted from an upstream.
@@ -83,20 +83,28 @@ impl Events {
         let Some(data) = &ev.data else {
             return Step::Send(ev.raw);
         };
-        if ev.is_error() {
-            return Step::Fault(Fault::of_error_event(data));
-        }
-        if data.as_ref() == b"[DONE]" {
+        if data.trim_ascii() == b"[DONE]" {
             self.saw_done = true;
             return Step::Send(ev.raw);
         }
-        let Some(doc) = Document::parse(data) else {
+        let doc = Document::parse(data);
+        if let Some(doc) = &doc {
+            // Usage beside an error is still usage the upstream billed.
+            self.tally.read(doc);
+        }
+        if ev.is_error() {
+            return Step::Fault(Fault::of_error_event(data));
+        }
+        let Some(doc) = doc else {
+            if data.trim_ascii_start().starts_with(b"{") {
+                // JSON the reader refuses (duplicate keys, say) may hold usage.
+                self.tally.unreadable();
+            }
             return Step::Send(ev.raw);
         };
         if let Some(fault) = doc.error() {
             return Step::Fault(fault);
         }
-        self.tally.read(&doc);
         if self.first_content.is_none() && doc.has_content() {
             self.first_content = Some(Instant::now());
         }
@@ -111,28 +119,38 @@ impl Events {
     /// a whole event, dropped if it is a partial line.
     fn tail(&mut self) -> Option<Step> {
         let ev = self.parser.finish()?;
-        let data = ev.data.as_ref()?;
-        let whole = data.as_ref() == b"[DONE]" || Document::parse(data).is_some() || ev.is_error();
+        let Some(data) = ev.data.as_ref() else {
+            // A JSON error sent without SSE framing.
+            let fault = Document::parse(ev.raw.trim_ascii()).and_then(|d| d.error());
+            return fault.map(Step::Fault);
+        };
+        let whole =
+            data.trim_ascii() == b"[DONE]" || Document::parse(data).is_some() || ev.is_error();
         if !whole {
             return None;
         }
         Some(match self.process(ev) {
             Step::Send(raw) => {
-                let mut out = BytesMut::with_capacity(raw.len() + 2);
-                out.extend_from_slice(&raw);
-                out.extend_from_slice(if raw.ends_with(b"\n") || raw.ends_with(b"\r") {
-                    b"\n"
-                } else {
-                    b"\n\n"
-                });
+                // Whatever line ending the upstream left, end on a blank line.
+                let body = raw.trim_ascii_end();
+                let mut out = BytesMut::with_capacity(body.len() + 2);
+                out.extend_from_slice(body);
+                out.extend_from_slice(b"\n\n");
                 Step::Send(out.freeze())
             }
             other => other,
         })
     }
 
+    /// The stream is committed once a choice generated content or finished.
     fn committed(&self) -> bool {
-        self.first_content.is_some() || self.finished || self.saw_done
+        self.first_content.is_some() || self.finished
+    }
+
+    /// What a failed attempt is billed: what the upstream reported, or an
+    /// estimate of what it generated; nothing if it generated nothing.
+    fn failed_usage(&self, settle: impl Fn(&Tally) -> Usage) -> Option<Usage> {
+        (self.tally.reported() || self.tally.generated()).then(|| settle(&self.tally))
     }
 }
 
@@ -153,65 +171,76 @@ impl Primed {
 }
 
 /// Reads the stream up to its first content, holding back what came
-/// before it; any failure on the way is the attempt's failure.
+/// before it; any failure on the way is the attempt's failure, billed by
+/// `settle` if the upstream reported or generated anything. Events without
+/// data (keep-alive comments) are not held: they mean nothing once the
+/// content comes.
 pub async fn prime(
     mut upstream: UpstreamResponse,
     mut events: Events,
     candidate: &Candidate,
+    settle: impl Fn(&Tally) -> Usage,
 ) -> Result<Primed, Failure> {
     let mut held = BytesMut::new();
-    let fault = |events: &Events, f: Fault| {
-        let mut failure = Failure::from_fault(f, Some(200), candidate);
-        failure.usage = events.tally.reported().then(|| events.tally.settle(None).0);
+    let fail = |events: &Events, mut failure: Failure| {
+        failure.usage = events.failed_usage(&settle);
         failure
     };
-    let ended = loop {
+    let ended = 'read: loop {
         let next = tokio::time::timeout(upstream.idle_timeout, upstream.body.next()).await;
-        match next {
+        let chunk = match next {
             Err(_) => {
-                return Err(Failure::stalled(
-                    "the upstream stalled before its first token",
-                ));
+                let stalled = Failure::stalled("the upstream stalled before its first token");
+                return Err(fail(&events, stalled));
             }
             Ok(Some(Err(e))) => {
-                return Err(Failure::broken(format!(
-                    "the upstream stream broke before its first token: {e}"
-                )));
-            }
-            Ok(Some(Ok(chunk))) => {
-                events.parser.push(&chunk);
-                loop {
-                    let ev = match events.parser.next_event() {
-                        Ok(Some(ev)) => ev,
-                        Ok(None) => break,
-                        Err(_) => {
-                            return Err(Failure::broken(
-                                "the upstream sent an oversized event".into(),
-                            ));
-                        }
-                    };
-                    match events.process(ev) {
-                        Step::Send(bytes) => held.extend_from_slice(&bytes),
-                        Step::Skip => {}
-                        Step::Fault(f) => return Err(fault(&events, f)),
-                    }
-                }
-                if events.committed() || held.len() > MAX_HELD_BYTES {
-                    break false;
-                }
+                let message = format!("the upstream stream broke before its first token: {e}");
+                return Err(fail(&events, Failure::broken(message)));
             }
             Ok(None) => {
                 match events.tail() {
                     Some(Step::Send(bytes)) => held.extend_from_slice(&bytes),
-                    Some(Step::Fault(f)) => return Err(fault(&events, f)),
+                    Some(Step::Fault(f)) => {
+                        return Err(fail(&events, Failure::from_fault(f, Some(200), candidate)));
+                    }
                     Some(Step::Skip) | None => {}
                 }
                 if !events.committed() {
-                    return Err(Failure::broken(
-                        "the upstream stream ended before its first token".into(),
-                    ));
+                    let message = "the upstream stream ended before its first token".to_string();
+                    return Err(fail(&events, Failure::broken(message)));
                 }
                 break true;
+            }
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        events.parser.push(&chunk);
+        loop {
+            let ev = match events.parser.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break,
+                Err(_) => {
+                    let broken = Failure::broken("the upstream sent an oversized event".into());
+                    return Err(fail(&events, broken));
+                }
+            };
+            let keep = ev.data.is_some();
+            match events.process(ev) {
+                Step::Send(bytes) if keep => held.extend_from_slice(&bytes),
+                Step::Send(_) | Step::Skip => {}
+                Step::Fault(f) => {
+                    return Err(fail(&events, Failure::from_fault(f, Some(200), candidate)));
+                }
+            }
+            if events.committed() {
+                // The rest stays in the parser for the relay.
+                break 'read false;
+            }
+            if held.len() > MAX_HELD_BYTES {
+                let message = format!(
+                    "{} sent over {MAX_HELD_BYTES} bytes of events without generated content",
+                    candidate.upstream.name()
+                );
+                return Err(fail(&events, Failure::invalid(message)));
             }
         }
     };
@@ -382,6 +411,8 @@ impl Stream for Relay {
         let mut out = Gathered::default();
         if let Some(held) = this.held.take() {
             out.push(held);
+            // Events read in the same chunk as the first content.
+            this.drain_events(&mut out);
         }
         if this.upstream_ended && !this.ended {
             this.finish(&mut out);
@@ -442,6 +473,10 @@ mod tests {
     use crate::simulate::SimSettings;
     use crate::upstream::Upstream;
 
+    fn settle(t: &Tally) -> Usage {
+        t.settle(None).0
+    }
+
     fn candidate() -> Candidate {
         Candidate {
             upstream: Arc::new(Upstream::simulated("up", "test", SimSettings::default())),
@@ -468,14 +503,20 @@ mod tests {
 
     async fn primed(parts: Vec<Option<&'static str>>) -> Result<Primed, Failure> {
         let events = Events::new("asked", false);
-        prime(upstream(parts, Duration::ZERO), events, &candidate()).await
+        prime(
+            upstream(parts, Duration::ZERO),
+            events,
+            &candidate(),
+            settle,
+        )
+        .await
     }
 
     const ROLE: &str = "data: {\"model\":\"served\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
     const HI: &str = "data: {\"model\":\"served\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n";
 
     #[tokio::test]
-    async fn events_before_the_first_content_are_held_and_renamed() {
+    async fn data_events_before_the_first_content_are_held_and_renamed() {
         let p = primed(vec![
             Some(ROLE),
             Some(": ka\n\n"),
@@ -488,8 +529,8 @@ mod tests {
         let held = String::from_utf8(p.held.clone().unwrap().to_vec()).unwrap();
         assert_eq!(held.matches("\"model\":\"asked\"").count(), 2, "{held}");
         assert!(
-            held.contains(": ka\n\n") && !held.contains("[DONE]"),
-            "{held}"
+            !held.contains(": ka") && !held.contains("[DONE]"),
+            "keep-alives are not held, and nothing past the first content: {held}"
         );
         assert!(p.first_content().is_some() && !p.ended);
     }
@@ -515,6 +556,10 @@ mod tests {
             (vec![Some(ROLE), None], "stream_error"),
             (vec![Some(ROLE)], "stream_error"),
             (vec![Some("<html>oops</html>")], "stream_error"),
+            (
+                vec![Some("{\"error\":{\"message\":\"no\",\"code\":503}}")],
+                "5xx",
+            ),
         ];
         for (parts, label) in cases {
             let shown = format!("{parts:?}");
@@ -532,28 +577,33 @@ mod tests {
             upstream(vec![Some(ROLE), Some(HI)], Duration::from_millis(500)),
             Events::new("asked", false),
             &candidate(),
+            settle,
         )
         .await;
         assert_eq!(stalled.err().map(|f| f.label), Some("timeout"));
     }
 
     #[tokio::test]
-    async fn a_finish_or_an_end_commits_a_stream_without_content() {
-        let fin = "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"content_filter\"}]}\n\n";
-        let p = primed(vec![Some(ROLE), Some(fin), Some("data: [DONE]")])
+    async fn a_finish_commits_a_stream_without_content_and_done_alone_does_not() {
+        let fin =
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"content_filter\"}]}";
+        let both = format!("{fin}\n\ndata: [DONE]");
+        let p = primed(vec![Some(ROLE), Some(both.leak())])
             .await
             .ok()
             .unwrap();
-        assert!(p.first_content().is_none() && !p.ended);
-        let ended = primed(vec![Some(ROLE), Some("data: [DONE]")])
-            .await
-            .ok()
-            .unwrap();
+        assert!(
+            p.first_content().is_none() && !p.ended,
+            "the rest is the relay's"
+        );
+        let ended = primed(vec![Some(ROLE), Some(fin)]).await.ok().unwrap();
         assert!(ended.ended);
         let held = ended.held.unwrap();
         assert!(
-            held.ends_with(b"data: [DONE]\n\n"),
+            held.ends_with(b"\"content_filter\"}]}\n\n"),
             "the last event is terminated: {held:?}"
         );
+        let done_only = primed(vec![Some(ROLE), Some("data: [DONE]\n\n")]).await;
+        assert_eq!(done_only.err().map(|f| f.label), Some("stream_error"));
     }
 }

@@ -17,6 +17,10 @@ use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
 
+/// Longest model name taken: every model name in use is far shorter, and
+/// the name travels into events, headers and logs.
+pub const MAX_MODEL_CHARS: usize = 128;
+
 /// The endpoints the gateway proxies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -75,6 +79,14 @@ impl ClientRequest {
             return Err(bad("request body must be a JSON object".into()));
         };
         let model = match body.get("model") {
+            Some(Value::String(m))
+                if m.chars().count() > MAX_MODEL_CHARS || m.chars().any(char::is_control) =>
+            {
+                return Err(bad_param(
+                    "model",
+                    "model must be at most 128 characters, without control characters",
+                ));
+            }
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
             Some(Value::String(_)) | None => {
                 return Err(bad_param("model", "you must provide a model parameter"));
@@ -313,6 +325,16 @@ mod tests {
                 "non-negative",
             ),
             ("empty", "".into(), "not valid JSON"),
+            (
+                "long model",
+                format!(r#"{{"model":"{}","messages":[{{}}]}}"#, "m".repeat(129)),
+                "at most 128 characters",
+            ),
+            (
+                "control in model",
+                r#"{"model":"a\nb","messages":[{}]}"#.into(),
+                "without control characters",
+            ),
         ];
         for (name, body, needle) in cases {
             let m = msg_of(parse(&body));

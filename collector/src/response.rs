@@ -64,7 +64,7 @@ struct Envelope {
 #[derive(Debug, Default, Deserialize)]
 pub struct Choice<'a> {
     #[serde(default, deserialize_with = "choice_index")]
-    index: u32,
+    index: Option<u32>,
     #[serde(default, borrow)]
     delta: Lenient<Message<'a>>,
     #[serde(default, borrow)]
@@ -176,14 +176,17 @@ impl<'a> Document<'a> {
         }
     }
 
-    /// The `error` member, if the upstream sent one.
+    /// The `error` member, if the upstream sent one. An empty one (`""`,
+    /// `{}`, `false`, an object of nulls), as some servers put in every
+    /// answer, is no error.
     pub fn error(&self) -> Option<Fault> {
-        self.error.map(Fault::from_error)
+        self.error.and_then(Fault::from_error)
     }
 }
 
 impl Choice<'_> {
-    pub fn index(&self) -> u32 {
+    /// The choice's `index`, when it has a readable one.
+    pub fn index(&self) -> Option<u32> {
         self.index
     }
 
@@ -250,22 +253,27 @@ impl Fault {
         if let Some(fault) = Document::parse(data).and_then(|d| d.error()) {
             return fault;
         }
-        match serde_json::from_slice::<&RawValue>(data) {
-            Ok(raw) => Fault::from_error(raw),
-            Err(_) => {
-                let text = String::from_utf8_lossy(&data[..data.len().min(512)]).into_owned();
-                Fault::classify(None, &[], text)
-            }
-        }
+        let from_json = serde_json::from_slice::<&RawValue>(data)
+            .ok()
+            .and_then(Fault::from_error);
+        from_json.unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(&data[..data.len().min(512)]).into_owned();
+            Fault::classify(None, &[], text)
+        })
     }
 
     /// Reads an `error` member: OpenAI's `{message, type, code}`, Google's
-    /// `{code, message, status}`, or a bare string.
-    fn from_error(raw: &RawValue) -> Fault {
+    /// `{code, message, status}`, or a bare string; `None` when it is empty.
+    fn from_error(raw: &RawValue) -> Option<Fault> {
         if let Ok(text) = serde_json::from_str::<Cow<str>>(raw.get()) {
-            return Fault::classify(None, &[], text.into_owned());
+            return (!text.trim().is_empty())
+                .then(|| Fault::classify(None, &[], text.into_owned()));
         }
-        let obj: ErrorObject = serde_json::from_str(raw.get()).unwrap_or_default();
+        let obj: ErrorObject = serde_json::from_str(raw.get()).ok()?;
+        if obj.message.is_none() && obj.kind.is_none() && obj.code.is_none() && obj.status.is_none()
+        {
+            return None;
+        }
         let mut status = None;
         let mut words: Vec<String> = Vec::new();
         for v in [obj.code, obj.status].into_iter().flatten() {
@@ -278,9 +286,10 @@ impl Fault {
         words.extend(obj.kind.map(|k| k.to_ascii_lowercase()));
         let message = obj
             .message
+            .filter(|m| !m.trim().is_empty())
             .map(Cow::into_owned)
             .unwrap_or_else(|| "the upstream reported an error".into());
-        Fault::classify(status, &words, message)
+        Some(Fault::classify(status, &words, message))
     }
 
     fn classify(status: Option<u16>, words: &[String], message: String) -> Fault {
@@ -428,10 +437,10 @@ impl<'de, T: Deserialize<'de>, const LIST: bool> Visitor<'de> for Shaped<T, LIST
     }
 }
 
-/// A choice's index; anything but a small non-negative integer is 0.
-fn choice_index<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+/// A choice's index; anything but a non-negative integer is none.
+fn choice_index<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let n = crate::usage::count(d)?;
-    Ok(n.and_then(|n| u32::try_from(n).ok()).unwrap_or(0))
+    Ok(n.and_then(|n| u32::try_from(n).ok()))
 }
 
 /// Text: a string, or content parts (`[{"type": "text", "text": "..."}]`)
@@ -507,7 +516,7 @@ mod tests {
             .map(|c| {
                 let mut s = String::new();
                 c.each_text(|t| s.push_str(t));
-                (c.index(), s)
+                (c.index().unwrap_or(0), s)
             })
             .collect()
     }
@@ -652,13 +661,7 @@ mod tests {
             ),
             (r#""it broke""#, FaultClass::Server, None, "it broke"),
             (
-                r#"{}"#,
-                FaultClass::Server,
-                None,
-                "the upstream reported an error",
-            ),
-            (
-                r#"[1]"#,
+                r#"{"code":"internal"}"#,
                 FaultClass::Server,
                 None,
                 "the upstream reported an error",
@@ -673,12 +676,20 @@ mod tests {
                 "{error}"
             );
         }
-        assert!(
-            Document::parse(br#"{"error":null,"choices":[]}"#)
-                .unwrap()
-                .error()
-                .is_none()
-        );
+        let empty = [
+            "null",
+            r#""""#,
+            "{}",
+            r#"{"message":null,"code":null}"#,
+            "false",
+            "0",
+            "[]",
+        ];
+        for e in empty {
+            let json = format!(r#"{{"error":{e},"choices":[]}}"#);
+            let doc = Document::parse(json.as_bytes()).unwrap();
+            assert!(doc.error().is_none(), "{e}");
+        }
     }
 
     #[test]

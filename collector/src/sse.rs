@@ -58,7 +58,13 @@ pub struct Parser {
     scanned: usize,
     /// Longest event the parser accepts before it reports an overflow.
     max_event_bytes: usize,
+    /// Whether the start of the stream was checked for a byte order mark.
+    bom_checked: bool,
 }
+
+/// A UTF-8 byte order mark, which the SSE standard strips from the start
+/// of a stream.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("an event exceeded {0} bytes without ending")]
@@ -70,6 +76,7 @@ impl Parser {
             buf: BytesMut::new(),
             scanned: 0,
             max_event_bytes,
+            bom_checked: false,
         }
     }
 
@@ -84,6 +91,12 @@ impl Parser {
 
     /// The next complete event, if the buffer holds one.
     pub fn next_event(&mut self) -> Result<Option<Event>, Overflow> {
+        if !self.bom_checked {
+            if BOM.starts_with(&self.buf) {
+                return Ok(None); // too few bytes to tell yet
+            }
+            self.skip_bom();
+        }
         match find_event_end(&self.buf, self.scanned.saturating_sub(3)) {
             Some(end) => {
                 self.scanned = 0;
@@ -101,11 +114,24 @@ impl Parser {
 
     /// What is left when the body ends: an event whose terminator never came.
     pub fn finish(&mut self) -> Option<Event> {
+        if !self.bom_checked {
+            self.skip_bom();
+        }
         if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
             self.buf.clear();
             return None;
         }
         Some(Event::new(self.buf.split().freeze()))
+    }
+}
+
+impl Parser {
+    fn skip_bom(&mut self) {
+        self.bom_checked = true;
+        if self.buf.starts_with(BOM) || BOM.starts_with(&self.buf) {
+            let n = self.buf.len().min(BOM.len());
+            let _ = self.buf.split_to(n);
+        }
     }
 }
 
@@ -228,6 +254,30 @@ mod tests {
         let joined: Vec<u8> = events.iter().flat_map(|e| e.raw.to_vec()).collect();
         assert_eq!(joined, input);
         assert_eq!(events[1].data, None);
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_is_stripped_however_it_is_split() {
+        let input = b"\xEF\xBB\xBFdata: a\n\n\xEF\xBB\xBFdata: b\n\n";
+        for cut in 0..=input.len() {
+            let mut p = Parser::new(1024);
+            let mut events = Vec::new();
+            for piece in [&input[..cut], &input[cut..]] {
+                p.push(piece);
+                events.extend(all_events(&mut p));
+            }
+            events.extend(p.finish());
+            assert_eq!(
+                events[0].raw,
+                Bytes::from_static(b"data: a\n\n"),
+                "cut at {cut}"
+            );
+            assert_eq!(events[0].data.as_deref(), Some(&b"a"[..]));
+            assert_eq!(events.len(), 2, "only the stream's first BOM is stripped");
+        }
+        let mut lone = Parser::new(16);
+        lone.push(b"\xEF\xBB");
+        assert!(lone.next_event().unwrap().is_none() && lone.finish().is_none());
     }
 
     #[test]

@@ -17,13 +17,18 @@ use crate::usage::Counted;
 /// Generated text kept for an estimate, all choices together; past it the
 /// count is extrapolated from the bytes dropped.
 const MAX_TEXT_BYTES: usize = 4 << 20;
-/// Choices tracked one by one; text of any further choice is counted with
-/// the last one tracked (OpenAI allows `n` up to 128).
-const MAX_CHOICES: usize = 128;
+/// Choices tracked one by one (OpenAI allows `n` up to 128); text of any
+/// further choice is counted with the last one tracked.
+const MAX_CHOICES: usize = 1024;
 
 #[derive(Debug, Default)]
 pub struct Tally {
     reported: Option<Tokens>,
+    /// Which sides the reported counts cover.
+    input_reported: bool,
+    output_reported: bool,
+    /// Embeddings generate no output: its count is never missing.
+    no_output: bool,
     total_only: Option<u64>,
     unreadable: bool,
     choices: Vec<Generated>,
@@ -53,6 +58,9 @@ pub enum Estimated {
     Unreadable,
     /// Only `total_tokens` came: the total is kept, the split estimated.
     TotalOnly,
+    /// Usage counted one side only (input or output); the other is
+    /// estimated.
+    Partial,
 }
 
 impl Estimated {
@@ -62,21 +70,33 @@ impl Estimated {
             Estimated::NoUsage => "no_usage",
             Estimated::Unreadable => "unreadable_usage",
             Estimated::TotalOnly => "total_only",
+            Estimated::Partial => "partial_usage",
         }
     }
 }
 
 impl Tally {
+    /// A tally for an embeddings answer, which has no output to count.
+    pub fn embeddings() -> Self {
+        Tally {
+            no_output: true,
+            ..Tally::default()
+        }
+    }
+
     /// Takes in one document's usage objects and generated text.
     pub fn read(&mut self, doc: &Document) {
         for u in doc.usage() {
             match u.counted() {
                 Counted::Tokens(t) => {
-                    let r = self.reported.get_or_insert_default();
-                    r.input = r.input.max(t.input);
-                    r.cached_input = r.cached_input.max(t.cached_input);
-                    r.output = r.output.max(t.output);
-                    r.reasoning = r.reasoning.max(t.reasoning);
+                    self.merge(t);
+                    self.input_reported = true;
+                    self.output_reported = true;
+                }
+                Counted::OneSide { tokens, input } => {
+                    self.merge(tokens);
+                    self.input_reported |= input;
+                    self.output_reported |= !input;
                 }
                 Counted::TotalOnly(t) => {
                     self.total_only = Some(self.total_only.unwrap_or(0).max(t));
@@ -84,8 +104,8 @@ impl Tally {
                 Counted::Unreadable => self.unreadable = true,
             }
         }
-        for c in doc.choices() {
-            let slot = self.slot(c.index());
+        for (position, c) in doc.choices().enumerate() {
+            let slot = self.slot(c.index().unwrap_or(position as u32));
             let mut kept = self.kept;
             let g = &mut self.choices[slot];
             c.each_text(|t| {
@@ -98,6 +118,15 @@ impl Tally {
             });
             self.kept = kept;
         }
+    }
+
+    /// Counts are cumulative: the larger of each is kept.
+    fn merge(&mut self, t: Tokens) {
+        let r = self.reported.get_or_insert_default();
+        r.input = r.input.max(t.input);
+        r.cached_input = r.cached_input.max(t.cached_input);
+        r.output = r.output.max(t.output);
+        r.reasoning = r.reasoning.max(t.reasoning);
     }
 
     fn slot(&mut self, index: u32) -> usize {
@@ -119,33 +148,64 @@ impl Tally {
         self.reported.is_some()
     }
 
+    /// Whether any generated text was read.
+    pub fn generated(&self) -> bool {
+        self.choices
+            .iter()
+            .any(|g| !g.text.is_empty() || g.dropped > 0)
+    }
+
+    /// A document that may hold usage could not be read.
+    pub fn unreadable(&mut self) {
+        self.unreadable = true;
+    }
+
     /// What the attempt is billed, and why it was estimated if it was.
     pub fn settle(&self, prompt: Option<&Prompt>) -> (Usage, Option<Estimated>) {
-        if let Some(tokens) = self.reported {
-            let usage = Usage {
-                tokens,
-                source: TokenSource::Upstream,
-            };
-            return (usage, None);
-        }
-        let input = prompt.map_or(0, |p| tokens::input(&p.body));
-        let (tokens, why) = match self.total_only {
-            Some(total) => {
-                let input = input.min(total);
+        let output_reported = self.output_reported || self.no_output;
+        let input = || prompt.map_or(0, |p| tokens::input(&p.body));
+        let output = || {
+            let max = prompt.and_then(|p| p.max_tokens);
+            self.choices.iter().map(|g| g.output(max)).sum::<u64>()
+        };
+        let (tokens, why) = match (self.reported, self.total_only) {
+            (Some(tokens), _) if self.input_reported && output_reported => {
+                let usage = Usage {
+                    tokens,
+                    source: TokenSource::Upstream,
+                };
+                return (usage, None);
+            }
+            (Some(r), _) => {
+                let i = if self.input_reported {
+                    r.input
+                } else {
+                    r.input.max(input())
+                };
+                let o = if output_reported {
+                    r.output
+                } else {
+                    r.output.max(output())
+                };
+                (
+                    Tokens::new(i, r.cached_input, o, r.reasoning),
+                    Estimated::Partial,
+                )
+            }
+            (None, Some(total)) => {
+                let input = input().min(total);
                 (
                     Tokens::new(input, 0, total - input, 0),
                     Estimated::TotalOnly,
                 )
             }
-            None => {
-                let max = prompt.and_then(|p| p.max_tokens);
-                let output = self.choices.iter().map(|g| g.output(max)).sum();
+            (None, None) => {
                 let why = if self.unreadable {
                     Estimated::Unreadable
                 } else {
                     Estimated::NoUsage
                 };
-                (Tokens::new(input, 0, output, 0), why)
+                (Tokens::new(input(), 0, output(), 0), why)
             }
         };
         let usage = Usage {
@@ -276,6 +336,64 @@ mod tests {
     }
 
     #[test]
+    fn a_side_the_upstream_left_out_is_estimated_and_marked() {
+        let mut t = Tally::default();
+        read(
+            &mut t,
+            r#"{"choices":[{"index":0,"message":{"content":"hello world"}}],"usage":{"completion_tokens":20}}"#,
+        );
+        let (u, why) = t.settle(Some(&prompt(None)));
+        assert_eq!(
+            (u.tokens, u.source, why),
+            (
+                Tokens::new(9, 0, 20, 0),
+                TokenSource::Estimated,
+                Some(Estimated::Partial)
+            )
+        );
+        let mut p = Tally::default();
+        read(
+            &mut p,
+            r#"{"choices":[{"index":0,"message":{"content":"hello world"}}],"usage":{"prompt_tokens":30}}"#,
+        );
+        assert_eq!(
+            p.settle(Some(&prompt(None))).0.tokens,
+            Tokens::new(30, 0, 2, 0)
+        );
+        // Embeddings report prompt tokens only, and that is complete.
+        let mut e = Tally::embeddings();
+        read(&mut e, r#"{"data":[],"usage":{"prompt_tokens":12}}"#);
+        assert_eq!(
+            e.settle(None),
+            (
+                Usage {
+                    tokens: Tokens::new(12, 0, 0, 0),
+                    source: TokenSource::Upstream
+                },
+                None
+            )
+        );
+        // Anthropic: each side in its own event makes a whole.
+        let mut a = Tally::default();
+        read(&mut a, r#"{"message":{"usage":{"input_tokens":5}}}"#);
+        read(&mut a, r#"{"usage":{"output_tokens":7}}"#);
+        assert_eq!(a.settle(None).1, None);
+    }
+
+    #[test]
+    fn choices_without_an_index_are_told_apart_by_position() {
+        let mut t = Tally::default();
+        let words = " the gateway routes every request and counts each token to";
+        read(
+            &mut t,
+            &format!(
+                r#"{{"choices":[{{"message":{{"content":"{words}"}}}},{{"message":{{"content":"{words}"}}}}]}}"#
+            ),
+        );
+        assert_eq!(t.settle(Some(&prompt(Some(5)))).0.tokens.output, 10);
+    }
+
+    #[test]
     fn text_past_the_bound_is_extrapolated_not_kept() {
         let mut t = Tally::default();
         let chunk = format!(
@@ -294,16 +412,16 @@ mod tests {
     #[test]
     fn hostile_choice_indexes_do_not_grow_memory() {
         let mut t = Tally::default();
-        for i in 0..1000u32 {
+        for i in 0..2000u32 {
             read(
                 &mut t,
                 &format!(
                     r#"{{"choices":[{{"index":{},"delta":{{"content":" a"}}}}]}}"#,
-                    i * 4_000_000
+                    i * 2_000_000
                 ),
             );
         }
         assert_eq!(t.choices.len(), MAX_CHOICES);
-        assert_eq!(t.settle(None).0.tokens.output, 1000);
+        assert_eq!(t.settle(None).0.tokens.output, 2000);
     }
 }

@@ -55,6 +55,7 @@ struct Estimates {
     no_usage: AtomicU64,
     unreadable: AtomicU64,
     total_only: AtomicU64,
+    partial: AtomicU64,
     /// Whether the upstream's unreadable usage was already logged.
     warned: AtomicBool,
 }
@@ -130,6 +131,7 @@ impl Upstream {
             Estimated::NoUsage => &self.estimates.no_usage,
             Estimated::Unreadable => &self.estimates.unreadable,
             Estimated::TotalOnly => &self.estimates.total_only,
+            Estimated::Partial => &self.estimates.partial,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if why != Estimated::NoUsage && !self.estimates.warned.swap(true, Ordering::Relaxed) {
@@ -143,12 +145,13 @@ impl Upstream {
     }
 
     /// `(reason, count)` of `tollgate_usage_estimated_total` for this upstream.
-    pub fn estimate_counts(&self) -> [(Estimated, u64); 3] {
+    pub fn estimate_counts(&self) -> [(Estimated, u64); 4] {
         let e = &self.estimates;
         [
             (Estimated::NoUsage, e.no_usage.load(Ordering::Relaxed)),
             (Estimated::Unreadable, e.unreadable.load(Ordering::Relaxed)),
             (Estimated::TotalOnly, e.total_only.load(Ordering::Relaxed)),
+            (Estimated::Partial, e.partial.load(Ordering::Relaxed)),
         ]
     }
 

@@ -96,7 +96,11 @@ impl UsageObject {
 /// What one usage object says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
+    /// Input and output both counted (or derived from `total_tokens`).
     Tokens(Tokens),
+    /// One side counted and the other missing; `input` says which side
+    /// was given. The missing side is estimated.
+    OneSide { tokens: Tokens, input: bool },
     /// Only a total: the split between input and output is not known.
     TotalOnly(u64),
     /// Present, but without a count that can be read.
@@ -190,28 +194,34 @@ impl RawUsage {
             let output = self.completion_tokens.or(self.output_tokens);
             (input, cached, output, self.total_tokens)
         };
-        let (input, output) = match (input, output, total) {
-            (None, None, None) if cached.is_none() && reasoning.is_none() => {
-                return Counted::Unreadable;
-            }
+        let (input, output, one_side) = match (input, output, total) {
+            (None, None, None) => return Counted::Unreadable,
             (None, None, Some(t)) if cached.is_none() && reasoning.is_none() => {
                 return Counted::TotalOnly(t);
             }
-            (Some(i), None, Some(t)) => (i, t.saturating_sub(i)),
-            (None, Some(o), Some(t)) => (t.saturating_sub(o), o),
-            (i, o, _) => (i.unwrap_or(0), o.unwrap_or(0)),
+            (Some(i), None, Some(t)) => (i, t.saturating_sub(i), None),
+            (None, Some(o), Some(t)) => (t.saturating_sub(o), o, None),
+            (Some(i), None, None) => (i, 0, Some(true)),
+            (None, Some(o), None) => (0, o, Some(false)),
+            (i, o, _) => (i.unwrap_or(0), o.unwrap_or(0), None),
         };
         let mut tokens = Tokens::new(input, cached.unwrap_or(0), output, reasoning.unwrap_or(0));
         if let Some(t) = total {
             tokens.output += t.saturating_sub(tokens.total());
         }
-        Counted::Tokens(tokens)
+        match one_side {
+            Some(input) => Counted::OneSide { tokens, input },
+            None => Counted::Tokens(tokens),
+        }
     }
 
+    /// Gemini's own names, and none of the OpenAI-style ones beside them.
     fn is_gemini(&self) -> bool {
-        self.gemini_prompt.is_some()
-            || self.gemini_candidates.is_some()
-            || self.gemini_total.is_some()
+        let openai = self.prompt_tokens.is_some()
+            || self.completion_tokens.is_some()
+            || self.input_tokens.is_some()
+            || self.output_tokens.is_some();
+        !openai && (self.gemini_prompt.is_some() || self.gemini_candidates.is_some())
     }
 
     /// Input tokens (cached included) and the cached subset.
@@ -347,6 +357,32 @@ mod tests {
                 t(100, 64, 50, 20),
             ),
             (
+                "prompt only",
+                r#"{"prompt_tokens":12}"#,
+                Counted::OneSide {
+                    tokens: Tokens::new(12, 0, 0, 0),
+                    input: true,
+                },
+            ),
+            (
+                "completion only",
+                r#"{"completion_tokens":20}"#,
+                Counted::OneSide {
+                    tokens: Tokens::new(0, 0, 20, 0),
+                    input: false,
+                },
+            ),
+            (
+                "a stray gemini key beside openai counts",
+                r#"{"prompt_tokens":100,"completion_tokens":50,"totalTokenCount":1}"#,
+                t(100, 0, 50, 0),
+            ),
+            (
+                "reasoning alone is no count",
+                r#"{"completion_tokens_details":{"reasoning_tokens":5}}"#,
+                Counted::Unreadable,
+            ),
+            (
                 "deepseek without prompt_tokens",
                 r#"{"completion_tokens":5,"prompt_cache_hit_tokens":64,"prompt_cache_miss_tokens":36}"#,
                 t(100, 64, 5, 0),
@@ -458,13 +494,25 @@ mod tests {
         let odd = r#"{"prompt_tokens":"12","completion_tokens":3.0,"total_tokens":null,
                       "completion_tokens_details":{"reasoning_tokens":-1}}"#;
         assert_eq!(norm(odd), t(12, 0, 3, 0));
+        let negative = r#"{"prompt_tokens":-5,"completion_tokens":20}"#;
+        assert_eq!(
+            norm(negative),
+            Counted::OneSide {
+                tokens: Tokens::new(0, 0, 20, 0),
+                input: false
+            },
+            "an unreadable count is a missing side, to be estimated"
+        );
         let junk = r#"{"prompt_tokens":true,"completion_tokens":2.5,"prompt_tokens_details":"x"}"#;
         assert_eq!(norm(junk), Counted::Unreadable);
         let huge = r#"{"prompt_tokens":18446744073709551615,"completion_tokens":10000000000,
                        "total_tokens":1e300}"#;
         assert_eq!(
             norm(huge),
-            t(0, 0, 10_000_000_000, 0),
+            Counted::OneSide {
+                tokens: Tokens::new(0, 0, 10_000_000_000, 0),
+                input: false
+            },
             "past ten billion is no count"
         );
     }
@@ -490,7 +538,7 @@ mod tests {
                 o.insert("completion_tokens_details".into(), serde_json::json!({"reasoning_tokens": r}));
             }
             let json = serde_json::Value::Object(o).to_string();
-            if let Counted::Tokens(t) = norm(&json) {
+            if let Counted::Tokens(t) | Counted::OneSide { tokens: t, .. } = norm(&json) {
                 prop_assert!(t.cached_input <= t.input);
                 prop_assert!(t.reasoning <= t.output);
                 // No reported count is ever lowered.

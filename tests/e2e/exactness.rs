@@ -15,6 +15,8 @@ const SERVED: &str = "deepseek-reasoner";
 
 /// Input, cached input, output and reasoning tokens.
 type Counts = (u64, u64, u64, u64);
+/// Input and output tokens.
+type InOut = (u64, u64);
 
 /// A gateway whose `deepseek-r1` goes to the canned upstream and falls back
 /// to `qwq-32b` on a simulator, and whose `r1-alone` has no fallback.
@@ -102,8 +104,8 @@ fn parseable_events(body: &str) -> Vec<Value> {
             continue;
         }
         let data = data.join("\n");
-        if data == "[DONE]" {
-            out.push(Value::String(data));
+        if data.trim() == "[DONE]" {
+            out.push(Value::String("[DONE]".into()));
             continue;
         }
         out.push(
@@ -230,6 +232,45 @@ async fn a_failure_hidden_in_a_200_falls_back_and_bills_nothing() {
             ),
             "stream_error",
         ),
+        (
+            "stream-big-html",
+            true,
+            Reply::new(200, "text/html", &"<p>Bad Gateway</p>\n\n".repeat(20_000)),
+            "stream_error",
+        ),
+        (
+            "stream-many-keepalives-then-error",
+            true,
+            Reply::sse(
+                (0..300)
+                    .map(|_| raw(&format!(": {}\n\n", "k".repeat(1024))))
+                    .chain([data(&error_502)])
+                    .collect(),
+            ),
+            "5xx",
+        ),
+        (
+            "stream-done-only",
+            true,
+            Reply::sse(vec![done()]),
+            "stream_error",
+        ),
+        (
+            "stream-bom-then-error",
+            true,
+            Reply::sse(vec![raw("\u{feff}"), data(&error_502)]),
+            "5xx",
+        ),
+        (
+            "a-204",
+            false,
+            Reply {
+                status: 204,
+                content_type: None,
+                parts: vec![],
+            },
+            "invalid_response",
+        ),
     ];
     for (case, stream, reply, _) in &cases {
         rig.canned.on(case, reply.clone());
@@ -265,7 +306,8 @@ async fn a_failure_hidden_in_a_200_falls_back_and_bills_nothing() {
         assert_eq!(e.fallback_reason.as_deref(), Some(*label), "{case}");
         assert_eq!(e.attempts.len(), 2, "{case}");
         assert_eq!(e.attempts[0].error.as_deref(), Some(*label), "{case}");
-        assert_eq!(e.attempts[0].status, Some(200), "{case}");
+        let status = if *case == "a-204" { 204 } else { 200 };
+        assert_eq!(e.attempts[0].status, Some(status), "{case}");
         zero_billed(e, 0);
         assert_eq!(e.output_tokens, 5, "{case}: only the fallback's tokens");
     }
@@ -306,6 +348,16 @@ async fn without_a_fallback_the_error_in_a_200_reaches_the_client_with_its_class
         ),
     ];
     let mut asked = Vec::new();
+    let long = format!("{}{UPSTREAM_KEY} tail", "x".repeat(484));
+    rig.canned
+        .on("long-400", Reply::new(400, "text/plain", &long));
+    let (status, body) = ask(&rig, "long-400", &request("r1-alone", "long-400", false)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        !body.contains("sk-canary"),
+        "no piece of the key is cut into the message: {body}"
+    );
+    asked.push(("long-400".to_string(), "4xx", "invalid_request"));
     for (name, error, want, label, outcome) in &cases {
         for stream in [false, true] {
             let case = format!("{name}-{stream}");
@@ -340,6 +392,92 @@ async fn without_a_fallback_the_error_in_a_200_reaches_the_client_with_its_class
         assert!(e.cost_usd.is_some_and(|c| c.decimal().is_zero()), "{case}");
     }
     assert_no_secrets(&all_text_under(&rig.dir), "test files");
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_billed_what_the_upstream_reported_or_generated() {
+    let rig = rig("failed-billing");
+    let usage = json!({"prompt_tokens": 50, "completion_tokens": 7, "total_tokens": 57});
+    let usage_chunk = data(&json!({"id": "x", "model": SERVED, "choices": [], "usage": usage}));
+    let error = json!({"message": "overloaded", "code": 503});
+    // (case, stream, reply, attempt error, attempt tokens (input, output))
+    let cases: Vec<(&str, bool, Reply, &str, InOut)> = vec![
+        (
+            "usage-then-break",
+            true,
+            Reply::sse(vec![usage_chunk.clone(), Part::Break]),
+            "stream_error",
+            (50, 7),
+        ),
+        (
+            "usage-then-end",
+            true,
+            Reply::sse(vec![usage_chunk, done()]),
+            "stream_error",
+            (50, 7),
+        ),
+        (
+            "error-with-usage",
+            true,
+            Reply::sse(vec![data(&json!({"error": error, "usage": usage}))]),
+            "5xx",
+            (50, 7),
+        ),
+        (
+            "json-answer-to-a-stream",
+            true,
+            Reply::json(&answer(SERVED, "Hi", Some(usage.clone()))),
+            "invalid_response",
+            (50, 7),
+        ),
+        (
+            "usage-without-choices",
+            false,
+            Reply::json(&json!({"object": "list", "model": SERVED, "usage": usage})),
+            "invalid_response",
+            (50, 7),
+        ),
+        (
+            "content-and-error-in-one-read",
+            true,
+            Reply::sse(vec![raw(&format!(
+                "data: {}\n\ndata: {}\n\n",
+                delta(SERVED, 0, json!({"content": "Hello"})),
+                json!({"error": error})
+            ))]),
+            "5xx",
+            (0, 1),
+        ),
+    ];
+    for (case, stream, reply, _, _) in &cases {
+        rig.canned.on(case, reply.clone());
+        let (status, body) = ask(&rig, case, &request("deepseek-r1", case, *stream)).await;
+        assert_eq!(status, 200, "{case}: {body}");
+    }
+    let events = rig.gw.exactly(cases.len());
+    for (case, _, _, label, (input, output)) in &cases {
+        let e = event(&events, case);
+        let a = &e.attempts[0];
+        if *case == "content-and-error-in-one-read" {
+            // The content went out before the error was read: no fallback,
+            // and the generated text is billed.
+            assert!(!e.fallback, "{case}: {e:#?}");
+            assert_eq!(e.outcome.as_str(), "upstream_error", "{case}");
+            assert!(
+                a.output_tokens >= *output && a.input_tokens > 0,
+                "{case}: {a:?}"
+            );
+            continue;
+        }
+        assert!(e.fallback, "{case}: {e:#?}");
+        assert_eq!(a.error.as_deref(), Some(*label), "{case}");
+        assert_eq!(
+            (a.input_tokens, a.output_tokens),
+            (*input, *output),
+            "{case}: the upstream's own count"
+        );
+        assert_eq!(a.token_source, Some(TokenSource::Upstream), "{case}");
+    }
 }
 
 #[tokio::test]
@@ -401,6 +539,24 @@ async fn a_stream_that_fails_after_its_first_token_ends_with_a_parseable_error_e
             "ok",
             "",
         ),
+        (
+            "lone-cr-tail",
+            vec![
+                content(SERVED, "Hello"),
+                raw(&format!(
+                    "data: {}\r",
+                    delta(SERVED, 0, json!({"content": " world"}))
+                )),
+            ],
+            "upstream_error",
+            "stream_error",
+        ),
+        (
+            "done-with-trailing-space",
+            vec![content(SERVED, "Hello"), raw("data: [DONE] \n\n")],
+            "ok",
+            "",
+        ),
     ];
     for (case, parts, _, _) in &cases {
         rig.canned.on(case, Reply::sse(parts.clone()));
@@ -415,8 +571,14 @@ async fn a_stream_that_fails_after_its_first_token_ends_with_a_parseable_error_e
             !body.contains("\"tru"),
             "{case}: a partial line never reaches the client: {body:?}"
         );
+        if *case == "lone-cr-tail" {
+            assert!(
+                body.contains("\" world\""),
+                "the whole last event is kept: {body:?}"
+            );
+        }
         let last = events.last().unwrap();
-        if *case == "unterminated-done" {
+        if ["unterminated-done", "done-with-trailing-space"].contains(case) {
             assert_eq!(last, &Value::String("[DONE]".into()), "{case}");
         } else {
             assert_eq!(last["error"]["type"], "upstream_error", "{case}: {body:?}");
@@ -746,6 +908,7 @@ async fn the_client_model_name_is_restored_in_every_sse_framing() {
     };
     let multi_line: String = chunk("c").lines().map(|l| format!("data: {l}\n")).collect();
     let parts = vec![
+        raw("\u{feff}"),
         raw(&format!(
             "id: 1\ndata: {}\n\n",
             chunk("a").replace('\n', " ")
@@ -823,4 +986,18 @@ async fn the_bearer_scheme_is_read_in_any_case() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
+}
+
+#[tokio::test]
+async fn an_overlong_model_name_is_refused_and_still_recorded() {
+    let rig = rig("long-model");
+    let long = "deepseek-".to_string() + &"r".repeat(200);
+    let (status, body) = ask(&rig, "long", &request(&long, "long", false)).await;
+    assert_eq!(status, 400, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["param"], "model");
+    let events = rig.gw.exactly(1);
+    assert_eq!(events[0].outcome.as_str(), "invalid_request");
+    assert_eq!(events[0].status, 400);
+    assert_eq!(rig.canned.hits("long"), 0);
 }
