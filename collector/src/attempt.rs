@@ -145,7 +145,7 @@ pub async fn run(
         .await
         .map_err(refused)?;
     if resp.status >= 400 {
-        return Err(error_status(resp, candidate).await);
+        return Err(error_status(resp, candidate, rec).await);
     }
     if !(200..300).contains(&resp.status) || resp.status == 204 {
         let mut failure = Failure::invalid(format!(
@@ -237,9 +237,29 @@ fn refused(e: SendError) -> Failure {
 }
 
 /// A status of 400 or more, with the message of its body.
-async fn error_status(resp: UpstreamResponse, candidate: &Candidate) -> Failure {
+/// A status of 400 or more, with the message of its body, billed the
+/// usage the body reports, if any.
+async fn error_status(resp: UpstreamResponse, candidate: &Candidate, rec: &Record) -> Failure {
     let status = resp.status;
-    let text = read_error_body(resp, candidate.upstream.secret()).await;
+    let idle = resp.idle_timeout.min(Duration::from_secs(10));
+    let body = read_all(resp.body, MAX_ERROR_BODY, idle).await.ok();
+    let doc = body.as_deref().and_then(Document::parse);
+    let message = match (&doc, &body) {
+        (Some(doc), _) if doc.error().is_some() => doc.error().map(|f| f.message),
+        (_, Some(bytes)) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        (_, None) => None,
+    };
+    let text = scrub(
+        message.as_deref().unwrap_or("(no body)"),
+        candidate.upstream.secret(),
+    );
+    let mut tally = Tally::default();
+    if let Some(doc) = &doc {
+        tally.read(doc);
+    }
+    let usage = tally
+        .reported()
+        .then(|| rec.settle(&candidate.upstream, &tally));
     let name = candidate.upstream.name();
     let (trigger, label, error) = match status {
         429 => (
@@ -263,7 +283,9 @@ async fn error_status(resp: UpstreamResponse, candidate: &Candidate) -> Failure 
             },
         ),
     };
-    Failure::new(trigger, label, Some(status), error)
+    let mut failure = Failure::new(trigger, label, Some(status), error);
+    failure.usage = usage;
+    failure
 }
 
 /// The media type of the response, lower-cased, without parameters.
@@ -317,19 +339,6 @@ pub(crate) async fn read_all(
         }
     }
     Ok(single.unwrap_or_else(|| buf.freeze()))
-}
-
-/// The message of an upstream error body, scrubbed of the upstream's key.
-async fn read_error_body(resp: UpstreamResponse, secret: Option<&str>) -> String {
-    let idle = resp.idle_timeout.min(Duration::from_secs(10));
-    let text = match read_all(resp.body, MAX_ERROR_BODY, idle).await {
-        Ok(bytes) => match Document::parse(&bytes).and_then(|d| d.error()) {
-            Some(fault) => fault.message,
-            None => String::from_utf8_lossy(&bytes).into_owned(),
-        },
-        Err(_) => "(no body)".to_string(),
-    };
-    scrub(&text, secret)
 }
 
 /// Longest upstream message passed on, in characters.

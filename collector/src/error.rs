@@ -137,12 +137,18 @@ pub fn shown(name: &str) -> String {
     name.chars().filter(|c| !c.is_control()).take(128).collect()
 }
 
-/// Removes every occurrence of each secret from `text`.
+/// Removes every occurrence of each secret from `text`, in any ASCII case.
 pub fn redact(text: &str, secrets: &[&str]) -> String {
     let mut out = text.to_string();
     for s in secrets.iter().filter(|s| s.len() >= 4) {
-        if out.contains(*s) {
-            out = out.replace(*s, "[redacted]");
+        const MARK: &str = "[redacted]";
+        let needle = s.to_ascii_lowercase();
+        let mut from = 0;
+        // Lower-casing ASCII keeps every byte offset.
+        while let Some(found) = out[from..].to_ascii_lowercase().find(&needle) {
+            let at = from + found;
+            out.replace_range(at..at + needle.len(), MARK);
+            from = at + MARK.len();
         }
     }
     out
@@ -206,6 +212,11 @@ mod tests {
             redact("bad key sk-abcdef given", &["sk-abcdef"]),
             "bad key [redacted] given"
         );
+        assert_eq!(
+            redact("SK-ABCDEF and sk-AbCdEf", &["sk-abcdef"]),
+            "[redacted] and [redacted]"
+        );
+        assert_eq!(redact("a redacted b", &["redacted"]), "a [redacted] b");
         assert_eq!(shown(&"x".repeat(1000)).len(), 128);
         assert_eq!(shown("a\nb\u{7}"), "ab");
     }

@@ -263,17 +263,26 @@ impl Fault {
     }
 
     /// Reads an `error` member: OpenAI's `{message, type, code}`, Google's
-    /// `{code, message, status}`, or a bare string; `None` when it is empty.
+    /// `{code, message, status}`, a bare string, or any other value. An
+    /// error is any value that is not empty, as the OpenAI SDKs judge it
+    /// (they raise on a truthy `error`): `null`, `false`, `0`, `""`, `[]`
+    /// and `{}` are none.
     fn from_error(raw: &RawValue) -> Option<Fault> {
-        if let Ok(text) = serde_json::from_str::<Cow<str>>(raw.get()) {
-            return (!text.trim().is_empty())
-                .then(|| Fault::classify(None, &[], text.into_owned()));
-        }
-        let obj: ErrorObject = serde_json::from_str(raw.get()).ok()?;
-        if obj.message.is_none() && obj.kind.is_none() && obj.code.is_none() && obj.status.is_none()
-        {
-            return None;
-        }
+        let generic = || Fault::classify(None, &[], "the upstream reported an error".into());
+        let value: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
+        let obj = match value {
+            serde_json::Value::Null | serde_json::Value::Bool(false) => return None,
+            serde_json::Value::Number(n) if n.as_f64() == Some(0.0) => return None,
+            serde_json::Value::String(text) if text.is_empty() => return None,
+            serde_json::Value::String(text) => return Some(Fault::classify(None, &[], text)),
+            serde_json::Value::Array(items) if items.is_empty() => return None,
+            serde_json::Value::Object(o) if o.is_empty() => return None,
+            serde_json::Value::Object(_) => serde_json::from_str::<ErrorObject>(raw.get()).ok(),
+            _ => None,
+        };
+        let Some(obj) = obj else {
+            return Some(generic());
+        };
         let mut status = None;
         let mut words: Vec<String> = Vec::new();
         for v in [obj.code, obj.status].into_iter().flatten() {
@@ -666,6 +675,24 @@ mod tests {
                 None,
                 "the upstream reported an error",
             ),
+            (
+                r#"{"message":null}"#,
+                FaultClass::Server,
+                None,
+                "the upstream reported an error",
+            ),
+            (
+                "[1]",
+                FaultClass::Server,
+                None,
+                "the upstream reported an error",
+            ),
+            (
+                "true",
+                FaultClass::Server,
+                None,
+                "the upstream reported an error",
+            ),
         ];
         for (error, class, status, message) in cases {
             let json = format!(r#"{{"error":{error}}}"#);
@@ -676,15 +703,7 @@ mod tests {
                 "{error}"
             );
         }
-        let empty = [
-            "null",
-            r#""""#,
-            "{}",
-            r#"{"message":null,"code":null}"#,
-            "false",
-            "0",
-            "[]",
-        ];
+        let empty = ["null", r#""""#, "{}", "false", "0", "[]"];
         for e in empty {
             let json = format!(r#"{{"error":{e},"choices":[]}}"#);
             let doc = Document::parse(json.as_bytes()).unwrap();

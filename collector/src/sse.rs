@@ -117,6 +117,7 @@ impl Parser {
         if !self.bom_checked {
             self.skip_bom();
         }
+        self.scanned = 0;
         if self.buf.iter().all(|b| b.is_ascii_whitespace()) {
             self.buf.clear();
             return None;
@@ -138,7 +139,7 @@ impl Parser {
 /// Index just past the blank line that ends the first event, searching from
 /// `from`. Lines end in `\n`, `\r\n` or `\r`.
 fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
+    let mut i = from.min(buf.len());
     while let Some(off) = memchr::memchr2(b'\n', b'\r', &buf[i..]) {
         let eol = i + off;
         let next = match buf[eol] {
@@ -320,6 +321,20 @@ mod tests {
     }
 
     #[test]
+    fn the_parser_is_usable_after_finish() {
+        let mut p = Parser::new(1024);
+        p.push(b"data: a long unterminated event without its blank line");
+        assert!(p.next_event().unwrap().is_none());
+        assert!(p.finish().is_some());
+        assert!(p.next_event().unwrap().is_none(), "no stale scan position");
+        p.push(b"data: b\n\n");
+        assert_eq!(
+            p.next_event().unwrap().unwrap().data.as_deref(),
+            Some(&b"b"[..])
+        );
+    }
+
+    #[test]
     fn oversized_events_are_reported_not_buffered_forever() {
         let mut p = Parser::new(16);
         p.push(&[b'x'; 64]);
@@ -380,9 +395,12 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..512), more in proptest::collection::vec(any::<u8>(), 0..64)) {
             let mut p = Parser::new(256);
             p.push(&input);
+            while let Ok(Some(_)) = p.next_event() {}
+            let _ = p.finish();
+            p.push(&more);
             while let Ok(Some(_)) = p.next_event() {}
             let _ = p.finish();
         }

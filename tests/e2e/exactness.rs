@@ -438,6 +438,17 @@ async fn a_failed_attempt_is_billed_what_the_upstream_reported_or_generated() {
             (50, 7),
         ),
         (
+            "usage-in-a-500",
+            false,
+            Reply::new(
+                500,
+                "application/json",
+                &json!({"error": error, "usage": usage}).to_string(),
+            ),
+            "5xx",
+            (50, 7),
+        ),
+        (
             "content-and-error-in-one-read",
             true,
             Reply::sse(vec![raw(&format!(
@@ -556,6 +567,30 @@ async fn a_stream_that_fails_after_its_first_token_ends_with_a_parseable_error_e
             vec![content(SERVED, "Hello"), raw("data: [DONE] \n\n")],
             "ok",
             "",
+        ),
+        (
+            "only-an-unterminated-event",
+            vec![raw(&format!(
+                "data: {}",
+                delta(SERVED, 0, json!({"content": "Hello"}))
+            ))],
+            "upstream_error",
+            "stream_error",
+        ),
+        (
+            "only-an-event-ended-by-one-newline",
+            vec![raw(&format!(
+                "data: {}\n",
+                delta(SERVED, 0, json!({"content": "Hello"}))
+            ))],
+            "upstream_error",
+            "stream_error",
+        ),
+        (
+            "error-as-a-list",
+            vec![content(SERVED, "Hello"), data(&json!({"error": [1]}))],
+            "upstream_error",
+            "5xx",
         ),
     ];
     for (case, parts, _, _) in &cases {
