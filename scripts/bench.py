@@ -253,7 +253,8 @@ def write_comparison(lines, compared, fixed):
 def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held, compared):
     lines = []
     lines.append("## Gateway\n")
-    lines.append(f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, release build, `scripts/bench.sh` "
+    profile = os.environ.get("BENCH_PROFILE", "release")
+    lines.append(f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, `{profile}` build, `scripts/bench.sh` "
                  f"({SECONDS} s per run).\n")
     lines.append("### Method\n")
     lines.append(

@@ -108,7 +108,9 @@ impl Events {
         if self.first_content.is_none() && doc.has_content() {
             self.first_content = Some(Instant::now());
         }
-        self.finished |= doc.finished();
+        if !self.finished {
+            self.finished = doc.finished();
+        }
         if doc.is_usage_only() && !self.client_wants_usage {
             return Step::Skip;
         }
@@ -186,10 +188,18 @@ pub async fn prime(
         failure.usage = events.failed_usage(&settle);
         failure
     };
+    let idle = tokio::time::sleep(upstream.idle_timeout);
+    tokio::pin!(idle);
     let ended = 'read: loop {
-        let next = tokio::time::timeout(upstream.idle_timeout, upstream.body.next()).await;
+        let next = tokio::select! {
+            biased;
+            next = upstream.body.next() => Ok(next),
+            () = &mut idle => Err(()),
+        };
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + upstream.idle_timeout);
         let chunk = match next {
-            Err(_) => {
+            Err(()) => {
                 let stalled = Failure::stalled("the upstream stalled before its first token");
                 return Err(fail(&events, stalled));
             }

@@ -123,7 +123,11 @@ impl<'a> Document<'a> {
     /// document was parsed from), and its value.
     pub fn model(&self, bytes: &[u8]) -> Option<(Range<usize>, Cow<'a, str>)> {
         let raw = self.model?.get();
-        let name: Cow<'a, str> = serde_json::from_str(raw).ok()?;
+        let name: Cow<'a, str> = match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+            // The usual name has no escapes: its bytes are its value.
+            Some(plain) if !plain.contains('\\') => Cow::Borrowed(plain),
+            _ => serde_json::from_str(raw).ok()?,
+        };
         let start = (raw.as_ptr() as usize).checked_sub(bytes.as_ptr() as usize)?;
         let span = start..start + raw.len();
         (span.end <= bytes.len()).then_some((span, name))

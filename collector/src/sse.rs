@@ -163,45 +163,74 @@ fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// The lines of `raw`, each ended by `\n`, `\r\n` or `\r`.
+fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = raw;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (line, next) = match memchr::memchr2(b'\n', b'\r', rest) {
+            Some(i) if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') => (&rest[..i], i + 2),
+            Some(i) => (&rest[..i], i + 1),
+            None => (rest, rest.len()),
+        };
+        rest = &rest[next..];
+        Some(line)
+    })
+}
+
+/// A line's field name and value (one leading space dropped); a comment
+/// has the empty name.
+fn field(line: &[u8]) -> (&[u8], &[u8]) {
+    match memchr::memchr(b':', line) {
+        Some(i) => {
+            let value = &line[i + 1..];
+            (&line[..i], value.strip_prefix(b" ").unwrap_or(value))
+        }
+        None => (line, &line[..0]),
+    }
+}
+
 /// The values of the `data` lines of `raw`, in order.
 fn data_lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
-    field_lines(raw, b"data")
+    lines(raw).filter_map(|line| match field(line) {
+        (b"data", value) => Some(value),
+        _ => None,
+    })
 }
 
-fn field_lines<'r>(raw: &'r [u8], field: &'static [u8]) -> impl Iterator<Item = &'r [u8]> {
-    raw.split(|b| *b == b'\n' || *b == b'\r')
-        .filter_map(move |line| {
-            let value = line.strip_prefix(field)?;
-            match value.first() {
-                None => Some(&value[..0]),
-                Some(b':') => Some(value[1..].strip_prefix(b" ").unwrap_or(&value[1..])),
-                Some(_) => None, // a field such as `dataset:`
-            }
-        })
-}
-
-/// The `data` field (lines joined by `\n`) and the `event` field.
+/// The `data` field (lines joined by `\n`) and the `event` field, in one
+/// pass over the lines.
 fn fields(raw: &Bytes) -> (Option<Bytes>, Option<Bytes>) {
-    let name = field_lines(raw, b"event").last().map(|n| raw.slice_ref(n));
-    let mut lines = data_lines(raw);
-    let Some(first) = lines.next() else {
-        return (None, name);
-    };
-    let data = match lines.next() {
-        None => raw.slice_ref(first),
-        Some(second) => {
-            let mut joined = Vec::with_capacity(first.len() + second.len() + 1);
-            joined.extend_from_slice(first);
-            joined.push(b'\n');
-            joined.extend_from_slice(second);
-            for more in lines {
-                joined.push(b'\n');
-                joined.extend_from_slice(more);
-            }
-            Bytes::from(joined)
+    let mut name = None;
+    let mut first: Option<&[u8]> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    for line in lines(raw) {
+        match field(line) {
+            (b"data", value) => match (first, joined.as_mut()) {
+                (None, _) => first = Some(value),
+                (Some(f), None) => {
+                    let mut j = Vec::with_capacity(f.len() + value.len() + 1);
+                    j.extend_from_slice(f);
+                    j.push(b'\n');
+                    j.extend_from_slice(value);
+                    joined = Some(j);
+                }
+                (Some(_), Some(j)) => {
+                    j.push(b'\n');
+                    j.extend_from_slice(value);
+                }
+            },
+            (b"event", value) => name = Some(value),
+            _ => {}
         }
+    }
+    let data = match joined {
+        Some(j) => Some(Bytes::from(j)),
+        None => first.map(|f| raw.slice_ref(f)),
     };
-    (Some(data), name)
+    (data, name.map(|n| raw.slice_ref(n)))
 }
 
 #[cfg(test)]
