@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
+use http::HeaderValue;
 
 use crate::config::FallbackTrigger;
 use crate::error::{GatewayError, redact};
@@ -156,8 +157,8 @@ pub async fn run(
         failure.status = Some(resp.status);
         return Err(failure);
     }
-    let media = media_type(&resp);
-    if req.stream && !is_json(&media) {
+    let media = Media(resp.content_type.clone());
+    if req.stream && !media.is_json() {
         let events = Events::new(&req.model, req.include_usage);
         let settle = |t: &Tally| rec.settle(&candidate.upstream, t);
         return relay::prime(resp, events, candidate, settle)
@@ -174,7 +175,7 @@ pub async fn run(
         }
         Err(ReadError::Broken(m)) => return Err(Failure::broken(m)),
     };
-    complete(candidate, rec, req, endpoint, &bytes, &media)
+    complete(candidate, rec, req, endpoint, &bytes, media)
 }
 
 /// A whole body: an answer, or the failure it reports. A failed attempt
@@ -186,7 +187,7 @@ fn complete(
     req: &ClientRequest,
     endpoint: Endpoint,
     bytes: &Bytes,
-    media: &str,
+    media: Media,
 ) -> Result<Answer, Failure> {
     let name = candidate.upstream.name();
     let Some(doc) = Document::parse(bytes) else {
@@ -288,19 +289,33 @@ async fn error_status(resp: UpstreamResponse, candidate: &Candidate, rec: &Recor
     failure
 }
 
-/// The media type of the response, lower-cased, without parameters.
-fn media_type(resp: &UpstreamResponse) -> String {
-    let value = resp
-        .content_type
-        .as_ref()
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("no content type");
-    let media = value.split(';').next().unwrap_or("").trim();
-    crate::error::shown(&media.to_ascii_lowercase())
+/// The response's `content-type`, read only as far as a verdict needs.
+struct Media(Option<HeaderValue>);
+
+impl Media {
+    /// The media type without parameters, as sent.
+    fn essence(&self) -> &[u8] {
+        let value = self.0.as_ref().map_or(&b""[..], HeaderValue::as_bytes);
+        let end = memchr::memchr(b';', value).unwrap_or(value.len());
+        value[..end].trim_ascii()
+    }
+
+    fn is_json(&self) -> bool {
+        let m = self.essence();
+        m.eq_ignore_ascii_case(b"application/json")
+            || (m.len() >= 5 && m[m.len() - 5..].eq_ignore_ascii_case(b"+json"))
+    }
 }
 
-fn is_json(media: &str) -> bool {
-    media == "application/json" || media.ends_with("+json")
+impl std::fmt::Display for Media {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.essence() {
+            b"" => f.write_str("no content type"),
+            m => f.write_str(&crate::error::shown(
+                &String::from_utf8_lossy(m).to_ascii_lowercase(),
+            )),
+        }
+    }
 }
 
 pub(crate) enum ReadError {

@@ -101,7 +101,11 @@ impl Keyring {
 /// The key from `Authorization: Bearer` or `x-api-key`, as raw bytes.
 fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     let authorization = headers.get(AUTHORIZATION).map(HeaderValue::as_bytes);
-    let api_key = headers.get("x-api-key").map(HeaderValue::as_bytes);
+    // `Authorization` decides when present: no second lookup then.
+    let api_key = match authorization {
+        None => headers.get("x-api-key").map(HeaderValue::as_bytes),
+        Some(_) => None,
+    };
     credential::presented(authorization, api_key).ok()
 }
 

@@ -342,6 +342,35 @@ impl Fault {
     }
 }
 
+/// The scalar visits of a lenient visitor: every scalar is no value.
+macro_rules! skip_scalars {
+    () => {
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(Self::Value::default())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(Self::Value::default())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(Self::Value::default())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(Self::Value::default())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(Self::Value::default())
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Self::Value::default())
+        }
+    };
+}
+
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
 /// An object of the expected shape, or `None` for any other value.
 #[derive(Debug)]
 pub struct Lenient<T>(pub Option<T>);
@@ -354,8 +383,21 @@ impl<T> Default for Lenient<T> {
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Shaped::<T, false>(PhantomData))
-            .map(|v| Lenient(v.and_then(Item::object)))
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|t| Lenient(Some(t)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                skip_seq(seq).map(|()| Lenient(None))
+            }
+            skip_scalars!();
+        }
+        d.deserialize_any(V(PhantomData))
     }
 }
 
@@ -378,75 +420,26 @@ impl<T> List<T> {
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Shaped::<T, true>(PhantomData))
-            .map(|v| List(v.and_then(Item::list)))
-    }
-}
-
-enum Item<T> {
-    Object(T),
-    List(Vec<T>),
-}
-
-impl<T> Item<T> {
-    fn object(self) -> Option<T> {
-        match self {
-            Item::Object(t) => Some(t),
-            Item::List(_) => None,
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = List<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(16));
+                while let Some(Lenient(item)) = seq.next_element::<Lenient<T>>()? {
+                    items.extend(item);
+                }
+                Ok(List(Some(items)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(List(None))
+            }
+            skip_scalars!();
         }
-    }
-    fn list(self) -> Option<Vec<T>> {
-        match self {
-            Item::List(v) => Some(v),
-            Item::Object(_) => None,
-        }
-    }
-}
-
-/// Reads an object as `T`, or (when `LIST`) an array of them; any other
-/// value is `None`.
-struct Shaped<T, const LIST: bool>(PhantomData<T>);
-
-impl<'de, T: Deserialize<'de>, const LIST: bool> Visitor<'de> for Shaped<T, LIST> {
-    type Value = Option<Item<T>>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        if LIST {
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            return Ok(None);
-        }
-        T::deserialize(de::value::MapAccessDeserializer::new(map)).map(|t| Some(Item::Object(t)))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        if !LIST {
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            return Ok(None);
-        }
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element::<Lenient<T>>()? {
-            items.extend(item.0);
-        }
-        Ok(Some(Item::List(items)))
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(None)
+        d.deserialize_any(V(PhantomData))
     }
 }
 
