@@ -161,9 +161,9 @@ pub async fn run(
     if req.stream && !media.is_json() {
         let events = Events::new(&req.model, req.include_usage);
         let settle = |t: &Tally| rec.settle(&candidate.upstream, t);
-        return relay::prime(resp, events, candidate, settle)
-            .await
-            .map(|primed| Answer::Stream(Box::new(primed)));
+        // Boxed: its state would otherwise widen every request's future.
+        let primed = Box::pin(relay::prime(resp, events, candidate, settle)).await;
+        return primed.map(|primed| Answer::Stream(Box::new(primed)));
     }
     let idle = resp.idle_timeout;
     let bytes = match read_all(resp.body, max_response_bytes, idle).await {
