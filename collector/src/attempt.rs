@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use http::HeaderValue;
 
 use crate::config::FallbackTrigger;
 use crate::error::{GatewayError, redact};
@@ -29,7 +28,7 @@ use crate::request::{ClientRequest, Endpoint};
 use crate::response::{Document, Fault, FaultClass};
 use crate::routing::Candidate;
 use crate::tally::{Tally, Usage};
-use crate::upstream::{BodyStream, SendError, UpstreamResponse};
+use crate::upstream::{BodyStream, MediaType, SendError, UpstreamResponse};
 
 /// Longest upstream error body read for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -157,7 +156,7 @@ pub async fn run(
         failure.status = Some(resp.status);
         return Err(failure);
     }
-    let media = Media(resp.content_type.clone());
+    let media = resp.content_type;
     if req.stream && !media.is_json() {
         let events = Events::new(&req.model, req.include_usage);
         let settle = |t: &Tally| rec.settle(&candidate.upstream, t);
@@ -187,7 +186,7 @@ fn complete(
     req: &ClientRequest,
     endpoint: Endpoint,
     bytes: &Bytes,
-    media: Media,
+    media: MediaType,
 ) -> Result<Answer, Failure> {
     let name = candidate.upstream.name();
     let Some(doc) = Document::parse(bytes) else {
@@ -287,35 +286,6 @@ async fn error_status(resp: UpstreamResponse, candidate: &Candidate, rec: &Recor
     let mut failure = Failure::new(trigger, label, Some(status), error);
     failure.usage = usage;
     failure
-}
-
-/// The response's `content-type`, read only as far as a verdict needs.
-struct Media(Option<HeaderValue>);
-
-impl Media {
-    /// The media type without parameters, as sent.
-    fn essence(&self) -> &[u8] {
-        let value = self.0.as_ref().map_or(&b""[..], HeaderValue::as_bytes);
-        let end = memchr::memchr(b';', value).unwrap_or(value.len());
-        value[..end].trim_ascii()
-    }
-
-    fn is_json(&self) -> bool {
-        let m = self.essence();
-        m.eq_ignore_ascii_case(b"application/json")
-            || (m.len() >= 5 && m[m.len() - 5..].eq_ignore_ascii_case(b"+json"))
-    }
-}
-
-impl std::fmt::Display for Media {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.essence() {
-            b"" => f.write_str("no content type"),
-            m => f.write_str(&crate::error::shown(
-                &String::from_utf8_lossy(m).to_ascii_lowercase(),
-            )),
-        }
-    }
 }
 
 pub(crate) enum ReadError {

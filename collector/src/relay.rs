@@ -505,7 +505,7 @@ mod tests {
         });
         UpstreamResponse {
             status: 200,
-            content_type: None,
+            content_type: crate::upstream::MediaType::of(None),
             body: Box::pin(body),
             idle_timeout: Duration::from_millis(200),
         }

@@ -27,11 +27,59 @@ pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 
 pub struct UpstreamResponse {
     pub status: u16,
-    /// The `content-type` header as sent, if any.
-    pub content_type: Option<HeaderValue>,
+    pub content_type: MediaType,
     pub body: BodyStream,
     /// Longest silence allowed between two body chunks.
     pub idle_timeout: Duration,
+}
+
+/// The media type of a response (`type/subtype`, parameters dropped),
+/// copied out of its head: a `HeaderValue` shares the HTTP client's read
+/// buffer and would keep it from being reused for as long as it lives.
+#[derive(Clone, Copy)]
+pub struct MediaType {
+    buf: [u8; Self::MAX],
+    len: u8,
+}
+
+impl MediaType {
+    const MAX: usize = 64;
+
+    pub fn of(value: Option<&HeaderValue>) -> Self {
+        let value = value.map_or(&b""[..], HeaderValue::as_bytes);
+        let end = memchr::memchr(b';', value).unwrap_or(value.len());
+        let essence = value[..end].trim_ascii();
+        let len = essence.len().min(Self::MAX);
+        let mut buf = [0; Self::MAX];
+        buf[..len].copy_from_slice(&essence[..len]);
+        MediaType {
+            buf,
+            len: len as u8,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+
+    /// `application/json` or any `+json` type, in any case.
+    pub fn is_json(&self) -> bool {
+        let m = self.as_bytes();
+        m.eq_ignore_ascii_case(b"application/json")
+            || (m.len() >= 5 && m[m.len() - 5..].eq_ignore_ascii_case(b"+json"))
+    }
+}
+
+impl std::fmt::Display for MediaType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.as_bytes() {
+            b"" => f.write_str("no content type"),
+            m => {
+                let text = String::from_utf8_lossy(m).to_ascii_lowercase();
+                f.write_str(&crate::error::shown(&text))
+            }
+        }
+    }
 }
 
 /// Why an attempt got no response.
@@ -196,7 +244,7 @@ impl Upstream {
                 };
                 Ok(UpstreamResponse {
                     status: resp.status().as_u16(),
-                    content_type: resp.headers().get(http::header::CONTENT_TYPE).cloned(),
+                    content_type: MediaType::of(resp.headers().get(http::header::CONTENT_TYPE)),
                     body: resp.bytes_stream().map_err(|e| describe(&e)).boxed(),
                     idle_timeout: *idle_timeout,
                 })
@@ -212,7 +260,7 @@ impl Upstream {
                     .await
                     .map_err(|e| SendError::Other(e.to_string()))?;
                 let status = resp.status().as_u16();
-                let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
+                let content_type = MediaType::of(resp.headers().get(http::header::CONTENT_TYPE));
                 let body = resp
                     .into_body()
                     .into_data_stream()
