@@ -258,22 +258,29 @@ api_keys = ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
 
 NOTES = """### Reading the figures
 
+- The gateway runs as `tollgate serve` does for a user: the spool's group
+  commits (fsync) and the embedded ingester (Arrow, Parquet, zstd) share its
+  process and its one core. Per-request CPU, tail latency (the ingester
+  flushes a batch every 2 s) and RSS (its batch buffers) include the whole
+  ledger pipeline. The targets were set, and met, when events went to a
+  JSON-lines file; figures from before that change are not comparable.
 - *direct* is one hyper server (the simulator) answering from memory; the
   gateway does the same server work plus a full HTTP client exchange and the
-  ledger, on one core. In a profile of the gateway at 64 connections about a
-  quarter of its CPU is the kernel's loopback `writev` (two sends per request,
-  each also delivering to the receiver), and about a tenth is malloc/free; the
-  rest is spread over hyper (server and client), reqwest, JSON and the event.
-  So the gateway/direct ratio on this rig sits well below 1 even though the
-  per-request CPU target is met.
+  ledger, on one core. In a profile of the gateway at 64 connections the
+  kernel's loopback networking is over half of its CPU (two sends per
+  request, each also delivering to the receiver); the rest is spread over
+  hyper (server and client), reqwest, JSON, the event and the ingester.
+- A change's cost is read from the side-by-side section: both builds run the
+  same pipeline on the same core in the same run, and callgrind's
+  instruction counts for them do not move with the machine's load.
 - Streams: the simulator produces all 16 events at once and its server writes
   them in one batch; the gateway relays each event as it arrives (it may not
   wait to fill a buffer), which is one client write per event when the
   upstream's body arrives chunk by chunk. Against a paced upstream (real
   models emit 20-100 tokens/s) this per-event write happens anyway.
 - Candidates to close the gap, not tried yet: a hyper-util client
-  instead of reqwest, a faster allocator, and yielding once before each flush
-  so that chunks already on the socket go out in one write.
+  instead of reqwest, yielding once before each flush so that chunks already
+  on the socket go out in one write, and the ingester on a core of its own.
 """
 
 
