@@ -70,30 +70,29 @@ def to_us(v):
     return float(n) * {"us": 1, "ms": 1000, "s": 1_000_000}[unit]
 
 
+def gateway_config(name, sim_addr, slow_addr=None):
+    """Writes a `tollgate serve` config for the bench consumer, with its
+    spool and lake under WORK/name; returns its path. `qwq-32b` goes to the
+    simulator at `sim_addr`, `slow-stream` to the one at `slow_addr`."""
+    def route(upstream, addr, model):
+        return (f'[upstreams.{upstream}]\nkind = "openai"\nbase_url = "http://{addr}/v1"\n'
+                f'[[routes]]\nmodel = "{model}"\ntargets = [{{ upstream = "{upstream}" }}]\n')
+    routes = route("sim", sim_addr, "qwq-32b") + (route("slow", slow_addr, "slow-stream") if slow_addr else "")
+    config = (f'[gateway]\nlisten = "127.0.0.1:0"\ninstance = "bench"\n'
+              f'[pipeline]\nspool_dir = "{WORK}/{name}/spool"\nlake = "{WORK}/{name}/lake"\n{routes}'
+              f'[[consumers]]\nname = "bench"\napi_keys = ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]\n')
+    path = os.path.join(WORK, name + ".toml")
+    open(path, "w").write(config)
+    return path
+
+
 def callgrind_per_request(binary, sim_addr, stream, n=300):
     """Instructions per request executed by the gateway's runtime workers
     (everything under tokio's `run_task`: the proxy, hyper and reqwest),
     counted by valgrind's callgrind: the same for the same build and load,
     whatever else the machine is doing."""
     name = f"cg-{'stream' if stream else 'json'}-{os.path.basename(binary)}-{time.time_ns()}"
-    spool = os.path.join(WORK, name)
-    config = os.path.join(WORK, name + ".toml")
-    open(config, "w").write(f"""
-[gateway]
-listen = "127.0.0.1:0"
-[pipeline]
-spool_dir = "{spool}/spool"
-lake = "{spool}/lake"
-[upstreams.sim]
-kind = "openai"
-base_url = "http://{sim_addr}/v1"
-[[routes]]
-model = "qwq-32b"
-targets = [{{ upstream = "sim" }}]
-[[consumers]]
-name = "bench"
-api_keys = ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
-""")
+    config = gateway_config(name, sim_addr)
     out_file = os.path.join(WORK, name + ".callgrind")
     log = open(os.path.join(WORK, name + ".out"), "w+")
     p = subprocess.Popen(["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=*Context*run_task*",
@@ -149,32 +148,7 @@ def main():
     slow, slow_addr = start(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "60", "--tokens-per-s", "4"],
                             "slow", LOAD_CORE)
     def gateway(name, binary):
-        config = f"""
-[gateway]
-listen = "127.0.0.1:0"
-instance = "bench"
-[pipeline]
-spool_dir = "{WORK}/{name}/spool"
-lake = "{WORK}/{name}/lake"
-[upstreams.sim]
-kind = "openai"
-base_url = "http://{sim_addr}/v1"
-[upstreams.slow]
-kind = "openai"
-base_url = "http://{slow_addr}/v1"
-[[routes]]
-model = "qwq-32b"
-targets = [{{ upstream = "sim" }}]
-[[routes]]
-model = "slow-stream"
-targets = [{{ upstream = "slow" }}]
-[[consumers]]
-name = "bench"
-api_keys = ["sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"]
-"""
-        path = os.path.join(WORK, name + ".toml")
-        open(path, "w").write(config)
-        return start(["serve", "--config", path], name, GW_CORE, binary)
+        return start(["serve", "--config", gateway_config(name, sim_addr, slow_addr)], name, GW_CORE, binary)
 
     gw, gw_addr = gateway("gateway", BIN)
     direct_url = f"http://{sim_addr}/v1/chat/completions"
