@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::future::Either;
 use tollgate_collector::config::{Config, KafkaConfig, PipelineConfig};
 use tollgate_collector::forward::{self, ForwardStats, ForwarderConfig};
 use tollgate_collector::metrics;
@@ -54,7 +55,8 @@ pub fn kafka_source(k: &KafkaConfig) -> KafkaSource {
         topic: k.topic.clone(),
         group: k.group.clone(),
         member: k.member.clone(),
-        properties: Vec::new(),
+        // The same client settings as the forwarder's producer.
+        properties: k.properties.clone().into_iter().collect(),
     }
 }
 
@@ -227,12 +229,20 @@ pub async fn ingest(
             }),
         );
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    stop_signal.await;
+    // An ingester that stopped on its own (a refused client setting, a lost
+    // lake) ends the process with its error, rather than answering
+    // `/healthz` while it ingests nothing.
+    let joined = tokio::task::spawn_blocking(move || thread.join());
+    let result = match futures_util::future::select(std::pin::pin!(stop_signal), joined).await {
+        Either::Left(((), joined)) => {
+            stop.store(true, Ordering::Release);
+            joined.await
+        }
+        Either::Right((result, _)) => result,
+    };
     server.abort();
     stop.store(true, Ordering::Release);
-    tokio::task::spawn_blocking(move || thread.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("the ingest thread panicked"))??;
+    result?.map_err(|_| anyhow::anyhow!("the ingest thread panicked"))??;
     tracing::info!(
         rows = stats.rows.load(Ordering::Relaxed),
         files = stats.files.load(Ordering::Relaxed),

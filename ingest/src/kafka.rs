@@ -44,9 +44,9 @@ pub struct KafkaSource {
 
 /// Creates `topic` with `partitions` partitions unless it exists.
 pub async fn ensure_topic(source: &KafkaSource, partitions: i32) -> Result<bool, IngestError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &source.brokers)
-        .create()?;
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &source.brokers);
+    let admin: AdminClient<DefaultClientContext> = with_properties(config, source).create()?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     // The broker's default replication first; a single broker may want 1.
     for replication in [-1, 1] {
@@ -172,6 +172,16 @@ impl Partition {
     }
 }
 
+/// `config` with the cluster's shared `properties` (security, SASL, TLS)
+/// set last, so they override the defaults: every client of the cluster,
+/// the consumer and the admin client alike, takes them.
+fn with_properties(mut config: ClientConfig, source: &KafkaSource) -> ClientConfig {
+    for (k, v) in &source.properties {
+        config.set(k, v);
+    }
+    config
+}
+
 fn consumer(
     source: &KafkaSource,
     inflight: Arc<Inflight>,
@@ -188,10 +198,7 @@ fn consumer(
     if let Some(member) = &source.member {
         c.set("group.instance.id", member);
     }
-    for (k, v) in &source.properties {
-        c.set(k, v);
-    }
-    c.create_with_context(Ctx {
+    with_properties(c, source).create_with_context(Ctx {
         changes: Mutex::new(Vec::new()),
         inflight,
     })

@@ -148,3 +148,50 @@ async fn a_bad_config_names_the_field_and_line() {
         "{err}"
     );
 }
+
+#[test]
+fn kafka_client_settings_reach_the_ingesters_consumer_too() {
+    // A setting librdkafka refuses proves it was applied: before, only the
+    // forwarder's producer took `properties`, so an ingester against a
+    // SASL/TLS cluster ran with none of them.
+    let dir = scratch("kafka-properties");
+    let path = dir.join("tollgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[pipeline]\nspool_dir = {:?}\nlake = {:?}\n\
+             kafka = {{ brokers = \"127.0.0.1:9\", properties = {{ \"security.protocol\" = \"carrier-pigeon\" }} }}\n",
+            dir.join("spool").display().to_string(),
+            dir.join("lake").display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "ingest",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("TOLLGATE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the ingester ignored its Kafka client settings and kept running");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("security.protocol"), "{err}");
+}
