@@ -21,7 +21,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
-use tollgate_collector::tap::Tap;
+use tollgate_collector::ledger::tap::Tap;
 use tollgate_ingest::kafka::KafkaSource;
 use tollgate_ingest::synth::Synth;
 use tollgate_ingest::{IngestOptions, Lake, Stats};
@@ -306,7 +306,7 @@ async fn freshness(
     let dir = args.dir.join("freshness");
     let lake_dir = dir.join("lake");
     let (key, key_line) =
-        tollgate_collector::auth::new_key().map_err(|e| anyhow::anyhow!("{e}"))?;
+        tollgate_collector::proxy::auth::new_key().map_err(|e| anyhow::anyhow!("{e}"))?;
     let config = format!(
         "[gateway]\nlisten = \"127.0.0.1:0\"\ninstance = \"bench\"\n\n[pipeline]\nspool_dir = {:?}\nlake = {:?}\nkafka = {{ brokers = \"{brokers}\", topic = \"bench.fresh.{}\", group = \"fresh-{}\" }}\n\n\
          [upstreams.sim]\nkind = \"simulated\"\n\n[[routes]]\nmodel = \"qwq-32b\"\ntargets = [{{ upstream = \"sim\" }}]\n\n\

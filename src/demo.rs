@@ -13,7 +13,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use rust_decimal::Decimal;
-use tollgate_collector::{Config, Server, auth};
+use tollgate_collector::proxy::auth;
+use tollgate_collector::{Config, Server};
 use tollgate_ingest::Lake;
 use tollgate_schemas::UsageEvent;
 

@@ -12,8 +12,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use tollgate_collector::simulate::{self, SimSettings};
-use tollgate_collector::{Config, Server, auth};
+use tollgate_collector::proxy::auth;
+use tollgate_collector::upstream::simulate::{self, SimSettings};
+use tollgate_collector::{Config, Server};
 
 // Query scans make many short-lived buffers: glibc's allocator spent a fifth
 // of a lake scan in malloc and free.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::simulate::SimSettings;
+use crate::upstream::simulate::SimSettings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -8,44 +8,34 @@
 //! rejected, failed and client-cancelled ones; no client or upstream key
 //! reaches a log line, an error body or an event.
 //!
-//! The path of a request: [`paths`] -> [`gateway::app`] -> [`proxy`]
-//! ([`auth`], [`request`], [`routing`], then per attempt [`upstream`] and
-//! [`attempt`], which judges the answer and for streams hands over to
-//! [`relay`]) with the [`ledger`] recording it and the [`tap`] taking the
-//! event into the spool, which [`forward`] drains into Kafka.
-//!
-//! Reading what upstreams send, one parser per concern: [`sse`] (event
-//! framing), [`response`] (one JSON document: model, choices, usage
-//! placements, errors), [`usage`] (one usage object's counts), [`tally`]
-//! (an attempt's usage and the estimate without it), [`rename`] (the
-//! client's model name); credentials are read by
-//! `tollgate_schemas::credential`, shared with the query service.
+//! Its parts, in the order a request meets them: [`server`] (the listener,
+//! [`paths`] normalised before routing) -> [`app`] (the router) ->
+//! [`proxy`] (the numbered steps of one request: auth, body, route,
+//! attempts) -> [`policy`] (the coming limits, cache, content screen and
+//! search steps) -> [`upstream`] (where attempts go and what comes back) ->
+//! [`relay`] (streams to the client), with the [`ledger`] recording the
+//! request and its tap taking the event into the spool, which [`forward`]
+//! drains into Kafka. [`state`] is what every request reads; [`config`],
+//! [`error`] and [`metrics`] serve them all.
 
-pub mod attempt;
-pub mod auth;
+pub mod app;
 pub mod config;
 pub mod error;
 pub mod forward;
-pub mod gateway;
 pub mod ledger;
 pub mod metrics;
 pub mod paths;
+pub mod policy;
 pub mod proxy;
 pub mod relay;
-pub mod rename;
-pub mod request;
-pub mod response;
-pub mod routing;
-pub mod simulate;
-pub mod sse;
-pub mod tally;
-pub mod tap;
-pub mod tokens;
+pub mod server;
+pub mod state;
 pub mod upstream;
-pub mod usage;
 
+pub use app::app;
 pub use config::{Config, ConfigError};
-pub use gateway::{Gateway, Server, Summary, app};
+pub use server::{Server, Summary};
+pub use state::Gateway;
 
 /// Errors that stop the gateway from starting or serving.
 #[derive(Debug, thiserror::Error)]

@@ -56,7 +56,7 @@ fn label_value(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-impl Source for crate::tap::Counters {
+impl Source for crate::ledger::tap::Counters {
     fn render(&self, out: &mut String) {
         write(
             out,

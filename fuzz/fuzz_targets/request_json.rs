@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use tollgate_collector::request::{ClientRequest, Endpoint};
+use tollgate_collector::proxy::request::{ClientRequest, Endpoint};
 
 fuzz_target!(|data: &[u8]| {
     for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings] {

@@ -6,9 +6,9 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use tollgate_collector::rename::Rename;
-use tollgate_collector::response::Document;
-use tollgate_collector::tally::Tally;
+use tollgate_collector::relay::rename::Rename;
+use tollgate_collector::upstream::response::Document;
+use tollgate_collector::ledger::tally::Tally;
 
 fuzz_target!(|data: &[u8]| {
     let Some(doc) = Document::parse(data) else { return };

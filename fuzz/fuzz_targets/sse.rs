@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tollgate_collector::sse::Parser;
+use tollgate_collector::relay::sse::Parser;
 
 fn events(pieces: &[&[u8]]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
     let mut p = Parser::new(1 << 16);

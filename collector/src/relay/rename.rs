@@ -2,7 +2,7 @@
 //!
 //! Upstreams answer with their own model name (`deepseek-reasoner`, or the
 //! fallback's `qwq-32b`); the client asked for `deepseek-r1` and gets that
-//! name back. The parse that reads a document (see [`crate::response`])
+//! name back. The parse that reads a document (see [`crate::upstream::response`])
 //! also says where its top-level `model` string sits, so the rename
 //! replaces exactly those bytes and leaves every other byte as sent: any
 //! spacing, key order, and every SSE framing (`id:`, `event:`, `retry:`,
@@ -10,8 +10,8 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::response::Document;
-use crate::sse::Event;
+use crate::relay::sse::Event;
+use crate::upstream::response::Document;
 
 pub struct Rename {
     requested: String,
@@ -68,7 +68,7 @@ impl Rename {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sse::Parser;
+    use crate::relay::sse::Parser;
 
     fn renamed_events(input: &[u8], requested: &str) -> Vec<u8> {
         let r = Rename::new(requested);

@@ -5,76 +5,29 @@
 //! if the request is dropped first (the client went away), from `Drop`, as
 //! `client_cancelled` with what was generated so far.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use sha2::{Digest, Sha256};
 use tollgate_schemas::{
-    Attempt, CacheStatus, Outcome, PriceCatalog, SCHEMA_VERSION, TokenSource, Tokens, UsageEvent,
-    Usd,
+    Attempt, CacheStatus, Outcome, SCHEMA_VERSION, TokenSource, Tokens, UsageEvent, Usd,
 };
 use uuid::Uuid;
 
-use crate::auth::Caller;
 use crate::config::ClientIp;
 use crate::error::GatewayError;
-use crate::routing::Candidate;
-use crate::tally::{Tally, Usage};
-use crate::tap::Tap;
-use crate::tokens::{self, Prompt};
+use crate::ledger::pricing::Pricing;
+use crate::ledger::tally::{Tally, Usage};
+use crate::ledger::tap::Tap;
+use crate::ledger::tokens::{self, Prompt};
+use crate::proxy::auth::Caller;
+use crate::proxy::routing::Candidate;
 use crate::upstream::Upstream;
-
-/// Unknown models remembered for their one warning; past this many, a
-/// client sending made-up names cannot grow the set (or the log) further.
-const MAX_WARNED_MODELS: usize = 1024;
-
-/// The price catalog plus the memory of which unknown models were already
-/// warned about (one warning per model, not per request).
-pub struct Pricing {
-    catalog: PriceCatalog,
-    warned: Mutex<HashSet<String>>,
-}
-
-impl Pricing {
-    pub fn new(catalog: PriceCatalog) -> Self {
-        Self {
-            catalog,
-            warned: Mutex::new(HashSet::new()),
-        }
-    }
-
-    pub fn version(&self) -> &str {
-        self.catalog.version()
-    }
-
-    /// Cost of `tokens` on `model` at `at`; `None` (and one warning) for a
-    /// model the catalog does not know. Zero tokens cost zero either way.
-    pub fn cost(&self, model: &str, tokens: &Tokens, at: DateTime<Utc>) -> Option<Usd> {
-        if tokens.total() == 0 {
-            return Some(Usd::ZERO);
-        }
-        match self.catalog.price(model, at) {
-            Some(p) => Some(p.cost(tokens)),
-            None => {
-                if let Ok(mut warned) = self.warned.lock()
-                    && warned.len() < MAX_WARNED_MODELS
-                    && warned.insert(model.to_string())
-                {
-                    tracing::warn!(
-                        model,
-                        "model has no price in the catalog; its cost is recorded as null"
-                    );
-                }
-                None
-            }
-        }
-    }
-}
 
 /// What the ledger needs to know about the gateway.
 pub struct Ledger {
@@ -491,17 +444,5 @@ mod tests {
             HeaderValue::from_static("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
         );
         assert_eq!(trace_id(&h), None);
-    }
-
-    #[test]
-    fn unknown_models_cost_null_but_zero_tokens_cost_zero() {
-        let p = Pricing::new(PriceCatalog::shipped().unwrap());
-        let now = Utc::now();
-        assert_eq!(p.cost("mystery", &Tokens::default(), now), Some(Usd::ZERO));
-        assert_eq!(p.cost("mystery", &Tokens::new(1, 0, 1, 0), now), None);
-        assert!(
-            p.cost("qwq-32b", &Tokens::new(1_000_000, 0, 0, 0), now)
-                .is_some()
-        );
     }
 }

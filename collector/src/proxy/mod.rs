@@ -1,14 +1,24 @@
 //! The path of one proxied request, top to bottom:
 //!
 //! 1. open the usage record (it emits exactly one event, whatever happens)
-//! 2. authenticate the key -> consumer (401)
-//! 3. read the body within the size limit (413) and parse it strictly (400)
-//! 4. check the consumer may use the model (403) and find its route (404)
+//! 2. authenticate the key -> consumer ([`auth`], 401)
+//! 3. read the body within the size limit (413) and parse it strictly
+//!    ([`request`], 400)
+//! 4. check the consumer may use the model (403) and find its route
+//!    ([`routing`], 404)
 //! 5. try the planned attempts in order, each judged by [`attempt`]; fall
 //!    back on the route's triggers, only while nothing has been sent to
 //!    the client
 //! 6. answer: a complete JSON body, or a streamed relay that owns the
 //!    record from here on
+//!
+//! The policy steps (content screen, quota, cache, search) will sit
+//! between 4 and 5; see [`crate::policy`].
+
+pub mod attempt;
+pub mod auth;
+pub mod request;
+pub mod routing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,13 +31,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use crate::attempt::{self, Answer};
 use crate::error::{GatewayError, shown};
-use crate::gateway::Gateway;
 use crate::ledger::Record;
+use crate::proxy::request::{ClientRequest, Endpoint};
+use crate::proxy::routing::Candidate;
 use crate::relay::{Primed, Relay};
-use crate::request::{ClientRequest, Endpoint};
-use crate::routing::Candidate;
+use crate::state::Gateway;
+use attempt::Answer;
 
 pub async fn chat_completions(
     state: State<Arc<Gateway>>,

@@ -10,9 +10,9 @@
 
 use tollgate_schemas::{TokenSource, Tokens};
 
-use crate::response::Document;
-use crate::tokens::{self, Prompt};
-use crate::usage::Counted;
+use crate::ledger::tokens::{self, Prompt};
+use crate::ledger::usage::Counted;
+use crate::upstream::response::Document;
 
 /// Generated text kept for an estimate, all choices together; past it the
 /// count is extrapolated from the bytes dropped.

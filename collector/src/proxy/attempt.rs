@@ -22,12 +22,12 @@ use futures_util::StreamExt;
 use crate::config::FallbackTrigger;
 use crate::error::{GatewayError, redact};
 use crate::ledger::Record;
+use crate::ledger::tally::{Tally, Usage};
+use crate::proxy::request::{ClientRequest, Endpoint};
+use crate::proxy::routing::Candidate;
+use crate::relay::rename::Rename;
 use crate::relay::{self, Events};
-use crate::rename::Rename;
-use crate::request::{ClientRequest, Endpoint};
-use crate::response::{Document, Fault, FaultClass};
-use crate::routing::Candidate;
-use crate::tally::{Tally, Usage};
+use crate::upstream::response::{Document, Fault, FaultClass};
 use crate::upstream::{BodyStream, MediaType, SendError, UpstreamResponse};
 
 /// Longest upstream error body read for its message.

@@ -1,12 +1,5 @@
-//! Upstreams: where attempts go.
-//!
-//! `openai` upstreams are any OpenAI-compatible HTTP API (DeepSeek,
-//! DashScope, vLLM, ...), reached through one pooled client each;
-//! `simulated` upstreams call the simulator's router in-process. Both hand
-//! back the same [`UpstreamResponse`]: a status and a body stream.
-//!
-//! The address and the key come from the config only; nothing in a client's
-//! request can change either.
+//! One upstream: its transport (a pooled HTTP client, or the simulator's
+//! router in-process), sending an attempt, and what comes back.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,9 +12,9 @@ use http::HeaderValue;
 use tower::ServiceExt;
 
 use crate::config::{OpenAiUpstreamConfig, Secret, UpstreamConfig, UpstreamKind};
-use crate::request::Endpoint;
-use crate::simulate::{self, SimSettings};
-use crate::tally::Estimated;
+use crate::ledger::tally::Estimated;
+use crate::proxy::request::Endpoint;
+use crate::upstream::simulate::{self, SimSettings};
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
 

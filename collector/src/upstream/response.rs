@@ -7,7 +7,7 @@
 //! a field of an unexpected type counts as absent instead of failing the
 //! parse, so an odd `content` never costs the usage beside it.
 //!
-//! Usage placements read (each normalised by [`crate::usage`]):
+//! Usage placements read (each normalised by [`crate::ledger::usage`]):
 //! - `usage` at the top: OpenAI and most others; streamed in a last chunk
 //!   with `choices: []` when `stream_options.include_usage` is set, or in
 //!   every chunk, cumulative (vLLM's `continuous_usage_stats`).
@@ -27,7 +27,7 @@ use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use crate::usage::UsageObject;
+use crate::ledger::usage::UsageObject;
 
 /// The parts of one document the gateway reads.
 #[derive(Debug, Default, Deserialize)]
@@ -445,7 +445,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for List<T> {
 
 /// A choice's index; anything but a non-negative integer is none.
 fn choice_index<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
-    let n = crate::usage::count(d)?;
+    let n = crate::ledger::usage::count(d)?;
     Ok(n.and_then(|n| u32::try_from(n).ok()))
 }
 
@@ -514,7 +514,7 @@ struct Part<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::Counted;
+    use crate::ledger::usage::Counted;
     use tollgate_schemas::Tokens;
 
     fn texts(doc: &Document) -> Vec<(u32, String)> {

@@ -1,0 +1,235 @@
+//! Sending a committed stream to the client, event by event, and closing
+//! the request's record when it ends, breaks or is abandoned.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use tokio::time::Sleep;
+use tollgate_schemas::Outcome;
+
+use crate::ledger::Record;
+use crate::proxy::attempt::scrub;
+use crate::proxy::routing::Candidate;
+use crate::relay::events::{Events, Step};
+use crate::relay::prime::Primed;
+use crate::upstream::UpstreamResponse;
+use crate::upstream::response::{Fault, FaultClass};
+
+/// Most bytes gathered from chunks that are already waiting before they go
+/// out together.
+const COALESCE_BYTES: usize = 64 * 1024;
+
+pub struct Relay {
+    record: Option<Record>,
+    candidate: Candidate,
+    upstream: UpstreamResponse,
+    sent_at: Instant,
+    idle: Pin<Box<Sleep>>,
+    events: Events,
+    held: Option<Bytes>,
+    upstream_ended: bool,
+    ended: bool,
+}
+
+impl Relay {
+    pub fn new(record: Record, candidate: Candidate, primed: Primed, sent_at: Instant) -> Self {
+        let idle = Box::pin(tokio::time::sleep(primed.upstream.idle_timeout));
+        Self {
+            record: Some(record),
+            candidate,
+            upstream: primed.upstream,
+            sent_at,
+            idle,
+            events: primed.events,
+            held: primed.held,
+            upstream_ended: primed.ended,
+            ended: false,
+        }
+    }
+
+    /// Turns complete events into bytes for the client; `false` once the
+    /// relay has ended on an error.
+    fn drain_events(&mut self, out: &mut Gathered) -> bool {
+        loop {
+            let ev = match self.events.parser.next_event() {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return true,
+                Err(_) => {
+                    self.fail(out, "stream_error", "the upstream sent an oversized event");
+                    return false;
+                }
+            };
+            match self.events.process(ev) {
+                Step::Send(bytes) => out.push(bytes),
+                Step::Skip => {}
+                Step::Fault(f) => {
+                    self.fault(out, f);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// The upstream's body ended.
+    fn finish(&mut self, out: &mut Gathered) {
+        match self.events.tail() {
+            Some(Step::Send(bytes)) => out.push(bytes),
+            Some(Step::Fault(f)) => return self.fault(out, f),
+            Some(Step::Skip) | None => {}
+        }
+        if self.events.saw_done {
+            self.close(None, Outcome::Ok);
+        } else {
+            self.fail(
+                out,
+                "stream_error",
+                "the upstream stream ended without [DONE]",
+            );
+        }
+    }
+
+    fn fault(&mut self, out: &mut Gathered, f: Fault) {
+        let label = match f.class {
+            FaultClass::RateLimited => "429",
+            FaultClass::Client => "4xx",
+            FaultClass::Server => "5xx",
+        };
+        let message = scrub(&f.message, self.candidate.upstream.secret());
+        tracing::warn!(upstream = self.candidate.upstream.name(), error = %message, "the upstream sent an error event mid-stream");
+        self.close(Some(label), Outcome::UpstreamError);
+        out.push(error_event(&message, "upstream_error"));
+    }
+
+    /// Ends the relay with the gateway's own error event.
+    fn fail(&mut self, out: &mut Gathered, label: &str, message: &str) {
+        self.close(Some(label), Outcome::UpstreamError);
+        out.push(error_event(message, "stream_error"));
+    }
+
+    /// Closes the record once. `error` is the attempt's failure, if any.
+    fn close(&mut self, error: Option<&str>, outcome: Outcome) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let latency = self.sent_at.elapsed();
+        let status = self.upstream.status;
+        if let Some(mut rec) = self.record.take() {
+            if let Some(at) = self.events.first_content {
+                rec.first_token(at);
+            }
+            let usage = rec.settle(&self.candidate.upstream, &self.events.tally);
+            rec.attempt(&self.candidate, Some(status), error, latency, Some(usage));
+            match error {
+                None => rec.finish(status),
+                Some(kind) => rec.finish_with(status, outcome, kind),
+            }
+        }
+    }
+}
+
+/// The gateway's own error event, in OpenAI's error shape.
+fn error_event(message: &str, code: &str) -> Bytes {
+    let body = serde_json::json!({"error": {
+        "message": message, "type": "upstream_error", "param": null, "code": code,
+    }});
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+/// Bytes gathered for one write: a single chunk as is, several copied
+/// into one buffer.
+#[derive(Default)]
+struct Gathered {
+    single: Option<Bytes>,
+    buf: Option<BytesMut>,
+}
+
+impl Gathered {
+    fn push(&mut self, bytes: Bytes) {
+        match (self.single.take(), self.buf.as_mut()) {
+            (None, None) => self.single = Some(bytes),
+            (Some(first), None) => {
+                let mut buf = BytesMut::with_capacity(first.len() + bytes.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&bytes);
+                self.buf = Some(buf);
+            }
+            (_, Some(buf)) => buf.extend_from_slice(&bytes),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.as_ref().map_or(0, BytesMut::len) + self.single.as_ref().map_or(0, Bytes::len)
+    }
+
+    fn take(self) -> Option<Bytes> {
+        self.buf.map(BytesMut::freeze).or(self.single)
+    }
+}
+
+impl Stream for Relay {
+    type Item = Result<Bytes, std::io::Error>;
+
+    /// Relays whatever the upstream has ready, never waiting to fill a
+    /// buffer: chunks that already arrived go out in one write, and the
+    /// first `Pending` sends what was gathered.
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        let mut out = Gathered::default();
+        if let Some(held) = this.held.take() {
+            out.push(held);
+            // Events read in the same chunk as the first content.
+            this.drain_events(&mut out);
+        }
+        if this.upstream_ended && !this.ended {
+            this.finish(&mut out);
+        }
+        loop {
+            if this.ended {
+                return Poll::Ready(out.take().map(Ok));
+            }
+            match this.upstream.body.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let deadline = tokio::time::Instant::now() + this.upstream.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    this.events.parser.push(&chunk);
+                    if this.drain_events(&mut out) && out.len() >= COALESCE_BYTES {
+                        break;
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(upstream = this.candidate.upstream.name(), error = %e, "upstream stream broke");
+                    if this.drain_events(&mut out) {
+                        this.fail(
+                            &mut out,
+                            "stream_error",
+                            "the upstream stream broke before it finished",
+                        );
+                    }
+                }
+                Poll::Ready(None) => this.finish(&mut out),
+                Poll::Pending => {
+                    if out.len() > 0 {
+                        break;
+                    }
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        this.fail(&mut out, "timeout", "the upstream stream stalled");
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        Poll::Ready(out.take().map(Ok))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // The client went away mid-stream: bill what was generated.
+        self.close(Some("client_cancelled"), Outcome::ClientCancelled);
+    }
+}
