@@ -134,7 +134,7 @@ def status_kb(pid, key):
 
 
 def loadgen(url, **kw):
-    args = ["taskset", "-c", LOAD_CORE, BIN, "loadgen", "--url", url, "--key", KEY]
+    args = ["taskset", "-c", LOAD_CORE, BIN, "bench", "loadgen", "--url", url, "--key", KEY]
     for k, v in kw.items():
         if v is True:
             args.append("--" + k.replace("_", "-"))
@@ -211,7 +211,7 @@ def main():
                           f"this {counts[1]:.0f}  ratio {counts[1] / counts[0]:.3f}", flush=True)
 
         rss_before = status_kb(gw.pid, "VmRSS")
-        holder = subprocess.Popen(["taskset", "-c", LOAD_CORE, BIN, "loadgen", "--url", gw_url, "--key", KEY,
+        holder = subprocess.Popen(["taskset", "-c", LOAD_CORE, BIN, "bench", "loadgen", "--url", gw_url, "--key", KEY,
                                    "--model", "slow-stream", "--stream", "--rate", "0", "--open", "1000"],
                                   stdout=subprocess.PIPE, text=True)
         peak_open = 0
@@ -320,7 +320,7 @@ def write_report(rows, fixed, steady_hwm, rss_before, peak_open, held, compared,
         "`tollgate serve`'s embedded ingester turns them into Parquet in the same process, on the same core.\n"
         "- Gateway CPU per request: utime+stime of the gateway process (`/proc/PID/stat`) over the gateway run, "
         "divided by the requests wrk completed.\n"
-        "- Fixed rate: `tollgate loadgen` (open loop, 1,000 req/s, new request every 1 ms regardless of responses) "
+        "- Fixed rate: `tollgate bench loadgen` (open loop, 1,000 req/s, new request every 1 ms regardless of responses) "
         "direct vs. gateway; time to first byte is the first body chunk of a stream.\n"
         "- Memory: the gateway's VmHWM after the throughput runs; VmRSS while 1,000 streams are held open "
         "(a simulator at 4 tokens/s keeps each open ~15 s).\n")

@@ -2,7 +2,7 @@
 section of BENCHMARKS.md.
 
 A tansu broker (SQLite storage) is started on a free loopback port in a
-scratch directory; `tollgate bench-pipeline` measures, in one run, the
+scratch directory; `tollgate bench pipeline` measures, in one run, the
 ingester's ceiling from memory, the lake's bytes per event, the tap's CPU
 per event, the broker's produce and raw consume rates, the ingester's
 Kafka -> Parquet rate on the same topic, and freshness through a gateway.
@@ -46,7 +46,7 @@ def main():
             except OSError:
                 time.sleep(0.05)
         out = subprocess.run(
-            [binary, "bench-pipeline", "--events", str(events), "--kafka", f"127.0.0.1:{port}",
+            [binary, "bench", "pipeline", "--events", str(events), "--kafka", f"127.0.0.1:{port}",
              "--dir", f"{scratch}/run"],
             check=True, capture_output=True, text=True, env={**os.environ, "TOLLGATE_LOG": "warn"})
     finally:

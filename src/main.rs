@@ -1,8 +1,7 @@
 //! `tollgate`: the gateway, its simulator and its demo in one binary.
 
-mod benchpipe;
+mod bench;
 mod demo;
-mod loadgen;
 mod pipeline;
 mod query;
 
@@ -83,12 +82,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Serve a simulated OpenAI-compatible upstream.
     Simulate(SimulateArgs),
-    /// Open-loop load at a fixed rate (latency, time to first byte) or many
-    /// open streams at once; prints JSON. Used by scripts/bench.sh.
-    Loadgen(loadgen::LoadgenArgs),
-    /// The usage pipeline's benchmark figures as JSON (scripts/bench.sh).
-    #[command(hide = true)]
-    BenchPipeline(benchpipe::BenchArgs),
+    /// Measuring tools for scripts/bench.sh (load generator, pipeline
+    /// figures); not needed to run the gateway.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Manage consumer API keys.
     Keys {
         #[command(subcommand)]
@@ -173,8 +170,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(args).await,
         Command::Simulate(args) => run_simulator(args).await,
-        Command::Loadgen(args) => loadgen::run(args).await,
-        Command::BenchPipeline(args) => benchpipe::run(args).await,
+        Command::Bench(command) => bench::run(command).await,
         Command::Keys { command } => keys(command),
     }
 }

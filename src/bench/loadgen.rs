@@ -1,4 +1,4 @@
-//! `tollgate loadgen`: an open-loop load generator for what wrk cannot
+//! `tollgate bench loadgen`: an open-loop load generator for what wrk cannot
 //! measure: latency at a fixed request rate, time to first token on
 //! streams, and many long-lived streams held open at once. Prints one JSON
 //! object. Throughput is measured with wrk (see scripts/bench.sh).

@@ -1,4 +1,4 @@
-//! `tollgate bench-pipeline`: the usage pipeline's own figures, printed as
+//! `tollgate bench pipeline`: the usage pipeline's own figures, printed as
 //! one JSON object for scripts/bench.sh.
 //!
 //! - ingest ceiling: decode + Arrow + Parquet + publish of pre-serialized
