@@ -103,7 +103,7 @@ pub fn gen_lake(a: &GenLakeArgs) -> anyhow::Result<()> {
     let mut hour = None;
     for i in 0..a.events {
         let e = synth.next_event();
-        let h = tollgate_ingest::lake::hour_dir(e.ts_start);
+        let h = tollgate_lake::layout::hour_dir(e.ts_start);
         if hour.as_ref().is_some_and(|x| *x != h) && !batch.is_empty() {
             lake.publish(
                 &source,

@@ -11,11 +11,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use parquet::file::metadata::KeyValue;
 use tollgate_schemas::UsageEvent;
 
-use crate::lake::{Lake, PartName, parquet_bytes, row_order, writer_properties};
+use tollgate_lake::layout::{self, PartName};
+
+use crate::lake::{Lake, parquet_bytes, row_order, writer_properties};
 use crate::{IngestError, columns};
 
 /// Rows per merged file; bounds the memory a merge takes.
@@ -23,7 +25,6 @@ pub const MAX_ROWS: usize = 500_000;
 /// An hour is closed this long after it ends (late events settle).
 pub const GRACE: Duration = Duration::minutes(15);
 const FROM_KEY: &str = "tollgate.compacted_from";
-const PREFIX: &str = "compacted-";
 
 #[derive(Debug, Default, Clone)]
 pub struct Report {
@@ -43,21 +44,8 @@ fn file_name(p: &Path) -> String {
 
 /// When the hour a `usage/date=D/hour=H/` key sits in closes.
 fn closes(key: &str) -> Option<(NaiveDate, DateTime<Utc>)> {
-    let mut date = None;
-    let mut hour = None;
-    for part in key.split('/') {
-        if let Some(d) = part.strip_prefix("date=") {
-            date = NaiveDate::parse_from_str(d, "%Y-%m-%d").ok();
-        }
-        if let Some(h) = part.strip_prefix("hour=") {
-            hour = h
-                .parse::<u32>()
-                .ok()
-                .and_then(|h| NaiveTime::from_hms_opt(h, 0, 0));
-        }
-    }
-    let (d, h) = (date?, hour?);
-    Some((d, d.and_time(h).and_utc() + Duration::hours(1) + GRACE))
+    let (day, start) = layout::hour_of(key)?;
+    Some((day, layout::hour_end(start) + GRACE))
 }
 
 /// The files of each source's last batch: kept out of merges.
@@ -84,7 +72,10 @@ fn last_batches(files: &[PathBuf]) -> HashSet<String> {
 /// Deletes inputs that a merged file of this hour already holds.
 fn finish_interrupted(lake: &Lake, files: &mut Vec<PathBuf>) -> Result<usize, IngestError> {
     let mut done: HashSet<String> = HashSet::new();
-    for f in files.iter().filter(|f| file_name(f).starts_with(PREFIX)) {
+    for f in files
+        .iter()
+        .filter(|f| file_name(f).starts_with(layout::COMPACTED))
+    {
         let Some(from) = lake.file_metadata(f, FROM_KEY)? else {
             continue;
         };
@@ -134,7 +125,8 @@ pub fn compact(
             .into_iter()
             .filter(|f| !keep.contains(&file_name(f)))
             .collect();
-        let merged_already = inputs.len() == 1 && file_name(&inputs[0]).starts_with(PREFIX);
+        let merged_already =
+            inputs.len() == 1 && file_name(&inputs[0]).starts_with(layout::COMPACTED);
         if inputs.len() < 2 || merged_already {
             continue;
         }
@@ -182,7 +174,7 @@ fn merge(
     let micros = rows.iter().map(|e| e.ts_start.timestamp_micros());
     let first = micros.clone().min().unwrap_or(0);
     let last = micros.max().unwrap_or(0);
-    let key = format!("{dir}/{PREFIX}{first}-{last}-{}.parquet", rows.len());
+    let key = format!("{dir}/{}", layout::compacted_name(first, last, rows.len()));
     let props = writer_properties()
         .into_builder()
         .set_key_value_metadata(Some(vec![KeyValue::new(

@@ -10,7 +10,9 @@ use base64::Engine;
 use chrono::Utc;
 
 use crate::IngestError;
-use crate::lake::{DEAD_LETTERS, Lake};
+use tollgate_lake::layout::dead_letter_key;
+
+use crate::lake::Lake;
 
 /// Where a message came from.
 #[derive(Debug, Clone)]
@@ -38,12 +40,7 @@ pub fn write(
         "bytes": raw.len(),
         "raw_base64": base64::engine::general_purpose::STANDARD.encode(raw),
     });
-    let key = format!(
-        "{DEAD_LETTERS}/date={}/{}~{}.json",
-        now.format("%Y-%m-%d"),
-        origin.source,
-        origin.position
-    );
+    let key = dead_letter_key(now, origin.source, &origin.position);
     let text = serde_json::to_vec_pretty(&body).map_err(|e| IngestError::Store(e.to_string()))?;
     let path = lake.put(&key, text)?;
     tracing::warn!(source = origin.source, position = %origin.position, reason, "message sent to dead letters");

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use tollgate_spool::{Position, SpoolReader};
 
 use crate::decode::decode;
-use crate::lake::{Lake, clean_source};
+use tollgate_lake::layout::clean_source;
+
+use crate::lake::Lake;
 use crate::{IngestError, IngestOptions, Stats, dead_letter};
 
 /// Drains `reader` into `lake` until `stop` is set and the spool's writer

@@ -25,7 +25,9 @@ use tollgate_schemas::UsageEvent;
 use uuid::Uuid;
 
 use crate::decode::decode;
-use crate::lake::{Lake, clean_source};
+use tollgate_lake::layout::clean_source;
+
+use crate::lake::Lake;
 use crate::publisher::{Done, Inflight, Job, Publisher};
 use crate::{IngestError, IngestOptions, Stats, dead_letter};
 

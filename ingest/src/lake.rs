@@ -1,8 +1,6 @@
-//! The lake: its layout, the atomic publish of a batch, the progress
-//! recorded in file names, and reading it back, on any [`Store`].
-//!
-//! Layout: `usage/date=YYYY-MM-DD/hour=HH/<source>~<start>~<end>~<i>of<n>.parquet`,
-//! partitioned by the request's start time. A batch is one contiguous range
+//! The lake as the ingester writes it: the atomic publish of a batch, the
+//! progress recorded in file names, and reading it back, on any [`Store`],
+//! in the layout `tollgate_lake::layout` owns. A batch is one contiguous range
 //! `[start, end)` of one source (a Kafka partition, or a gateway's spool),
 //! written as one file per hour it touches; each file appears whole, and
 //! the batch counts as published once all `n` parts exist. The names are
@@ -15,7 +13,6 @@ use std::path::{Path, PathBuf};
 
 use arrow_array::RecordBatch;
 use bytes::Bytes;
-use chrono::{DateTime, Datelike, Timelike, Utc};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
@@ -28,50 +25,12 @@ use tollgate_schemas::UsageEvent;
 
 use crate::IngestError;
 use crate::columns;
-use crate::store::Store;
-
-pub const USAGE: &str = "usage";
-pub const DEAD_LETTERS: &str = "dead_letters";
+use tollgate_lake::Store;
+use tollgate_lake::layout::{DEAD_LETTERS, PartName, USAGE, hour_dir, usage_key};
 
 #[derive(Debug, Clone)]
 pub struct Lake {
     store: Store,
-}
-
-/// A published file's name, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartName {
-    pub source: String,
-    pub start: String,
-    pub end: String,
-    pub part: u32,
-    pub parts: u32,
-}
-
-impl PartName {
-    pub fn file_name(&self) -> String {
-        format!(
-            "{}~{}~{}~{}of{}.parquet",
-            self.source, self.start, self.end, self.part, self.parts
-        )
-    }
-
-    pub fn parse(name: &str) -> Option<PartName> {
-        let stem = name.strip_suffix(".parquet")?;
-        let mut it = stem.split('~');
-        let (source, start, end, part) = (it.next()?, it.next()?, it.next()?, it.next()?);
-        if it.next().is_some() {
-            return None;
-        }
-        let (i, n) = part.split_once("of")?;
-        Some(PartName {
-            source: source.to_string(),
-            start: start.to_string(),
-            end: end.to_string(),
-            part: i.parse().ok()?,
-            parts: n.parse().ok()?,
-        })
-    }
 }
 
 /// A published batch: its range and the files that hold it.
@@ -81,29 +40,6 @@ pub struct Published {
     pub end: String,
     pub files: Vec<PathBuf>,
     pub rows: usize,
-}
-
-/// Names are kept to characters every object store and shell takes.
-pub fn clean_source(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-pub fn hour_dir(ts: DateTime<Utc>) -> String {
-    format!(
-        "date={:04}-{:02}-{:02}/hour={:02}",
-        ts.year(),
-        ts.month(),
-        ts.day(),
-        ts.hour()
-    )
 }
 
 /// The order of rows inside a file: by consumer, then the model that did
@@ -236,7 +172,7 @@ impl Lake {
             }
             .file_name();
             let bytes = parquet_bytes(&columns::to_batch(&events)?, writer_properties())?;
-            items.push((format!("{USAGE}/{hour}/{name}"), bytes));
+            items.push((usage_key(&hour, &name), bytes));
         }
         let files = items.iter().map(|(k, _)| self.path_of(k)).collect();
         self.store.put_all(items)?;
@@ -255,7 +191,7 @@ impl Lake {
     }
 
     pub fn remove(&self, path: &Path) -> Result<(), IngestError> {
-        self.store.delete(&self.key_of(path))
+        Ok(self.store.delete(&self.key_of(path))?)
     }
 
     /// Every published Parquet file, in path order.
@@ -345,7 +281,7 @@ impl Lake {
     }
 
     fn bytes(&self, path: &Path) -> Result<Bytes, IngestError> {
-        self.store.get(&self.key_of(path))
+        Ok(self.store.get(&self.key_of(path))?)
     }
 
     /// Reads every event in the lake (tests, checks and small lakes).

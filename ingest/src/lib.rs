@@ -3,7 +3,7 @@
 //!
 //! The path of an event: [`decode`] (bad messages to [`dead_letter`]) ->
 //! [`columns`] (Arrow) -> [`lake`] (Parquet, atomic publish, progress in
-//! file names; a local directory or an object store, see [`store`]) ->
+//! file names, on the store and in the layout `tollgate_lake` owns) ->
 //! the source's position is saved ([`kafka`] for a consumer
 //! group member, [`embedded`] for the gateway's own spool). [`compact`]
 //! merges the small files of closed hours.
@@ -16,7 +16,6 @@ pub mod embedded;
 pub mod kafka;
 pub mod lake;
 pub mod publisher;
-pub mod store;
 pub mod synth;
 
 use std::path::{Path, PathBuf};
@@ -81,6 +80,8 @@ pub enum IngestError {
     Spool(#[from] tollgate_spool::SpoolError),
     #[error("lake store: {0}")]
     Store(String),
+    #[error(transparent)]
+    Lake(#[from] tollgate_lake::LakeError),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 }

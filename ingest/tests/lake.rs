@@ -7,8 +7,9 @@ use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use tollgate_ingest::Lake;
-use tollgate_ingest::lake::{PartName, row_order};
+use tollgate_ingest::lake::row_order;
 use tollgate_ingest::synth::Synth;
+use tollgate_lake::PartName;
 use tollgate_schemas::UsageEvent;
 
 fn scratch(name: &str) -> PathBuf {

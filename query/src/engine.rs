@@ -20,6 +20,7 @@ use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
 use tokio::sync::Mutex;
+use tollgate_lake::layout;
 use tollgate_schemas::PriceCatalog;
 
 use crate::access::{Access, Principal};
@@ -76,7 +77,7 @@ impl Engine {
         let lake_url = match settings.lake.strip_prefix("s3://") {
             Some(rest) => {
                 let bucket = rest.split('/').next().unwrap_or(rest);
-                let store = tollgate_ingest::store::s3_bucket(bucket, &settings.lake_options)
+                let store = tollgate_lake::store::s3_bucket(bucket, &settings.lake_options)
                     .map_err(|e| QueryError::Internal(e.to_string()))?;
                 let url = ObjectStoreUrl::parse(format!("s3://{bucket}")).map_err(df)?;
                 runtime.register_object_store(url.as_ref(), store);
@@ -84,7 +85,7 @@ impl Engine {
             }
             None => {
                 let dir = std::path::Path::new(&settings.lake);
-                std::fs::create_dir_all(dir.join("usage")).map_err(|e| {
+                std::fs::create_dir_all(dir.join(layout::USAGE)).map_err(|e| {
                     QueryError::Internal(format!(
                         "cannot create the lake at {}: {e}",
                         dir.display()

@@ -15,6 +15,7 @@ use datafusion::datasource::listing::{
 use datafusion::datasource::{MemTable, ViewTable, provider_as_source};
 use datafusion::error::Result;
 use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
+use tollgate_lake::layout;
 use tollgate_schemas::{PriceCatalog, Usd};
 
 /// The start of the error a capped generator returns.
@@ -53,12 +54,14 @@ pub const VIEWS: &[(&str, &str)] = &[
 /// Hive `date` and `hour` directories as partition columns. Files are
 /// listed at every scan, so what the ingester publishes is seen at once.
 pub fn lake_table(lake_url: &str) -> Result<Arc<dyn TableProvider>> {
-    let url = ListingTableUrl::parse(format!("{}/usage/", lake_url.trim_end_matches('/')))?;
+    let root = lake_url.trim_end_matches('/');
+    let url = ListingTableUrl::parse(format!("{root}/{}/", layout::USAGE))?;
+    let [date, hour] = layout::PARTITION_COLUMNS;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-        .with_file_extension(".parquet")
+        .with_file_extension(layout::PARQUET)
         .with_table_partition_cols(vec![
-            ("date".to_string(), DataType::Date32),
-            ("hour".to_string(), DataType::Int32),
+            (date.to_string(), DataType::Date32),
+            (hour.to_string(), DataType::Int32),
         ]);
     // Strings are read as views: a dictionary-encoded page then becomes
     // views into its dictionary, not a copy of every value.

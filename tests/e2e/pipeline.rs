@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use tollgate_ingest::lake::PartName;
 use tollgate_ingest::synth::Synth;
+use tollgate_lake::PartName;
 use uuid::Uuid;
 
 use crate::broker::Broker;

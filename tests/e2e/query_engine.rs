@@ -1,8 +1,8 @@
-//! The engine over a synthetic lake: isolation by principal on every path,
-//! read-only on statement and plan, the limits, exact report money, and
-//! files published after start visible at once.
-
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+//! The query engine in process over a synthetic lake the ingester wrote:
+//! isolation by principal on every path, read-only on statement and plan,
+//! the limits, exact report money, and files published after start visible
+//! at once. (Here rather than in `query/`, which does not link the
+//! ingester.)
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

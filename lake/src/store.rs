@@ -16,7 +16,7 @@ use futures_util::TryStreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::IngestError;
+use crate::LakeError;
 
 #[derive(Clone)]
 pub enum Store {
@@ -37,11 +37,11 @@ pub struct IoRuntime(Option<tokio::runtime::Runtime>);
 impl IoRuntime {
     fn block_on<T>(
         &self,
-        f: impl std::future::Future<Output = Result<T, IngestError>>,
-    ) -> Result<T, IngestError> {
+        f: impl std::future::Future<Output = Result<T, LakeError>>,
+    ) -> Result<T, LakeError> {
         self.0
             .as_ref()
-            .ok_or_else(|| IngestError::Store("the lake's I/O runtime is gone".into()))?
+            .ok_or_else(|| LakeError::Store("the lake's I/O runtime is gone".into()))?
             .block_on(f)
     }
 }
@@ -60,8 +60,8 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn store_err(e: impl std::fmt::Display) -> IngestError {
-    IngestError::Store(e.to_string())
+fn store_err(e: impl std::fmt::Display) -> LakeError {
+    LakeError::Store(e.to_string())
 }
 
 /// The S3 (or S3-compatible) bucket of an `s3://` lake; `options` are
@@ -69,12 +69,12 @@ fn store_err(e: impl std::fmt::Display) -> IngestError {
 pub fn s3_bucket(
     bucket: &str,
     options: &[(String, String)],
-) -> Result<Arc<dyn ObjectStore>, IngestError> {
+) -> Result<Arc<dyn ObjectStore>, LakeError> {
     let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
     for (k, v) in options {
         let key: object_store::aws::AmazonS3ConfigKey = k
             .parse()
-            .map_err(|_| IngestError::Store(format!("unknown S3 setting {k:?}")))?;
+            .map_err(|_| LakeError::Store(format!("unknown S3 setting {k:?}")))?;
         builder = builder.with_config(key, v);
     }
     Ok(Arc::new(builder.build().map_err(store_err)?))
@@ -85,10 +85,10 @@ impl Store {
     /// `object_store`'s S3 settings (`endpoint`, `region`, `access_key_id`,
     /// `secret_access_key`, `allow_http`, ...), over the `AWS_*`
     /// environment variables.
-    pub fn open(location: &str, options: &[(String, String)]) -> Result<Store, IngestError> {
+    pub fn open(location: &str, options: &[(String, String)]) -> Result<Store, LakeError> {
         let Some(rest) = location.strip_prefix("s3://") else {
             if location.contains("://") {
-                return Err(IngestError::Store(format!(
+                return Err(LakeError::Store(format!(
                     "{location}: a lake is a local directory or s3://bucket/prefix"
                 )));
             }
@@ -101,7 +101,7 @@ impl Store {
             .thread_name("tollgate-lake-io")
             .enable_all()
             .build()
-            .map_err(|e| IngestError::Store(format!("starting the lake's I/O runtime: {e}")))?;
+            .map_err(|e| LakeError::Store(format!("starting the lake's I/O runtime: {e}")))?;
         Ok(Store::Object {
             store,
             prefix: ObjectPath::from(prefix.trim_matches('/')),
@@ -127,7 +127,7 @@ impl Store {
 
     /// Writes several objects; each appears whole. In a directory every
     /// file is written and synced before the first is renamed into place.
-    pub fn put_all(&self, items: Vec<(String, Vec<u8>)>) -> Result<(), IngestError> {
+    pub fn put_all(&self, items: Vec<(String, Vec<u8>)>) -> Result<(), LakeError> {
         match self {
             Store::Dir(root) => {
                 let mut staged = Vec::with_capacity(items.len());
@@ -137,19 +137,19 @@ impl Store {
                         .parent()
                         .map(Path::to_path_buf)
                         .unwrap_or_else(|| root.clone());
-                    fs::create_dir_all(&dir).map_err(IngestError::io(&dir))?;
+                    fs::create_dir_all(&dir).map_err(LakeError::io(&dir))?;
                     let name = path
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default();
                     let tmp = dir.join(format!(".{name}.tmp"));
-                    let mut f = File::create(&tmp).map_err(IngestError::io(&tmp))?;
-                    f.write_all(&bytes).map_err(IngestError::io(&tmp))?;
-                    f.sync_all().map_err(IngestError::io(&tmp))?;
+                    let mut f = File::create(&tmp).map_err(LakeError::io(&tmp))?;
+                    f.write_all(&bytes).map_err(LakeError::io(&tmp))?;
+                    f.sync_all().map_err(LakeError::io(&tmp))?;
                     staged.push((tmp, path, dir));
                 }
                 for (tmp, path, dir) in staged {
-                    fs::rename(&tmp, &path).map_err(IngestError::io(&path))?;
+                    fs::rename(&tmp, &path).map_err(LakeError::io(&path))?;
                     sync_dir(&dir)?;
                 }
                 Ok(())
@@ -171,13 +171,13 @@ impl Store {
         }
     }
 
-    pub fn get(&self, key: &str) -> Result<Bytes, IngestError> {
+    pub fn get(&self, key: &str) -> Result<Bytes, LakeError> {
         match self {
             Store::Dir(root) => {
                 let path = root.join(key);
                 fs::read(&path)
                     .map(Bytes::from)
-                    .map_err(IngestError::io(&path))
+                    .map_err(LakeError::io(&path))
             }
             Store::Object {
                 store,
@@ -196,14 +196,14 @@ impl Store {
         }
     }
 
-    pub fn delete(&self, key: &str) -> Result<(), IngestError> {
+    pub fn delete(&self, key: &str) -> Result<(), LakeError> {
         match self {
             Store::Dir(root) => {
                 let path = root.join(key);
                 match fs::remove_file(&path) {
                     Ok(()) => path.parent().map_or(Ok(()), sync_dir),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(IngestError::io(&path)(e)),
+                    Err(e) => Err(LakeError::io(&path)(e)),
                 }
             }
             Store::Object {
@@ -221,7 +221,7 @@ impl Store {
     }
 
     /// Keys under `under` (recursively), sorted; temporaries excluded.
-    pub fn list(&self, under: &str) -> Result<Vec<String>, IngestError> {
+    pub fn list(&self, under: &str) -> Result<Vec<String>, LakeError> {
         let mut keys = match self {
             Store::Dir(root) => {
                 let mut out = Vec::new();
@@ -243,7 +243,7 @@ impl Store {
                 // Locations come back percent-encoded, part by part; keys
                 // are the decoded parts below the prefix.
                 let skip = prefix.parts().count();
-                Ok::<_, IngestError>(
+                Ok::<_, LakeError>(
                     metas
                         .into_iter()
                         .map(|m| {
@@ -269,7 +269,7 @@ impl Store {
 
     /// Leftover temporaries under `under` whose names start with `prefix`
     /// (a directory's staged files; object stores have none).
-    pub fn remove_temporaries(&self, under: &str, prefix: &str) -> Result<(), IngestError> {
+    pub fn remove_temporaries(&self, under: &str, prefix: &str) -> Result<(), LakeError> {
         let Store::Dir(root) = self else {
             return Ok(());
         };
@@ -288,22 +288,22 @@ impl Store {
     }
 }
 
-pub fn sync_dir(dir: &Path) -> Result<(), IngestError> {
+pub fn sync_dir(dir: &Path) -> Result<(), LakeError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(IngestError::io(dir))
+        .map_err(LakeError::io(dir))
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), IngestError> {
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> Result<(), LakeError> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(IngestError::io(dir)(e)),
+        Err(e) => return Err(LakeError::io(dir)(e)),
     };
     for entry in entries {
-        let entry = entry.map_err(IngestError::io(dir))?;
+        let entry = entry.map_err(LakeError::io(dir))?;
         let path = entry.path();
-        if entry.file_type().map_err(IngestError::io(&path))?.is_dir() {
+        if entry.file_type().map_err(LakeError::io(&path))?.is_dir() {
             walk(root, &path, out)?;
         } else if let Ok(rel) = path.strip_prefix(root) {
             out.push(rel.to_string_lossy().replace('\\', "/"));
