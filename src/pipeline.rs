@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::future::Either;
 use tollgate_collector::config::{Config, KafkaConfig, PipelineConfig};
-use tollgate_collector::forward::{self, ForwardStats, ForwarderConfig};
 use tollgate_collector::metrics;
+use tollgate_ingest::forward::{self, ForwardStats, ForwarderConfig};
 use tollgate_ingest::kafka::KafkaSource;
 use tollgate_ingest::{IngestOptions, Lake, Stats};
 use tollgate_spool::{SpoolOptions, SpoolWriter};
@@ -253,6 +253,37 @@ pub async fn ingest(
     Ok(())
 }
 
+/// The forwarder's counters on `/metrics`.
+pub struct ForwardMetrics(pub Arc<ForwardStats>);
+
+impl metrics::Source for ForwardMetrics {
+    fn render(&self, out: &mut String) {
+        use metrics::{Kind, write};
+        let s = &self.0;
+        write(
+            out,
+            "tollgate_forward_events_delivered_total",
+            "Usage events Kafka acknowledged.",
+            Kind::Counter,
+            &s.delivered,
+        );
+        write(
+            out,
+            "tollgate_forward_batches_failed_total",
+            "Batches sent again after a failed delivery.",
+            Kind::Counter,
+            &s.batches_failed,
+        );
+        write(
+            out,
+            "tollgate_forward_producers_recreated_total",
+            "Producers recreated after a fatal error.",
+            Kind::Counter,
+            &s.producers_recreated,
+        );
+    }
+}
+
 /// The ingester's counters on `/metrics`.
 pub struct IngestMetrics(pub Arc<Stats>);
 
@@ -303,7 +334,7 @@ impl Pipeline {
     pub fn metrics(&self) -> Vec<Arc<dyn metrics::Source>> {
         vec![
             Arc::new(IngestMetrics(self.stats.clone())),
-            self.forwarded.clone(),
+            Arc::new(ForwardMetrics(self.forwarded.clone())),
         ]
     }
 }

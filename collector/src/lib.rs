@@ -14,14 +14,13 @@
 //! attempts) -> [`policy`] (the coming limits, cache, content screen and
 //! search steps) -> [`upstream`] (where attempts go and what comes back) ->
 //! [`relay`] (streams to the client), with the [`ledger`] recording the
-//! request and its tap taking the event into the spool, which [`forward`]
-//! drains into Kafka. [`state`] is what every request reads; [`config`],
-//! [`error`] and [`metrics`] serve them all.
+//! request and its tap taking the event into the spool (the pipeline past
+//! the spool is `tollgate_ingest`'s). [`state`] is what every request
+//! reads; [`config`], [`error`] and [`metrics`] serve them all.
 
 pub mod app;
 pub mod config;
 pub mod error;
-pub mod forward;
 pub mod ledger;
 pub mod metrics;
 pub mod paths;

@@ -1,6 +1,7 @@
-//! Prometheus text exposition for `/metrics`: the tap's counters and any
-//! other part of the process that registers a [`Source`] (the forwarder,
-//! the ingester).
+//! Prometheus text exposition for `/metrics`: the tap's counters, the
+//! upstreams' estimate counters, and any other part of the process that
+//! registers a [`Source`] (the binary wraps the forwarder's and the
+//! ingester's counters in one).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,32 +86,6 @@ impl Source for crate::ledger::tap::Counters {
             "Usage events refused: spool at its size bound.",
             Kind::Counter,
             &self.dropped_spool_full,
-        );
-    }
-}
-
-impl Source for crate::forward::ForwardStats {
-    fn render(&self, out: &mut String) {
-        write(
-            out,
-            "tollgate_forward_events_delivered_total",
-            "Usage events Kafka acknowledged.",
-            Kind::Counter,
-            &self.delivered,
-        );
-        write(
-            out,
-            "tollgate_forward_batches_failed_total",
-            "Batches sent again after a failed delivery.",
-            Kind::Counter,
-            &self.batches_failed,
-        );
-        write(
-            out,
-            "tollgate_forward_producers_recreated_total",
-            "Producers recreated after a fatal error.",
-            Kind::Counter,
-            &self.producers_recreated,
         );
     }
 }

@@ -1,5 +1,7 @@
-//! Ingest: the usage stream (Kafka, or the local spool in embedded mode)
-//! into a Hive-partitioned Parquet lake, exactly once.
+//! The usage pipeline past the gateway's spool: [`forward`] drains the
+//! spool into Kafka (idempotent producer, acks=all), and the ingesters take
+//! the usage stream (Kafka, or the local spool in embedded mode) into a
+//! Hive-partitioned Parquet lake, exactly once.
 //!
 //! The path of an event: [`decode`] (bad messages to [`dead_letter`]) ->
 //! [`columns`] (Arrow) -> [`lake`] (Parquet, atomic publish, progress in
@@ -13,6 +15,7 @@ pub mod compact;
 pub mod dead_letter;
 pub mod decode;
 pub mod embedded;
+pub mod forward;
 pub mod kafka;
 pub mod lake;
 pub mod publisher;
