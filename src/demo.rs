@@ -13,10 +13,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use rust_decimal::Decimal;
+use tollgate_collector::Server;
 use tollgate_collector::proxy::auth;
-use tollgate_collector::{Config, Server};
 use tollgate_ingest::Lake;
 use tollgate_schemas::UsageEvent;
+
+use crate::config::Config;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -106,7 +108,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config = Config::parse(&config_text(&args, &key_line), "demo", |_| None)?;
     let (spool, pipeline) = crate::pipeline::start(&config, crate::pipeline::Role::All).await?;
     let query = crate::query::start(&config).await?;
-    let server = Server::bind(&config, spool, pipeline.metrics()).await?;
+    let server = Server::bind(
+        &config.collector,
+        spool,
+        config.pipeline.queue_capacity,
+        pipeline.metrics(),
+    )
+    .await?;
     let addr = server.local_addr()?;
     let lake = Lake::open(args.data.join("lake"))?;
     let already: HashSet<PathBuf> = lake.files()?.into_iter().collect();

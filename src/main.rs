@@ -1,6 +1,7 @@
 //! `tollgate`: the gateway, its simulator and its demo in one binary.
 
 mod bench;
+mod config;
 mod demo;
 mod pipeline;
 mod query;
@@ -11,9 +12,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use tollgate_collector::Server;
 use tollgate_collector::proxy::auth;
 use tollgate_collector::upstream::simulate::{self, SimSettings};
-use tollgate_collector::{Config, Server};
+
+use crate::config::Config;
 
 // Query scans make many short-lived buffers: glibc's allocator spent a fifth
 // of a lake scan in malloc and free.
@@ -182,14 +185,20 @@ async fn serve(
 ) -> anyhow::Result<()> {
     let mut config = Config::load(&path)?;
     if let Some(addr) = listen {
-        config.gateway.listen = addr;
+        config.collector.gateway.listen = addr;
     }
     let (spool, pipeline) = pipeline::start(&config, role).await?;
     let query = match role {
         pipeline::Role::All => query::start(&config).await?,
         pipeline::Role::ProxyOnly => None,
     };
-    let server = Server::bind(&config, spool, pipeline.metrics()).await?;
+    let server = Server::bind(
+        &config.collector,
+        spool,
+        config.pipeline.queue_capacity,
+        pipeline.metrics(),
+    )
+    .await?;
     let addr = server.local_addr()?;
     println!("tollgate gateway listening on http://{addr}");
     println!("usage lake -> {}", config.pipeline.lake);

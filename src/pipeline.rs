@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::future::Either;
-use tollgate_collector::config::{Config, KafkaConfig, PipelineConfig};
-use tollgate_collector::metrics;
-use tollgate_ingest::forward::{self, ForwardStats, ForwarderConfig};
-use tollgate_ingest::kafka::KafkaSource;
-use tollgate_ingest::{IngestOptions, Lake, Stats};
-use tollgate_spool::{SpoolOptions, SpoolWriter};
+use tollgate_ingest::config::{KafkaConfig, PipelineConfig};
+use tollgate_ingest::forward::{self, ForwardStats};
+use tollgate_ingest::{Lake, Stats};
+use tollgate_schemas::metrics;
+use tollgate_spool::SpoolWriter;
+
+use crate::config::Config;
 
 pub struct Pipeline {
     stop: Arc<AtomicBool>,
@@ -25,44 +26,15 @@ pub struct Pipeline {
     pub forwarded: Arc<ForwardStats>,
 }
 
-pub fn spool_options(p: &PipelineConfig) -> SpoolOptions {
-    SpoolOptions {
-        segment_bytes: p.spool_segment_bytes,
-        max_bytes: p.spool_max_bytes,
-        commit_interval: Duration::from_millis(p.commit_ms),
-        commit_records: p.commit_events,
-        ..SpoolOptions::new(&p.spool_dir)
-    }
-}
-
-pub fn ingest_options(p: &PipelineConfig) -> IngestOptions {
-    IngestOptions {
-        flush_interval: Duration::from_millis(p.flush_ms),
-        flush_rows: p.flush_rows,
-        max_event_bytes: p.max_event_bytes,
-    }
-}
-
 /// The lake: a local directory or `s3://bucket/prefix`.
 pub fn lake(p: &PipelineConfig) -> anyhow::Result<Lake> {
-    let options: Vec<(String, String)> = p.lake_options.clone().into_iter().collect();
-    Lake::at(&p.lake, &options).with_context(|| format!("opening the lake {}", p.lake))
-}
-
-pub fn kafka_source(k: &KafkaConfig) -> KafkaSource {
-    KafkaSource {
-        brokers: k.brokers.clone(),
-        topic: k.topic.clone(),
-        group: k.group.clone(),
-        member: k.member.clone(),
-        // The same client settings as the forwarder's producer.
-        properties: k.properties.clone().into_iter().collect(),
-    }
+    p.open_lake()
+        .with_context(|| format!("opening the lake {}", p.lake))
 }
 
 /// Creates the topic when it is missing, or says why it could not.
 pub async fn ensure_topic(k: &KafkaConfig) -> anyhow::Result<()> {
-    match tollgate_ingest::kafka::ensure_topic(&kafka_source(k), k.partitions).await {
+    match tollgate_ingest::kafka::ensure_topic(&k.source(), k.partitions).await {
         Ok(true) => {
             tracing::info!(topic = %k.topic, partitions = k.partitions, "created the usage topic")
         }
@@ -102,18 +74,18 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<(SpoolWriter, 
             "`tollgate proxy` forwards to Kafka: set [pipeline] kafka = {{ brokers = \"...\" }}, or use `tollgate serve`"
         );
     }
-    let (writer, reader, recovery) = tollgate_spool::open(spool_options(p))
+    let (writer, reader, recovery) = tollgate_spool::open(p.spool_options())
         .with_context(|| format!("opening the spool {}", p.spool_dir.display()))?;
     recovery.log();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
     let forwarded = Arc::new(ForwardStats::default());
     let lake = lake(p)?;
-    let opts = ingest_options(p);
+    let opts = p.ingest_options();
     let mut threads = Vec::new();
     match &p.kafka {
         None => {
-            let instance = config.gateway.instance.clone();
+            let instance = config.collector.gateway.instance.clone();
             let (stop, stats) = (stop.clone(), stats.clone());
             threads.push(spawn("tollgate-ingest", move || {
                 tollgate_ingest::embedded::run(
@@ -124,13 +96,11 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<(SpoolWriter, 
         }
         Some(k) => {
             ensure_topic(k).await?;
-            let cfg = ForwarderConfig {
-                brokers: k.brokers.clone(),
-                topic: k.topic.clone(),
-                properties: k.properties.clone(),
+            let cfg = forward::ForwarderConfig {
                 fault_fatal_after_batches: std::env::var("TOLLGATE_FAULT_FORWARDER_FATAL_AFTER")
                     .ok()
                     .and_then(|v| v.parse().ok()),
+                ..k.forwarder()
             };
             {
                 let (stop, forwarded) = (stop.clone(), forwarded.clone());
@@ -140,7 +110,7 @@ pub async fn start(config: &Config, role: Role) -> anyhow::Result<(SpoolWriter, 
                 })?);
             }
             if role == Role::All {
-                let source = kafka_source(k);
+                let source = k.source();
                 let (stop, stats) = (stop.clone(), stats.clone());
                 threads.push(spawn("tollgate-ingest", move || {
                     tollgate_ingest::kafka::run(&lake, &source, &opts, &stop, &stats)
@@ -194,8 +164,8 @@ pub async fn ingest(
     };
     ensure_topic(k).await?;
     let lake = lake(p)?;
-    let opts = ingest_options(p);
-    let source = kafka_source(k);
+    let opts = p.ingest_options();
+    let source = k.source();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(Stats::default());
     let thread = {
@@ -223,7 +193,7 @@ pub async fn ingest(
                 let stats = stats.clone();
                 move || async move {
                     let mut out = String::new();
-                    metrics::Source::render(&IngestMetrics(stats.clone()), &mut out);
+                    metrics::Source::render(&*stats, &mut out);
                     out
                 }
             }),
@@ -253,88 +223,9 @@ pub async fn ingest(
     Ok(())
 }
 
-/// The forwarder's counters on `/metrics`.
-pub struct ForwardMetrics(pub Arc<ForwardStats>);
-
-impl metrics::Source for ForwardMetrics {
-    fn render(&self, out: &mut String) {
-        use metrics::{Kind, write};
-        let s = &self.0;
-        write(
-            out,
-            "tollgate_forward_events_delivered_total",
-            "Usage events Kafka acknowledged.",
-            Kind::Counter,
-            &s.delivered,
-        );
-        write(
-            out,
-            "tollgate_forward_batches_failed_total",
-            "Batches sent again after a failed delivery.",
-            Kind::Counter,
-            &s.batches_failed,
-        );
-        write(
-            out,
-            "tollgate_forward_producers_recreated_total",
-            "Producers recreated after a fatal error.",
-            Kind::Counter,
-            &s.producers_recreated,
-        );
-    }
-}
-
-/// The ingester's counters on `/metrics`.
-pub struct IngestMetrics(pub Arc<Stats>);
-
-impl metrics::Source for IngestMetrics {
-    fn render(&self, out: &mut String) {
-        use metrics::{Kind, write};
-        let s = &self.0;
-        write(
-            out,
-            "tollgate_ingest_rows_total",
-            "Rows published to the lake.",
-            Kind::Counter,
-            &s.rows,
-        );
-        write(
-            out,
-            "tollgate_ingest_files_total",
-            "Parquet files published.",
-            Kind::Counter,
-            &s.files,
-        );
-        write(
-            out,
-            "tollgate_ingest_dead_letters_total",
-            "Messages sent to dead letters.",
-            Kind::Counter,
-            &s.dead_letters,
-        );
-        write(
-            out,
-            "tollgate_ingest_duplicates_total",
-            "Replayed copies dropped by event id.",
-            Kind::Counter,
-            &s.duplicates,
-        );
-        write(
-            out,
-            "tollgate_ingest_partitions",
-            "Kafka partitions held now.",
-            Kind::Gauge,
-            &s.partitions,
-        );
-    }
-}
-
 impl Pipeline {
     /// What this pipeline shows on the gateway's `/metrics`.
     pub fn metrics(&self) -> Vec<Arc<dyn metrics::Source>> {
-        vec![
-            Arc::new(IngestMetrics(self.stats.clone())),
-            Arc::new(ForwardMetrics(self.forwarded.clone())),
-        ]
+        vec![self.stats.clone(), self.forwarded.clone()]
     }
 }

@@ -1,21 +1,24 @@
 //! The query service's settings from the config file, and `gen-lake`.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use chrono::{DateTime, Duration as Days, Utc};
-use tollgate_collector::Config;
 use tollgate_ingest::Lake;
 use tollgate_ingest::synth::Synth;
-use tollgate_query::{Limits, QueryService, QuerySettings, Tenant};
+use tollgate_query::{QueryService, QuerySettings, Tenant};
 use tollgate_schemas::PriceCatalog;
 
-/// The `[query]` table as the query crate's settings; `None` without one.
+use crate::config::Config;
+
+/// The query service's settings: its `[query]` section, with the lake
+/// (`[pipeline]`), the tenants (`[[consumers]]`) and the catalogs (the
+/// gateway's, then `query.catalogs`) from the other sections. `None`
+/// without a `[query]` table.
 pub fn settings(config: &Config) -> anyhow::Result<Option<(QuerySettings, usize)>> {
     let Some(q) = &config.query else {
         return Ok(None);
     };
-    let mut catalogs = vec![match &config.gateway.prices {
+    let gateway = &config.collector;
+    let mut catalogs = vec![match &gateway.gateway.prices {
         Some(path) => PriceCatalog::load(path)?,
         None => PriceCatalog::shipped()?,
     }];
@@ -26,38 +29,17 @@ pub fn settings(config: &Config) -> anyhow::Result<Option<(QuerySettings, usize)
         }
         catalogs.push(c);
     }
-    let settings = QuerySettings {
-        listen: q.listen,
-        pg_listen: q.pg_listen,
-        admin_token: q.admin_token.as_ref().map(|s| s.expose().to_string()),
-        tenants: config
-            .consumers
-            .iter()
-            .map(|c| Tenant {
-                name: c.name.clone(),
-                key_hashes: c.key_hashes.clone(),
-            })
-            .collect(),
-        lake: config.pipeline.lake.clone(),
-        lake_options: config
-            .pipeline
-            .lake_options
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-        catalogs,
-        limits: Limits {
-            memory_bytes: q.memory_mb << 20,
-            max_rss_bytes: q.max_rss_mb << 20,
-            timeout: Duration::from_millis(q.timeout_ms),
-            max_result_rows: q.max_result_rows,
-            max_result_bytes: q.max_result_mb << 20,
-            max_concurrent: q.max_concurrent,
-            max_generated_rows: q.max_generated_rows,
-        },
-        cache_bytes: q.cache_mb << 20,
-        partitions: q.threads * 2,
-    };
+    let tenants = gateway
+        .consumers
+        .iter()
+        .map(|c| Tenant {
+            name: c.name.clone(),
+            key_hashes: c.key_hashes.clone(),
+        })
+        .collect();
+    let p = &config.pipeline;
+    let lake_options = p.lake_options.clone().into_iter().collect();
+    let settings = q.settings(p.lake.clone(), lake_options, tenants, catalogs);
     Ok(Some((settings, q.threads)))
 }
 

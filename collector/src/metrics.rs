@@ -1,33 +1,11 @@
-//! Prometheus text exposition for `/metrics`: the tap's counters, the
-//! upstreams' estimate counters, and any other part of the process that
-//! registers a [`Source`] (the binary wraps the forwarder's and the
-//! ingester's counters in one).
+//! The gateway's own lines on `/metrics`: the tap's counters and the
+//! upstreams' estimate counters. The format, and the [`Source`] trait the
+//! rest of the process (forwarder, ingester) renders through, are
+//! `tollgate_schemas::metrics`.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Something that adds lines to `/metrics`.
-pub trait Source: Send + Sync {
-    fn render(&self, out: &mut String);
-}
-
-pub enum Kind {
-    Counter,
-    Gauge,
-}
-
-/// Writes one metric with its HELP and TYPE lines.
-pub fn write(out: &mut String, name: &str, help: &str, kind: Kind, value: &AtomicU64) {
-    let kind = match kind {
-        Kind::Counter => "counter",
-        Kind::Gauge => "gauge",
-    };
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-        value.load(Ordering::Relaxed)
-    );
-}
+pub use tollgate_schemas::metrics::{Kind, Source, label_value, write};
 
 /// `tollgate_usage_estimated_total{upstream, reason}`: attempts whose
 /// tokens the gateway estimated. A `reason` other than `no_usage` means the
@@ -48,13 +26,6 @@ pub fn render_estimates(out: &mut String, upstreams: &[std::sync::Arc<crate::ups
             );
         }
     }
-}
-
-/// A label value escaped as the text exposition format requires.
-fn label_value(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 impl Source for crate::ledger::tap::Counters {

@@ -34,19 +34,19 @@ pub struct Summary {
 }
 
 impl Server {
-    /// Binds the listener and starts the tap, which writes to `spool`.
+    /// Binds the listener and starts the tap, which writes to `spool`
+    /// through a queue of `queue_capacity` events (`[pipeline]`).
     /// `metrics`: other parts of the process to show on `/metrics`.
     pub async fn bind(
         config: &Config,
         spool: SpoolWriter,
+        queue_capacity: usize,
         metrics: Vec<Arc<dyn metrics::Source>>,
     ) -> Result<Self, CollectorError> {
         let (tap, writer) =
-            Tap::start(spool, config.pipeline.queue_capacity).map_err(|source| {
-                CollectorError::Io {
-                    context: "starting the tap".into(),
-                    source,
-                }
+            Tap::start(spool, queue_capacity).map_err(|source| CollectorError::Io {
+                context: "starting the tap".into(),
+                source,
             })?;
         let mut gateway = Gateway::new(config, tap.clone())?;
         gateway.metrics = metrics;

@@ -20,6 +20,7 @@ use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use tollgate_schemas::metrics::{Kind, Source, write};
 use tollgate_spool::{SpoolError, SpoolReader};
 
 /// Events read from the spool per batch.
@@ -297,4 +298,32 @@ fn send_batch(
         return Outcome::Failed(ctx.last_error());
     }
     Outcome::Delivered
+}
+
+/// The forwarder's counters on `/metrics`.
+impl Source for ForwardStats {
+    fn render(&self, out: &mut String) {
+        let s = self;
+        write(
+            out,
+            "tollgate_forward_events_delivered_total",
+            "Usage events Kafka acknowledged.",
+            Kind::Counter,
+            &s.delivered,
+        );
+        write(
+            out,
+            "tollgate_forward_batches_failed_total",
+            "Batches sent again after a failed delivery.",
+            Kind::Counter,
+            &s.batches_failed,
+        );
+        write(
+            out,
+            "tollgate_forward_producers_recreated_total",
+            "Producers recreated after a fatal error.",
+            Kind::Counter,
+            &s.producers_recreated,
+        );
+    }
 }

@@ -8,10 +8,12 @@
 //! file names, on the store and in the layout `tollgate_lake` owns) ->
 //! the source's position is saved ([`kafka`] for a consumer
 //! group member, [`embedded`] for the gateway's own spool). [`compact`]
-//! merges the small files of closed hours.
+//! merges the small files of closed hours. [`config`] is the `[pipeline]`
+//! section that sets all of them.
 
 pub mod columns;
 pub mod compact;
+pub mod config;
 pub mod dead_letter;
 pub mod decode;
 pub mod embedded;
@@ -24,6 +26,8 @@ pub mod synth;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
+
+use tollgate_schemas::metrics::{Kind, Source, write};
 
 pub use lake::Lake;
 
@@ -93,5 +97,47 @@ impl IngestError {
     pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> IngestError {
         let path = path.to_path_buf();
         move |source| IngestError::Io { path, source }
+    }
+}
+
+/// The ingester's counters on `/metrics`.
+impl Source for Stats {
+    fn render(&self, out: &mut String) {
+        let s = self;
+        write(
+            out,
+            "tollgate_ingest_rows_total",
+            "Rows published to the lake.",
+            Kind::Counter,
+            &s.rows,
+        );
+        write(
+            out,
+            "tollgate_ingest_files_total",
+            "Parquet files published.",
+            Kind::Counter,
+            &s.files,
+        );
+        write(
+            out,
+            "tollgate_ingest_dead_letters_total",
+            "Messages sent to dead letters.",
+            Kind::Counter,
+            &s.dead_letters,
+        );
+        write(
+            out,
+            "tollgate_ingest_duplicates_total",
+            "Replayed copies dropped by event id.",
+            Kind::Counter,
+            &s.duplicates,
+        );
+        write(
+            out,
+            "tollgate_ingest_partitions",
+            "Kafka partitions held now.",
+            Kind::Gauge,
+            &s.partitions,
+        );
     }
 }

@@ -24,7 +24,7 @@ pub mod tables;
 pub use access::Principal;
 pub use engine::Engine;
 pub use service::QueryService;
-pub use settings::{Limits, QuerySettings, Tenant};
+pub use settings::{Limits, QueryConfig, QuerySettings, Tenant};
 
 /// What a query can fail with; each kind maps to one HTTP status and one
 /// SQLSTATE.

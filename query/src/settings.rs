@@ -1,10 +1,17 @@
 //! What the query service is given: where to listen, who may ask, how far
-//! a query may go, and where the lake and the price catalogs are.
+//! a query may go, and where the lake and the price catalogs are. The
+//! `[query]` section of the config file is validated here
+//! ([`QueryConfig`]); the rest ([`QuerySettings`]) comes from the other
+//! parts' sections: the lake from `[pipeline]`, tenants from
+//! `[[consumers]]`, the priced-with catalog from `[gateway]`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::Deserialize;
 use tollgate_schemas::PriceCatalog;
+use tollgate_schemas::config::{Invalid, Secret};
 
 #[derive(Debug, Clone)]
 pub struct QuerySettings {
@@ -62,6 +69,104 @@ impl Default for Limits {
             max_result_bytes: 256 << 20,
             max_concurrent: 4,
             max_generated_rows: 10_000_000,
+        }
+    }
+}
+
+/// `[query]`, validated: SQL and reports over the lake (`tollgate query`,
+/// and part of `tollgate serve` when present).
+#[derive(Debug, Clone)]
+pub struct QueryConfig {
+    pub listen: SocketAddr,
+    /// The PostgreSQL wire endpoint; `None` leaves it off.
+    pub pg_listen: Option<SocketAddr>,
+    /// Sees every row; unset or empty lets only consumer keys in.
+    pub admin_token: Option<Secret>,
+    /// More catalogs to reprice with (`catalog=`), besides the gateway's.
+    pub catalogs: Vec<PathBuf>,
+    /// Threads of the service's runtime.
+    pub threads: usize,
+    pub limits: Limits,
+    /// Parquet footers kept between queries, bytes.
+    pub cache_bytes: usize,
+}
+
+/// `[query]` as written; sizes in MiB, durations in ms.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuery {
+    listen: Option<SocketAddr>,
+    pg_listen: Option<String>,
+    admin_token: Option<String>,
+    #[serde(default)]
+    catalogs: Vec<PathBuf>,
+    threads: Option<usize>,
+    memory_mb: Option<usize>,
+    max_rss_mb: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_result_rows: Option<usize>,
+    max_result_mb: Option<usize>,
+    max_concurrent: Option<usize>,
+    max_generated_rows: Option<u64>,
+    cache_mb: Option<usize>,
+}
+
+impl QueryConfig {
+    /// Defaults for what is not written; values below their floor are
+    /// raised to it. `pg_listen = "off"` turns the PostgreSQL endpoint off.
+    pub fn from_raw(q: RawQuery) -> Result<Self, Invalid> {
+        let pg_listen = match q.pg_listen.as_deref() {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 5433))),
+            Some("off") => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                Invalid::key(
+                    "query.pg_listen",
+                    format!("{a:?} is not an address (127.0.0.1:5433) or \"off\""),
+                )
+            })?),
+        };
+        Ok(Self {
+            listen: q
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8001))),
+            pg_listen,
+            admin_token: q.admin_token.and_then(Secret::new),
+            catalogs: q.catalogs,
+            threads: q.threads.unwrap_or(2).max(1),
+            limits: Limits {
+                memory_bytes: q.memory_mb.unwrap_or(512).max(16) << 20,
+                max_rss_bytes: q.max_rss_mb.unwrap_or(2048).max(64) << 20,
+                timeout: Duration::from_millis(q.timeout_ms.unwrap_or(30_000).max(1)),
+                max_result_rows: q.max_result_rows.unwrap_or(1_000_000).max(1),
+                max_result_bytes: q.max_result_mb.unwrap_or(256).max(1) << 20,
+                max_concurrent: q.max_concurrent.unwrap_or(4).max(1),
+                max_generated_rows: q.max_generated_rows.unwrap_or(10_000_000).max(1),
+            },
+            cache_bytes: q.cache_mb.unwrap_or(256) << 20,
+        })
+    }
+
+    /// The service's settings, with what other sections say: the lake, the
+    /// tenants, and the catalogs (the priced-with one first, then
+    /// [`Self::catalogs`] loaded).
+    pub fn settings(
+        &self,
+        lake: String,
+        lake_options: Vec<(String, String)>,
+        tenants: Vec<Tenant>,
+        catalogs: Vec<PriceCatalog>,
+    ) -> QuerySettings {
+        QuerySettings {
+            listen: self.listen,
+            pg_listen: self.pg_listen,
+            admin_token: self.admin_token.as_ref().map(|s| s.expose().to_string()),
+            tenants,
+            lake,
+            lake_options,
+            catalogs,
+            limits: self.limits.clone(),
+            cache_bytes: self.cache_bytes,
+            partitions: self.threads * 2,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The types every part of Tollgate shares: the [`UsageEvent`] (one row per
 //! client request), token counts with one documented meaning ([`Tokens`]),
-//! exact money ([`Usd`]), the price catalog ([`PriceCatalog`]) and the one
-//! reading of a presented API key ([`credential`]).
+//! exact money ([`Usd`]), the price catalog ([`PriceCatalog`]), the one
+//! reading of a presented API key ([`credential`]), the text format every
+//! part writes its counters in ([`metrics`]) and what every part's config
+//! section shares ([`config`]: a refused setting, a secret).
 //!
 //! Token semantics, fixed here once for the whole ledger (OpenAI's meaning):
 //! `input_tokens` includes `cached_input_tokens`, and `output_tokens`
@@ -16,8 +18,10 @@
 //! `schema_version` names the version a producer wrote.
 
 pub mod arrow;
+pub mod config;
 pub mod credential;
 pub mod event;
+pub mod metrics;
 pub mod money;
 pub mod prices;
 pub mod tokens;

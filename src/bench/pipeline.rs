@@ -316,9 +316,15 @@ async fn freshness(
         std::process::id(),
         std::process::id(),
     );
-    let config = tollgate_collector::Config::parse(&config, "bench", |_| None)?;
+    let config = crate::config::Config::parse(&config, "bench", |_| None)?;
     let (spool, pipeline) = crate::pipeline::start(&config, crate::pipeline::Role::All).await?;
-    let server = tollgate_collector::Server::bind(&config, spool, pipeline.metrics()).await?;
+    let server = tollgate_collector::Server::bind(
+        &config.collector,
+        spool,
+        config.pipeline.queue_capacity,
+        pipeline.metrics(),
+    )
+    .await?;
     let url = format!("http://{}/v1/chat/completions", server.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let served = tokio::spawn(server.run(async move {

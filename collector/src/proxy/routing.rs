@@ -151,7 +151,7 @@ mod tests {
     use crate::config::{Config, UpstreamKind};
 
     fn routes(text: &str) -> Routes {
-        let cfg = Config::parse(text, "t", |_| None).unwrap();
+        let cfg = Config::from_toml(text).unwrap();
         let ups = cfg
             .upstreams
             .values()

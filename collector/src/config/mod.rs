@@ -1,0 +1,82 @@
+//! The gateway's sections of the config file, each with its raw shape (as
+//! written, `deny_unknown_fields`, so a typo is an error), its typed shape
+//! and its validation: [`gateway`] (`[gateway]`: listener, limits, the
+//! ledger's identity and prices), [`upstreams`] (`[upstreams.<name>]`),
+//! [`routes`] (`[[routes]]`, which name upstreams) and [`consumers`]
+//! (`[[consumers]]`). They are validated in that order.
+//!
+//! The binary's loader reads the file, interpolates `${ENV}` and hands
+//! these sections over as [`Sections`]; every refusal is a
+//! [`tollgate_schemas::config::Invalid`] naming the key path and, where the
+//! file says it, the line.
+
+pub mod consumers;
+pub mod gateway;
+pub mod routes;
+pub mod upstreams;
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use tollgate_schemas::config::Invalid;
+use toml::Spanned;
+
+pub use consumers::{ConsumerConfig, RawConsumer};
+pub use gateway::{ClientIp, GatewayConfig, RawGateway};
+pub use routes::{DEFAULT_FALLBACK_ON, FallbackTrigger, RawRoute, RouteConfig, TargetConfig};
+pub use tollgate_schemas::config::Secret;
+pub use upstreams::{OpenAiUpstreamConfig, RawUpstream, UpstreamConfig, UpstreamKind};
+
+/// The gateway's sections, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+/// The gateway's sections as the file wrote them. Spans are byte offsets
+/// into the file they came from.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sections {
+    #[serde(default)]
+    pub gateway: RawGateway,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub consumers: Vec<Spanned<RawConsumer>>,
+}
+
+/// A TOML text holding only the gateway's sections could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Validates the sections: the `[gateway]` table, then upstreams, then
+    /// the routes over them, then consumers.
+    pub fn from_sections(s: Sections) -> Result<Self, Invalid> {
+        let gateway = gateway::validate(s.gateway)?;
+        let upstreams = upstreams::validate(s.upstreams)?;
+        let routes = routes::validate(&s.routes, &upstreams)?;
+        let consumers = consumers::validate(&s.consumers)?;
+        Ok(Self {
+            gateway,
+            upstreams,
+            routes,
+            consumers,
+        })
+    }
+
+    /// A TOML text with only the gateway's sections, as given (no `${ENV}`):
+    /// for tests and tools that build a gateway in process. Errors carry
+    /// the line.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let sections: Sections = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        Self::from_sections(sections).map_err(|e| ConfigError(e.located(text)))
+    }
+}
