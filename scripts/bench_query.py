@@ -42,7 +42,7 @@ def free_port():
 
 # The files that decide what the generated lake holds: a change to any of
 # them makes a cached lake stale.
-LAKE_SOURCES = ["schemas/src/arrow.rs", "ingest/src/columns.rs", "ingest/src/lake.rs", "ingest/src/synth.rs"]
+LAKE_SOURCES = ["schemas/src/arrow.rs", "ingest/src/columns.rs", "ingest/src/lake.rs", "ingest/src/synth.rs", "lake/src/layout.rs"]
 
 
 def lake_fingerprint():

@@ -1,4 +1,10 @@
-//! `tollgate`: the gateway, its simulator and its demo in one binary.
+//! `tollgate`: every part in one binary. `main` parses the command line,
+//! loads the config ([`config`], the one loader) and calls one command:
+//! `serve` (gateway, pipeline and query service in one process), `proxy`,
+//! `ingest` and `query` (the same parts apart), `compact`, `gen-lake`,
+//! `simulate`, `keys`, `demo` and `bench` (the measuring tools).
+//! [`pipeline`] wires the spool's drain; [`query`] the query service's
+//! settings.
 
 mod bench;
 mod config;

@@ -1,10 +1,5 @@
-//! The gateway's HTTP surface: which path goes to which handler.
-//!
-//! Order of work for a request: path normalisation (outside the router, in
-//! [`crate::server`], so routing only ever sees the normalised path) ->
-//! route match -> handler. The proxied endpoints go to [`crate::proxy`];
-//! unknown paths and methods get OpenAI-style errors and are recorded like
-//! any other request.
+//! The gateway's HTTP surface: which path goes to which handler. The order
+//! of work for a request is written once, on [`app`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -11,7 +11,7 @@
 //! Its parts, in the order a request meets them: [`server`] (the listener,
 //! [`paths`] normalised before routing) -> [`app`] (the router) ->
 //! [`proxy`] (the numbered steps of one request: auth, body, route,
-//! attempts) -> [`policy`] (the coming limits, cache, content screen and
+//! attempts) -> [`policy`] (the coming quota, cache, content screen and
 //! search steps) -> [`upstream`] (where attempts go and what comes back) ->
 //! [`relay`] (streams to the client), with the [`ledger`] recording the
 //! request and its tap taking the event into the spool (the pipeline past

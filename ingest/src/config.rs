@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tollgate_schemas::config::Invalid;
 use tollgate_spool::SpoolOptions;
+use toml::Spanned;
 
 use crate::forward::ForwarderConfig;
 use crate::kafka::KafkaSource;
@@ -68,7 +69,7 @@ pub struct KafkaConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawPipeline {
     spool_dir: Option<PathBuf>,
-    lake: Option<String>,
+    lake: Option<Spanned<String>>,
     #[serde(default)]
     lake_options: BTreeMap<String, String>,
     queue_capacity: Option<usize>,
@@ -99,9 +100,16 @@ impl PipelineConfig {
     /// Defaults for what is not written; sizes below their floor are raised
     /// to it.
     pub fn from_raw(p: RawPipeline) -> Result<Self, Invalid> {
-        let pipeline = Self {
+        let lake = match p.lake {
+            None => "data/lake".to_string(),
+            Some(l) if l.get_ref().trim().is_empty() => {
+                return Err(Invalid::at(l.span(), "pipeline.lake", "must not be empty"));
+            }
+            Some(l) => l.into_inner(),
+        };
+        Ok(Self {
             spool_dir: p.spool_dir.unwrap_or_else(|| PathBuf::from("data/spool")),
-            lake: p.lake.unwrap_or_else(|| "data/lake".to_string()),
+            lake,
             lake_options: p.lake_options,
             queue_capacity: p.queue_capacity.unwrap_or(65_536).max(1),
             spool_max_bytes: p.spool_max_bytes.unwrap_or(4 << 30),
@@ -120,11 +128,7 @@ impl PipelineConfig {
                 member: k.member,
                 properties: k.properties,
             }),
-        };
-        if pipeline.lake.trim().is_empty() {
-            return Err(Invalid::key("pipeline.lake", "must not be empty"));
-        }
-        Ok(pipeline)
+        })
     }
 
     /// The spool the tap writes and the forwarder or embedded ingester reads.

@@ -26,7 +26,7 @@ use tollgate_schemas::UsageEvent;
 use crate::IngestError;
 use crate::columns;
 use tollgate_lake::Store;
-use tollgate_lake::layout::{DEAD_LETTERS, PartName, USAGE, hour_dir, usage_key};
+use tollgate_lake::layout::{DEAD_LETTERS, PARQUET, PartName, USAGE, hour_dir, usage_key};
 
 #[derive(Debug, Clone)]
 pub struct Lake {
@@ -200,7 +200,7 @@ impl Lake {
             .store
             .list(USAGE)?
             .into_iter()
-            .filter(|k| k.ends_with(".parquet"))
+            .filter(|k| k.ends_with(PARQUET))
             .map(|k| self.path_of(&k))
             .collect())
     }
@@ -257,7 +257,7 @@ impl Lake {
             }
         }
         self.store
-            .remove_temporaries(USAGE, &format!("{source}~"))?;
+            .remove_temporaries(USAGE, &PartName::prefix_of(source))?;
         Ok(complete)
     }
 

@@ -9,7 +9,9 @@
 //! the source's position is saved ([`kafka`] for a consumer
 //! group member, [`embedded`] for the gateway's own spool). [`compact`]
 //! merges the small files of closed hours. [`config`] is the `[pipeline]`
-//! section that sets all of them.
+//! section that sets all of them; [`publisher`] runs the lake's writes off
+//! the reading thread; [`synth`] makes realistic synthetic events for
+//! `gen-lake` and the benchmarks.
 
 pub mod columns;
 pub mod compact;

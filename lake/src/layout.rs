@@ -43,6 +43,12 @@ impl PartName {
         )
     }
 
+    /// The start of every part file's name from `source` (cleaned), for
+    /// finding what a publish cut short left behind.
+    pub fn prefix_of(source: &str) -> String {
+        format!("{source}~")
+    }
+
     /// `None` for any other name (a merged file, a temporary).
     pub fn parse(name: &str) -> Option<PartName> {
         let stem = name.strip_suffix(PARQUET)?;

@@ -5,8 +5,11 @@
 //! [`access`] (who is asking) -> [`engine`] (that principal's session, whose
 //! `usage` table only holds its rows) -> [`guard`] (read-only, checked on the
 //! statement and again on the plan) -> [`limits`] (concurrency, timeout,
-//! result size, memory) -> a surface: [`http`] or [`pg`]. [`tables`] builds
-//! what a session sees; [`reports`] are fixed queries with exact money.
+//! result size, memory) -> a surface: [`http`] (with its [`openapi`]
+//! description) or [`pg`]. [`tables`] builds what a session sees, with
+//! [`generators`] (bounded table functions); [`reports`] are fixed
+//! queries with exact money. [`settings`] is the `[query]` section and
+//! what the service is given; [`service`] starts both surfaces.
 
 pub mod access;
 pub mod engine;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tollgate_schemas::PriceCatalog;
 use tollgate_schemas::config::{Invalid, Secret};
+use toml::Spanned;
 
 #[derive(Debug, Clone)]
 pub struct QuerySettings {
@@ -96,7 +97,7 @@ pub struct QueryConfig {
 #[serde(deny_unknown_fields)]
 pub struct RawQuery {
     listen: Option<SocketAddr>,
-    pg_listen: Option<String>,
+    pg_listen: Option<Spanned<String>>,
     admin_token: Option<String>,
     #[serde(default)]
     catalogs: Vec<PathBuf>,
@@ -115,13 +116,17 @@ impl QueryConfig {
     /// Defaults for what is not written; values below their floor are
     /// raised to it. `pg_listen = "off"` turns the PostgreSQL endpoint off.
     pub fn from_raw(q: RawQuery) -> Result<Self, Invalid> {
-        let pg_listen = match q.pg_listen.as_deref() {
+        let pg_listen = match q.pg_listen {
             None => Some(SocketAddr::from(([127, 0, 0, 1], 5433))),
-            Some("off") => None,
-            Some(a) => Some(a.parse().map_err(|_| {
-                Invalid::key(
+            Some(a) if a.get_ref() == "off" => None,
+            Some(a) => Some(a.get_ref().parse().map_err(|_| {
+                Invalid::at(
+                    a.span(),
                     "query.pg_listen",
-                    format!("{a:?} is not an address (127.0.0.1:5433) or \"off\""),
+                    format!(
+                        "{:?} is not an address (127.0.0.1:5433) or \"off\"",
+                        a.get_ref()
+                    ),
                 )
             })?),
         };

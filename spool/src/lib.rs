@@ -12,6 +12,11 @@
 //!
 //! Layout of a spool directory: `<segment>.seg` files named by a 20-digit
 //! counter, and `cursor`, the acknowledged position.
+//!
+//! Its parts, in the order a record meets them: `writer` (append, group
+//! commit) -> [`frame`] (length, CRC-32C, payload) -> `dir` (segments and
+//! the cursor on disk) -> `reader` (drain, acknowledge); `recovery` cuts a
+//! damaged tail on open.
 
 mod dir;
 pub mod frame;

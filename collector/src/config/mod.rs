@@ -1,7 +1,8 @@
 //! The gateway's sections of the config file, each with its raw shape (as
 //! written, `deny_unknown_fields`, so a typo is an error), its typed shape
 //! and its validation: [`gateway`] (`[gateway]`: listener, limits, the
-//! ledger's identity and prices), [`upstreams`] (`[upstreams.<name>]`),
+//! ledger's identity and prices), the upstreams (`[upstreams.<name>]`,
+//! validated beside the transports in `crate::upstream::config`),
 //! [`routes`] (`[[routes]]`, which name upstreams) and [`consumers`]
 //! (`[[consumers]]`). They are validated in that order.
 //!
@@ -13,7 +14,6 @@
 pub mod consumers;
 pub mod gateway;
 pub mod routes;
-pub mod upstreams;
 
 use std::collections::BTreeMap;
 
@@ -21,11 +21,13 @@ use serde::Deserialize;
 use tollgate_schemas::config::Invalid;
 use toml::Spanned;
 
+pub use crate::upstream::config::{
+    OpenAiUpstreamConfig, RawUpstream, UpstreamConfig, UpstreamKind,
+};
 pub use consumers::{ConsumerConfig, RawConsumer};
 pub use gateway::{ClientIp, GatewayConfig, RawGateway};
 pub use routes::{DEFAULT_FALLBACK_ON, FallbackTrigger, RawRoute, RouteConfig, TargetConfig};
 pub use tollgate_schemas::config::Secret;
-pub use upstreams::{OpenAiUpstreamConfig, RawUpstream, UpstreamConfig, UpstreamKind};
 
 /// The gateway's sections, validated.
 #[derive(Debug, Clone)]
@@ -61,7 +63,7 @@ impl Config {
     /// the routes over them, then consumers.
     pub fn from_sections(s: Sections) -> Result<Self, Invalid> {
         let gateway = gateway::validate(s.gateway)?;
-        let upstreams = upstreams::validate(s.upstreams)?;
+        let upstreams = crate::upstream::config::validate(s.upstreams)?;
         let routes = routes::validate(&s.routes, &upstreams)?;
         let consumers = consumers::validate(&s.consumers)?;
         Ok(Self {

@@ -3,7 +3,7 @@
 //! `output` includes `reasoning`.
 //!
 //! Shapes read, by provider (where in a response they sit is the business
-//! of [`crate::upstream::response`]):
+//! of `upstream::response`):
 //! - OpenAI, DashScope, vLLM, Zhipu, llama.cpp: `prompt_tokens` includes
 //!   `prompt_tokens_details.cached_tokens`; `completion_tokens` includes
 //!   `completion_tokens_details.reasoning_tokens` (OpenAI API reference,
@@ -324,7 +324,7 @@ pub(crate) fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::E
 /// A `*_details` object; anything else is empty details.
 fn details<'de, D: Deserializer<'de>>(d: D) -> Result<Details, D::Error> {
     Ok(
-        crate::upstream::response::Lenient::<Details>::deserialize(d)?
+        crate::upstream::lenient::Lenient::<Details>::deserialize(d)?
             .0
             .unwrap_or_default(),
     )

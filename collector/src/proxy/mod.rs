@@ -6,9 +6,9 @@
 //!    ([`request`], 400)
 //! 4. check the consumer may use the model (403) and find its route
 //!    ([`routing`], 404)
-//! 5. try the planned attempts in order, each judged by [`attempt`]; fall
-//!    back on the route's triggers, only while nothing has been sent to
-//!    the client
+//! 5. try the planned attempts in order, each judged by [`attempt`] (a
+//!    [`failure`] says how it is recorded); fall back on the route's
+//!    triggers, only while nothing has been sent to the client
 //! 6. answer: a complete JSON body, or a streamed relay that owns the
 //!    record from here on
 //!
@@ -17,6 +17,7 @@
 
 pub mod attempt;
 pub mod auth;
+pub mod failure;
 pub mod request;
 pub mod routing;
 

@@ -21,28 +21,7 @@ use crate::error::GatewayError;
 /// the name travels into events, headers and logs.
 pub const MAX_MODEL_CHARS: usize = 128;
 
-/// The endpoints the gateway proxies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    ChatCompletions = 0,
-    Completions = 1,
-    Embeddings = 2,
-}
-
-impl Endpoint {
-    /// The path below an upstream's base URL, and the event's `endpoint`.
-    pub fn path(&self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "chat/completions",
-            Endpoint::Completions => "completions",
-            Endpoint::Embeddings => "embeddings",
-        }
-    }
-
-    pub fn streams(&self) -> bool {
-        !matches!(self, Endpoint::Embeddings)
-    }
-}
+pub use crate::upstream::Endpoint;
 
 /// A parsed request: the body as a JSON object plus the fields the gateway
 /// acts on.

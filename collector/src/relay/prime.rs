@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 
 use crate::ledger::tally::{Tally, Usage};
-use crate::proxy::attempt::Failure;
+use crate::proxy::failure::Failure;
 use crate::proxy::routing::Candidate;
 use crate::relay::events::{Events, Step};
 use crate::upstream::UpstreamResponse;

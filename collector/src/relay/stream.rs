@@ -11,7 +11,7 @@ use tokio::time::Sleep;
 use tollgate_schemas::Outcome;
 
 use crate::ledger::Record;
-use crate::proxy::attempt::scrub;
+use crate::proxy::failure::scrub;
 use crate::proxy::routing::Candidate;
 use crate::relay::events::{Events, Step};
 use crate::relay::prime::Primed;

@@ -11,9 +11,11 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use http::HeaderValue;
 use tower::ServiceExt;
 
-use crate::config::{OpenAiUpstreamConfig, Secret, UpstreamConfig, UpstreamKind};
+use tollgate_schemas::config::Secret;
+
+use super::Endpoint;
+use super::config::{OpenAiUpstreamConfig, UpstreamConfig, UpstreamKind};
 use crate::ledger::tally::Estimated;
-use crate::proxy::request::Endpoint;
 use crate::upstream::simulate::{self, SimSettings};
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;

@@ -9,13 +9,39 @@
 //! request can change either.
 
 //!
-//! Its parts: [`client`] (an upstream, its transport and what an attempt
-//! gets back: a status, a media type and a body stream), [`response`]
-//! (reading one JSON document an upstream sent: model, choices, usage,
-//! errors) and [`simulate`] (the simulated upstream).
+//! Its parts: [`config`] (the `[upstreams.<name>]` section), [`client`]
+//! (an upstream, its transport and what an attempt gets back: a status, a
+//! media type and a body stream), [`response`] (reading one JSON document
+//! an upstream sent: model, choices, usage, errors, with the [`lenient`]
+//! readers) and [`simulate`] (the simulated upstream).
 
 pub mod client;
+pub mod config;
+pub mod lenient;
 pub mod response;
 pub mod simulate;
 
 pub use client::{BodyStream, MediaType, SendError, Upstream, UpstreamError, UpstreamResponse};
+
+/// The endpoints the gateway proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ChatCompletions = 0,
+    Completions = 1,
+    Embeddings = 2,
+}
+
+impl Endpoint {
+    /// The path below an upstream's base URL, and the event's `endpoint`.
+    pub fn path(&self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat/completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    pub fn streams(&self) -> bool {
+        !matches!(self, Endpoint::Embeddings)
+    }
+}

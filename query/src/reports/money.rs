@@ -3,18 +3,19 @@
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::Date32Type;
-use chrono::{DateTime, Duration, DurationRound, NaiveDate, TimeZone, Timelike, Utc};
+use chrono::{DateTime, Duration, NaiveDate, TimeZone, Timelike, Utc};
 use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrame;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::{Expr, col, lit};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
+use tollgate_lake::layout::PARTITION_COLUMNS;
 use tollgate_schemas::{Price, PriceCatalog, Tokens};
 
 use crate::engine::Engine;
 use crate::reports::cells::{decimal_at, u64_at, usd, value_at};
-use crate::reports::request::{Window, model};
+use crate::reports::request::{Window, hour_start, model, next_hour};
 use crate::{Principal, QueryError};
 
 pub(crate) fn ts(t: DateTime<Utc>) -> Expr {
@@ -28,30 +29,18 @@ pub(crate) fn day_number(d: NaiveDate) -> i32 {
     (d - NaiveDate::default()).num_days() as i32
 }
 
-pub(crate) fn hour_start(t: DateTime<Utc>) -> DateTime<Utc> {
-    t.duration_trunc(Duration::hours(1)).unwrap_or(t)
-}
-
-pub(crate) fn next_hour(t: DateTime<Utc>) -> DateTime<Utc> {
-    let start = hour_start(t);
-    if start == t {
-        t
-    } else {
-        start + Duration::hours(1)
-    }
-}
-
 /// `(date, hour) >= t's hour` (`ge`) or `< t's hour`, on partition columns
 /// alone, so DataFusion answers it from directory names.
 pub(crate) fn partition_bound(t: DateTime<Utc>, ge: bool) -> Expr {
     let date = lit(ScalarValue::Date32(Some(day_number(t.date_naive()))));
     let hour = lit(t.hour() as i32);
+    let [date_col, hour_col] = PARTITION_COLUMNS.map(col);
     let (beyond, edge) = if ge {
-        (col("date").gt(date.clone()), col("hour").gt_eq(hour))
+        (date_col.clone().gt(date.clone()), hour_col.gt_eq(hour))
     } else {
-        (col("date").lt(date.clone()), col("hour").lt(hour))
+        (date_col.clone().lt(date.clone()), hour_col.lt(hour))
     };
-    beyond.or(col("date").eq(date).and(edge))
+    beyond.or(date_col.eq(date).and(edge))
 }
 
 /// Rows of the window. The lake's `date`/`hour` directories hold the hour
@@ -263,9 +252,10 @@ pub(crate) async fn money_lines(
     }
     // The partition columns: constant per file, so grouping on them is
     // cheaper than truncating `ts_start` row by row.
-    keys.push(col("date").alias("day"));
+    let [date_col, hour_col] = PARTITION_COLUMNS;
+    keys.push(col(date_col).alias("day"));
     if hourly {
-        keys.push(col("hour"));
+        keys.push(col(hour_col));
     }
     let frame = window_rows(engine, who, w, None)
         .await?

@@ -1,6 +1,6 @@
 //! The reports' parameters: parsed, validated and named in every error.
 
-use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Duration, DurationRound, NaiveDate, TimeZone, Utc};
 use datafusion::functions::core::expr_fn::get_field;
 use datafusion::functions::expr_fn::coalesce;
 use datafusion::logical_expr::{Expr, col};
@@ -8,7 +8,6 @@ use rust_decimal::Decimal;
 use tollgate_schemas::PriceCatalog;
 
 use crate::QueryError;
-use crate::reports::money::next_hour;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Group {
@@ -277,11 +276,25 @@ impl RoiRequest {
 
 // ------------------------------------------------------------------ running
 
+/// The start of `t`'s hour.
+pub(crate) fn hour_start(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.duration_trunc(Duration::hours(1)).unwrap_or(t)
+}
+
+/// `t` when it is on the hour, else the start of the next hour.
+pub(crate) fn next_hour(t: DateTime<Utc>) -> DateTime<Utc> {
+    let start = hour_start(t);
+    if start == t {
+        t
+    } else {
+        start + Duration::hours(1)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::reports::money::hour_start;
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

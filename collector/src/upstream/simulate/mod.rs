@@ -7,11 +7,12 @@
 //! errors, usage in the last chunk or in every chunk or not at all,
 //! DeepSeek-style cache fields, and streams that break half-way.
 //!
-//! Its parts: [`settings`] (the knobs), `answer` (what a request gets:
-//! its plan, whole bodies, embeddings) and `stream` (the same answer as
-//! server-sent events).
+//! Its parts: [`settings`] (the knobs), `plan` (one request's plan and
+//! usage), `answer` (whole bodies, embeddings) and `stream` (the same
+//! answer as server-sent events).
 
 mod answer;
+mod plan;
 pub mod settings;
 mod stream;
 
@@ -24,7 +25,8 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 pub use answer::embed;
-use answer::{Sim, chat, completions, embeddings};
+use answer::{chat, completions, embeddings};
+use plan::Sim;
 pub use settings::{SimSettings, UsageStyle};
 
 /// The simulator's HTTP surface, rooted at `/v1`.

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 use futures_util::stream;
 
-use super::answer::{Plan, Sim, WORDS, error};
+use super::plan::{Plan, Sim, WORDS, error};
 
 #[derive(Clone, Copy, PartialEq)]
 pub(super) enum Kind {

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use tollgate_schemas::config::{Invalid, Secret};
 use toml::Spanned;
 
-use crate::upstream::simulate::SimSettings;
+use super::simulate::SimSettings;
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
