@@ -43,6 +43,9 @@ export TOLLGATE_MOTO="$VENV/bin/moto_server"
 rm -rf "$ARTIFACTS"
 mkdir -p "$ARTIFACTS"
 
+echo "==> layout (file sizes, import circles)"
+python3 scripts/check_layout.py
+
 echo "==> cargo test (workspace)"
 cargo test --workspace --all-targets
 

@@ -162,7 +162,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             () = crate::shutdown_signal() => {},
         }
     }));
-    let tail_stop = tokio_util_stop();
+    let tail_stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let tailer = tokio::spawn(tail(lake, already, tail_stop.clone()));
 
     let traffic = traffic(addr, key, args.interval_ms, args.requests);
@@ -184,10 +184,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("  {model:<20} {n:>5} requests  ${}", cost.normalize());
     }
     Ok(())
-}
-
-fn tokio_util_stop() -> std::sync::Arc<tokio::sync::Notify> {
-    std::sync::Arc::new(tokio::sync::Notify::new())
 }
 
 /// Sends sample requests: mostly deepseek-r1, some qwq-32b, half streamed.
