@@ -80,7 +80,7 @@ impl Config {
             message,
         };
         let text = interpolate(text, &env).map_err(invalid)?;
-        let file: File = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let file: File = toml::from_str(&text).map_err(|e| invalid(parse_error(&e, &text)))?;
         let located = |e: Invalid| invalid(e.located(&text));
         let collector = tollgate_collector::Config::from_sections(Sections {
             gateway: file.gateway,
@@ -95,12 +95,77 @@ impl Config {
             .map(QueryConfig::from_raw)
             .transpose()
             .map_err(located)?;
+        if let Some(token) = query.as_ref().and_then(|q| q.admin_token.as_ref()) {
+            let digest = tollgate_collector::proxy::auth::hash_key(token.expose());
+            let digest = digest.strip_prefix("sha256:").unwrap_or(&digest);
+            let taken = collector
+                .consumers
+                .iter()
+                .any(|c| c.key_hashes.iter().any(|h| hex_of(h) == digest));
+            if taken {
+                return Err(invalid(
+                    "query.admin_token: is also a consumer's API key; the admin token must be a secret of its own".into(),
+                ));
+            }
+        }
         Ok(Self {
             collector,
             pipeline,
             query,
         })
     }
+}
+
+fn hex_of(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A TOML error as `line L, column C: message`, without the source line
+/// and without any string value the message quotes: a secret written in
+/// the wrong place must not be printed back.
+fn parse_error(e: &toml::de::Error, text: &str) -> String {
+    let message = redact_strings(e.message());
+    match e.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            let line = text[..start].matches('\n').count() + 1;
+            let column = start - text[..start].rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// `message` with every `string "..."` it quotes replaced by `a string`.
+fn redact_strings(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("string \"") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "string \"".len()..];
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in after.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        out.push_str("a string");
+        match end {
+            Some(i) => rest = &after[i + 1..],
+            None => {
+                rest = "";
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Replaces `${NAME}` in string values with the TOML-escaped value of the
@@ -119,11 +184,7 @@ fn interpolate(
             out.push_str(&rest[..start]);
             let after = &rest[start + 2..];
             let Some(end) = after.find('}') else {
-                return Err(format!(
-                    "line {}: unterminated ${{ in {:?}",
-                    n + 1,
-                    line.trim_end()
-                ));
+                return Err(format!("line {}: unterminated ${{", n + 1));
             };
             let name = &after[..end];
             let valid =
@@ -338,6 +399,29 @@ models = ["deepseek-r1", "qwq-*"]
                 .unwrap_or_else(|e| panic!("{name}: {e}"))
                 .collector;
             assert!(!c.routes.is_empty() && !c.consumers.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_admin_token_cannot_be_a_consumer_key() {
+        // KEY_HASH is the digest of "foo".
+        let text = format!(
+            "[query]\nadmin_token = \"foo\"\n\n[[consumers]]\nname = \"a\"\napi_keys = [\"{KEY_HASH}\"]\n"
+        );
+        let e = error_of(&text);
+        assert!(e.contains("query.admin_token") && !e.contains("foo"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_in_the_wrong_place_is_not_printed_back() {
+        for text in [
+            "[[consumers]]\nname = \"a\"\napi_keys = \"tg-PLAINSECRET\"\n",
+            "[upstreams.a]\nkind = \"openai\"\nbase_url = \"http://x\"\napi_key = [\"sk-PLAINSECRET\"]\n",
+            "[query]\nadmin_token = \"PLAINSECRET-${X\"\n",
+        ] {
+            let e = error_of(text);
+            assert!(e.contains("line "), "{e}");
+            assert!(!e.contains("PLAINSECRET"), "{e}");
         }
     }
 

@@ -146,7 +146,19 @@ struct SimulateArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // One line with its causes, never a backtrace: an error here is the
+        // user's to read (a config key, a port in use), not a crash.
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo prints its own table; only errors interrupt it by default.
     let default = match (&cli.command, cli.log.as_str()) {

@@ -40,6 +40,15 @@ pub struct Output {
     pub batches: Vec<RecordBatch>,
 }
 
+/// Which surface a session serves: the same tables, but on the PostgreSQL
+/// wire `usage` shows its columns in types clients decode
+/// ([`crate::pg::columns`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Surface {
+    Http,
+    Pg,
+}
+
 pub struct Engine {
     runtime: Arc<RuntimeEnv>,
     lake: Arc<dyn TableProvider>,
@@ -48,7 +57,7 @@ pub struct Engine {
     access: Access,
     gate: Arc<Gate>,
     partitions: usize,
-    sessions: Mutex<HashMap<Principal, Arc<SessionContext>>>,
+    sessions: Mutex<HashMap<(Principal, Surface), Arc<SessionContext>>>,
 }
 
 fn df(e: datafusion::error::DataFusionError) -> QueryError {
@@ -126,18 +135,33 @@ impl Engine {
         &self.catalogs
     }
 
-    /// The principal's session, built on first use.
+    /// The principal's session on the HTTP surface (and for the reports),
+    /// built on first use.
     pub async fn session(&self, who: &Principal) -> Result<Arc<SessionContext>, QueryError> {
+        self.session_on(who, Surface::Http).await
+    }
+
+    /// The principal's session on `surface`, built on first use.
+    pub async fn session_on(
+        &self,
+        who: &Principal,
+        surface: Surface,
+    ) -> Result<Arc<SessionContext>, QueryError> {
         let mut sessions = self.sessions.lock().await;
-        if let Some(ctx) = sessions.get(who) {
+        let key = (who.clone(), surface);
+        if let Some(ctx) = sessions.get(&key) {
             return Ok(ctx.clone());
         }
-        let ctx = Arc::new(self.build_session(who).await?);
-        sessions.insert(who.clone(), ctx.clone());
+        let ctx = Arc::new(self.build_session(who, surface).await?);
+        sessions.insert(key, ctx.clone());
         Ok(ctx)
     }
 
-    async fn build_session(&self, who: &Principal) -> Result<SessionContext, QueryError> {
+    async fn build_session(
+        &self,
+        who: &Principal,
+        surface: Surface,
+    ) -> Result<SessionContext, QueryError> {
         // DATAFUSION_* variables tune the engine (e.g.
         // DATAFUSION_EXECUTION_BATCH_SIZE); clients cannot.
         let mut config = SessionConfig::from_env()
@@ -176,6 +200,12 @@ impl Engine {
                 .map_err(|e| QueryError::Internal(format!("view {name}: {e}")))?;
         }
         crate::generators::install(&ctx, self.gate.limits().max_generated_rows);
+        if surface == Surface::Pg {
+            crate::pg::columns::install(&ctx);
+            crate::pg::columns::wire_view(&ctx, "usage")
+                .await
+                .map_err(|e| QueryError::Internal(format!("usage on the wire: {e}")))?;
+        }
         setup_pg_catalog(&ctx, CATALOG, EmptyContextProvider)
             .map_err(|e| QueryError::Internal(format!("pg_catalog: {e}")))?;
         Ok(ctx)

@@ -40,12 +40,12 @@ impl QueryService {
                 };
                 let http_listener = tokio::net::TcpListener::bind(settings.listen)
                     .await
-                    .map_err(bind_err("query listen", settings.listen))?;
+                    .map_err(bind_err("query.listen", settings.listen))?;
                 let pg_listener = match settings.pg_listen {
                     Some(addr) => Some(
                         tokio::net::TcpListener::bind(addr)
                             .await
-                            .map_err(bind_err("pg_listen", addr))?,
+                            .map_err(bind_err("query.pg_listen", addr))?,
                     ),
                     None => None,
                 };
@@ -81,11 +81,23 @@ impl QueryService {
                 tracing::error!("the query HTTP listener stopped: {e}");
             }
         });
-        let (http, pg) = ready_rx
-            .await
-            .map_err(|_| QueryError::Internal("the query service did not start".into()))??;
-        let http =
-            http.ok_or_else(|| QueryError::Internal("query listener has no address".into()))?;
+        // A runtime must not be dropped inside another: on a failed start it
+        // is shut down in the background, like at a normal stop.
+        let started = match ready_rx.await {
+            Ok(Ok((Some(http), pg))) => Ok((http, pg)),
+            Ok(Ok((None, _))) => Err(QueryError::Internal("query listener has no address".into())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(QueryError::Internal(
+                "the query service did not start".into(),
+            )),
+        };
+        let (http, pg) = match started {
+            Ok(addrs) => addrs,
+            Err(e) => {
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         tracing::info!("query: SQL and reports on http://{http}");
         if let Some(pg) = pg {
             tracing::info!("query: PostgreSQL wire on {pg}");

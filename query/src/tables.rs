@@ -2,19 +2,23 @@
 //! rows), `prices` (every loaded catalog with validity periods) and the
 //! documented views over them.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Date32Builder, Decimal128Builder, RecordBatch, StringBuilder};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use chrono::NaiveDate;
-use datafusion::catalog::TableProvider;
+use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::file_format::parquet::{ParquetFormat, transform_schema_to_view};
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::{MemTable, ViewTable, provider_as_source};
 use datafusion::error::Result;
-use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
+use datafusion::logical_expr::{
+    Expr, LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown, TableType, col, lit,
+};
+use datafusion::physical_plan::ExecutionPlan;
 use tollgate_lake::layout;
 use tollgate_schemas::{PriceCatalog, Usd};
 
@@ -79,7 +83,42 @@ pub fn tenant_view(lake: Arc<dyn TableProvider>, consumer: &str) -> Result<Arc<d
     let plan = LogicalPlanBuilder::scan("usage", provider_as_source(lake), None)?
         .filter(col("consumer").eq(lit(consumer.to_string())))?
         .build()?;
-    Ok(Arc::new(ViewTable::new(plan, None)))
+    Ok(Arc::new(Ledger(ViewTable::new(plan, None))))
+}
+
+/// A view that catalogs list as a base table: `usage` is the ledger's
+/// table to every client (`\dt`, `information_schema.tables`, a BI tool's
+/// table list), whatever filtered or converted plan stands behind it.
+/// Planning still inlines the view's plan.
+#[derive(Debug)]
+pub struct Ledger(pub ViewTable);
+
+#[async_trait::async_trait]
+impl TableProvider for Ledger {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+    fn get_logical_plan(&'_ self) -> Option<Cow<'_, LogicalPlan>> {
+        self.0.get_logical_plan()
+    }
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.0.scan(state, projection, filters, limit).await
+    }
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        self.0.supports_filters_pushdown(filters)
+    }
 }
 
 fn money() -> DataType {

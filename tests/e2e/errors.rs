@@ -195,3 +195,45 @@ fn kafka_client_settings_reach_the_ingesters_consumer_too() {
     assert!(!status.success());
     assert!(err.contains("security.protocol"), "{err}");
 }
+
+#[tokio::test]
+async fn a_query_port_in_use_is_an_error_naming_the_key_not_a_crash() {
+    let dir = scratch("port-in-use");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let path = dir.join("busy.toml");
+    for (key, line) in [
+        (
+            "query.listen",
+            format!("listen = \"{addr}\"\npg_listen = \"off\""),
+        ),
+        (
+            "query.pg_listen",
+            format!("listen = \"127.0.0.1:0\"\npg_listen = \"{addr}\""),
+        ),
+    ] {
+        std::fs::write(
+            &path,
+            format!(
+                "[pipeline]\nlake = \"{}\"\n\n[query]\n{line}\n",
+                dir.join("lake").display()
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["query", "--config", path.to_str().unwrap()])
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(key) && err.contains(&addr.to_string()),
+            "{err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace"),
+            "{err}"
+        );
+    }
+}

@@ -212,6 +212,37 @@ def test_psycopg_over_the_pg_wire(gateway, traffic):
         pg(gateway, "admin", "wrong")
 
 
+def test_select_star_decodes_every_column_over_the_pg_wire(gateway, traffic):
+    """What every BI tool does first: every column of `usage` in a type the
+    client decodes (the id as UUID text, tags and attempts as JSON text), in
+    the simple and the extended protocol, text and binary."""
+    import json
+    import uuid
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        for binary in (False, True):
+            cur = conn.cursor(binary=binary)
+            rows = cur.execute("SELECT * FROM usage ORDER BY ts_start LIMIT 5").fetchall()
+            names = [d.name for d in cur.description]
+            assert len(rows) == 5 and "event_id" in names and "attempts" in names
+            for row in rows:
+                r = dict(zip(names, row))
+                assert str(uuid.UUID(r["event_id"])) == r["event_id"]
+                assert isinstance(json.loads(r["attempts"]), list)
+                assert r["tags"] is None or isinstance(json.loads(r["tags"]), dict)
+        cur = conn.execute("SELECT * FROM usage LIMIT 1", prepare=True)
+        assert cur.fetchone() is not None
+        ids = duckdb.execute("SELECT count(DISTINCT event_id) FROM read_parquet(?)", [lake_glob(gateway)]).fetchone()[0]
+        assert conn.execute("SELECT count(DISTINCT event_id) FROM usage").fetchone()[0] == ids
+
+
+def test_engine_errors_carry_their_sqlstate_over_the_pg_wire(gateway, traffic):
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        for sql in ["SELEC 1", "SELECT nope FROM usage", "SELECT * FROM nowhere"]:
+            with pytest.raises(psycopg.Error) as failed:
+                conn.execute(sql)
+            assert failed.value.sqlstate == "42601", (sql, failed.value.sqlstate, str(failed.value))
+
+
 def psql(gateway, user, password, *args):
     host, port = gateway.pg.rsplit(":", 1)
     return subprocess.run(["psql", "-h", host, "-p", port, "-U", user, "-d", "tollgate", "-X", "-At", *args],
@@ -226,6 +257,11 @@ def test_psql(gateway, traffic):
     assert r.returncode == 0 and "usage" in r.stdout and "prices" in r.stdout, r.stderr
     r = psql(gateway, "qwq-only", LIMITED_KEY, "-c", "SELECT consumer, count(*) FROM usage GROUP BY consumer")
     assert r.returncode == 0 and r.stdout.strip().startswith("qwq-only|"), r.stderr
+    r = psql(gateway, "admin", ADMIN_TOKEN, "-c", "SELECT * FROM usage LIMIT 3")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 3, r.stderr
+    r = psql(gateway, "admin", ADMIN_TOKEN, "-c", r"\d usage")
+    described = {line.split("|")[0]: line.split("|")[1] for line in r.stdout.splitlines() if "|" in line}
+    assert r.returncode == 0 and described["event_id"] == described["tags"] == described["attempts"] == "text", r.stdout + r.stderr
     r = psql(gateway, "qwq-only", LIMITED_KEY, "-c", "DELETE FROM usage")
     assert r.returncode != 0 and "read-only" in r.stderr
     r = psql(gateway, "qwq-only", LIMITED_KEY, "-c", "SELECT count(*) FROM usage; DROP TABLE usage")

@@ -9,6 +9,8 @@
 //! send; `SET datafusion.*` and the rest of the write or admin statements
 //! are refused with SQLSTATE 25006.
 
+pub mod columns;
+
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -45,7 +47,7 @@ use futures_util::{Sink, SinkExt};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, Surface};
 use crate::guard::{self, Allowed};
 use crate::{Principal, QueryError};
 
@@ -143,12 +145,39 @@ impl PgWireServerHandlers for Handlers {
     }
 }
 
+/// Gives every error its SQLSTATE before it goes out: what the engine
+/// raised (a parse, plan or schema error, a limit) is sorted as on HTTP
+/// instead of leaving the wire's catch-all `XX000`.
 struct LogErrors;
 
 impl ErrorHandler for LogErrors {
     fn on_error<C: ClientInfo>(&self, _client: &C, error: &mut PgWireError) {
+        if let PgWireError::ApiError(inner) = error
+            && let Some(sorted) = sorted(inner.as_ref())
+        {
+            *error = pg_error(sorted);
+        }
         tracing::debug!("pg error: {error}");
     }
+}
+
+/// The [`QueryError`] an engine error on the wire stands for.
+fn sorted(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<QueryError> {
+    use datafusion::error::DataFusionError;
+    use datafusion::sql::sqlparser::parser::ParserError;
+    if let Some(e) = e.downcast_ref::<DataFusionError>() {
+        return Some(match e.find_root() {
+            DataFusionError::ResourcesExhausted(m) => QueryError::Resources(format!(
+                "the query needs more memory than the limit allows: {m}"
+            )),
+            DataFusionError::Execution(m) if m.starts_with(crate::tables::TOO_MANY_ROWS) => {
+                QueryError::TooLarge(m.clone())
+            }
+            _ => QueryError::Sql(e.strip_backtrace()),
+        });
+    }
+    e.downcast_ref::<ParserError>()
+        .map(|p| QueryError::Sql(format!("SQL error: {p}")))
 }
 
 /// Cleartext password login checked against the admin token and the
@@ -218,7 +247,11 @@ impl Sessions {
         if let Some(s) = services.get(&who) {
             return Ok((who, s.clone()));
         }
-        let ctx = self.engine.session(&who).await.map_err(pg_error)?;
+        let ctx = self
+            .engine
+            .session_on(&who, Surface::Pg)
+            .await
+            .map_err(pg_error)?;
         let hooks: Vec<Arc<dyn QueryHook>> = vec![
             Arc::new(Bounded {
                 engine: self.engine.clone(),
@@ -327,7 +360,10 @@ impl ExtendedQueryHandler for Router {
                 ordered.iter().map(|(_, t)| t.as_ref()).collect();
             let params = deserialize_parameters(portal, &inferred)?;
             let engine = &self.sessions.engine;
-            let ctx = engine.session(&who).await.map_err(pg_error)?;
+            let ctx = engine
+                .session_on(&who, Surface::Pg)
+                .await
+                .map_err(pg_error)?;
             let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
             return run_bounded(
                 engine,
