@@ -202,6 +202,7 @@ impl Engine {
         crate::generators::install(&ctx, self.gate.limits().max_generated_rows);
         if surface == Surface::Pg {
             crate::pg::columns::install(&ctx);
+            crate::pg::server::install(&ctx);
             crate::pg::columns::wire_view(&ctx, "usage")
                 .await
                 .map_err(|e| QueryError::Internal(format!("usage on the wire: {e}")))?;

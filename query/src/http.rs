@@ -40,7 +40,9 @@ impl QueryError {
         match self {
             QueryError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             QueryError::ReadOnly(_) | QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
-            QueryError::BadRequest(_) | QueryError::Sql(_) => StatusCode::BAD_REQUEST,
+            QueryError::BadRequest(_) | QueryError::Sql(_) | QueryError::UndefinedObject(_) => {
+                StatusCode::BAD_REQUEST
+            }
             QueryError::NotFound(_) => StatusCode::NOT_FOUND,
             QueryError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -57,7 +59,7 @@ impl QueryError {
             QueryError::ReadOnly(_) => "read_only",
             QueryError::Forbidden(_) => "permission_error",
             QueryError::BadRequest(_) => "invalid_request_error",
-            QueryError::Sql(_) => "sql_error",
+            QueryError::Sql(_) | QueryError::UndefinedObject(_) => "sql_error",
             QueryError::NotFound(_) => "not_found",
             QueryError::NotAcceptable(_) => "not_acceptable",
             QueryError::Timeout(_) => "timeout",

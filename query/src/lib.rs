@@ -35,6 +35,9 @@ pub use settings::{Limits, QueryConfig, QuerySettings, Tenant};
 pub enum QueryError {
     #[error("{0}")]
     Unauthenticated(String),
+    /// A name the server does not have (a setting).
+    #[error("{0}")]
+    UndefinedObject(String),
     #[error("{0}")]
     ReadOnly(String),
     #[error("{0}")]
@@ -68,6 +71,7 @@ impl QueryError {
             QueryError::Forbidden(_) => "42501",
             QueryError::BadRequest(_) | QueryError::Sql(_) => "42601",
             QueryError::NotFound(_) => "42P01",
+            QueryError::UndefinedObject(_) => "42704",
             QueryError::NotAcceptable(_) => "0A000",
             QueryError::Timeout(_) => "57014",
             QueryError::TooLarge(_) => "54000",
@@ -80,16 +84,22 @@ impl QueryError {
     /// DataFusion's errors, sorted into what the client did and what the
     /// server ran out of.
     pub fn from_datafusion(e: datafusion::error::DataFusionError) -> QueryError {
+        QueryError::sort(&e)
+    }
+
+    /// [`Self::from_datafusion`] for an error held by reference (the
+    /// PostgreSQL wire hands errors over boxed).
+    pub fn sort(e: &datafusion::error::DataFusionError) -> QueryError {
         use datafusion::error::DataFusionError as E;
         match e.find_root() {
             E::ResourcesExhausted(m) => QueryError::Resources(format!(
                 "the query needs more memory than the limit allows: {m}"
             )),
-            E::SQL(..) | E::Plan(_) | E::SchemaError(..) | E::NotImplemented(_) => {
-                QueryError::Sql(e.strip_backtrace())
-            }
             E::Execution(m) if m.starts_with(tables::TOO_MANY_ROWS) => {
                 QueryError::TooLarge(m.clone())
+            }
+            E::Execution(m) if m.starts_with(pg::server::UNRECOGNIZED) => {
+                QueryError::UndefinedObject(m.clone())
             }
             _ => QueryError::Sql(e.strip_backtrace()),
         }

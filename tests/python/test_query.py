@@ -243,6 +243,27 @@ def test_engine_errors_carry_their_sqlstate_over_the_pg_wire(gateway, traffic):
             assert failed.value.sqlstate == "42601", (sql, failed.value.sqlstate, str(failed.value))
 
 
+def test_drivers_version_checks_settings_and_savepoints_pass(gateway, traffic):
+    """What SQLAlchemy and Grafana ask before their first query: a version
+    parseable as PostgreSQL 16, the settings drivers read, savepoints around
+    reads, and prepared statements freed."""
+    import re
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        version = conn.execute("SELECT version()").fetchone()[0]
+        assert re.match(r"PostgreSQL 16\.\d+ \(Tollgate \S+, Apache DataFusion ", version), version
+        assert conn.execute("SELECT current_setting('server_version_num')").fetchone()[0] == "160006"
+        assert "public" in conn.execute("SELECT current_setting('search_path')").fetchone()[0]
+        assert conn.execute("SELECT current_setting('no_such_setting', true)").fetchone()[0] is None
+        with conn.transaction():
+            with conn.transaction():
+                assert conn.execute("SELECT count(*) FROM usage").fetchone()[0] == traffic
+        conn.execute("SELECT count(*) FROM usage WHERE status = %s", [200], prepare=True)
+        conn.execute("DEALLOCATE ALL")
+        with pytest.raises(psycopg.Error) as unknown:
+            conn.execute("SELECT current_setting('no_such_setting')")
+        assert unknown.value.sqlstate == "42704"
+
+
 def psql(gateway, user, password, *args):
     host, port = gateway.pg.rsplit(":", 1)
     return subprocess.run(["psql", "-h", host, "-p", port, "-U", user, "-d", "tollgate", "-X", "-At", *args],

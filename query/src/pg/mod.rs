@@ -10,6 +10,7 @@
 //! are refused with SQLSTATE 25006.
 
 pub mod columns;
+pub mod server;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -166,15 +167,7 @@ fn sorted(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<QueryEr
     use datafusion::error::DataFusionError;
     use datafusion::sql::sqlparser::parser::ParserError;
     if let Some(e) = e.downcast_ref::<DataFusionError>() {
-        return Some(match e.find_root() {
-            DataFusionError::ResourcesExhausted(m) => QueryError::Resources(format!(
-                "the query needs more memory than the limit allows: {m}"
-            )),
-            DataFusionError::Execution(m) if m.starts_with(crate::tables::TOO_MANY_ROWS) => {
-                QueryError::TooLarge(m.clone())
-            }
-            _ => QueryError::Sql(e.strip_backtrace()),
-        });
+        return Some(QueryError::sort(e));
     }
     e.downcast_ref::<ParserError>()
         .map(|p| QueryError::Sql(format!("SQL error: {p}")))
@@ -423,6 +416,8 @@ enum Verdict {
     Pass,
     /// Answered without effect.
     Ignore,
+    /// Answered with this command tag, without effect.
+    Acknowledge(&'static str),
     Refuse(QueryError),
 }
 
@@ -450,6 +445,13 @@ fn verdict(statement: &Statement, who: &Principal) -> Verdict {
         Statement::Set(
             Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault { .. },
         ) => Verdict::Ignore,
+        // Nothing is ever written, so a savepoint has nothing to keep and a
+        // prepared statement nothing to free: drivers send these around
+        // reads (SQLAlchemy's first connect, psycopg's nested transactions
+        // and prepared-statement cleanup).
+        Statement::Savepoint { .. } => Verdict::Acknowledge("SAVEPOINT"),
+        Statement::ReleaseSavepoint { .. } => Verdict::Acknowledge("RELEASE"),
+        Statement::Deallocate { .. } => Verdict::Acknowledge("DEALLOCATE"),
         Statement::ShowVariable { .. }
         | Statement::StartTransaction { .. }
         | Statement::Commit { .. }
@@ -473,6 +475,7 @@ impl QueryHook for Bounded {
         match verdict(statement, &self.who) {
             Verdict::Pass => None,
             Verdict::Ignore => Some(Ok(Response::Execution(Tag::new("SET")))),
+            Verdict::Acknowledge(tag) => Some(Ok(Response::Execution(Tag::new(tag)))),
             Verdict::Refuse(e) => Some(Err(pg_error(e))),
             Verdict::Run => {
                 let plan = match plan(ctx, statement).await {
@@ -494,7 +497,7 @@ impl QueryHook for Bounded {
         _client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
         match verdict(statement, &self.who) {
-            Verdict::Pass | Verdict::Ignore => None,
+            Verdict::Pass | Verdict::Ignore | Verdict::Acknowledge(_) => None,
             Verdict::Refuse(e) => Some(Err(pg_error(e))),
             Verdict::Run => Some(plan(ctx, statement).await.map_err(pg_error)),
         }
@@ -510,6 +513,7 @@ impl QueryHook for Bounded {
     ) -> Option<PgWireResult<Response>> {
         match verdict(statement, &self.who) {
             Verdict::Ignore => Some(Ok(Response::Execution(Tag::new("SET")))),
+            Verdict::Acknowledge(tag) => Some(Ok(Response::Execution(Tag::new(tag)))),
             Verdict::Refuse(e) => Some(Err(pg_error(e))),
             Verdict::Pass | Verdict::Run => None,
         }
