@@ -264,6 +264,16 @@ def test_drivers_version_checks_settings_and_savepoints_pass(gateway, traffic):
         assert unknown.value.sqlstate == "42704"
 
 
+def test_unnamed_columns_carry_postgresql_names(gateway, traffic):
+    sql = "SELECT 1, count(*), sum(cost_usd), consumer, consumer AS who, status::int FROM usage GROUP BY consumer, status LIMIT 1"
+    want = ["?column?", "count", "sum", "consumer", "who", "status"]
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        for prepare in (False, True):
+            cur = conn.execute(sql, prepare=prepare)
+            assert [d.name for d in cur.description] == want, (prepare, cur.description)
+            assert cur.fetchone() is not None
+
+
 def psql(gateway, user, password, *args):
     host, port = gateway.pg.rsplit(":", 1)
     return subprocess.run(["psql", "-h", host, "-p", port, "-U", user, "-d", "tollgate", "-X", "-At", *args],

@@ -10,6 +10,7 @@
 //! are refused with SQLSTATE 25006.
 
 pub mod columns;
+pub mod names;
 pub mod server;
 
 use std::collections::HashMap;
@@ -314,7 +315,11 @@ impl QueryParser for RouterParser {
         stmt: &PgStatement,
         format: Option<&Format>,
     ) -> PgWireResult<Vec<FieldInfo>> {
-        self.describe.get_result_schema(stmt, format)
+        let fields = self.describe.get_result_schema(stmt, format)?;
+        Ok(match &stmt.1 {
+            Some((statement, _)) => names::apply(statement, Arc::new(fields)).to_vec(),
+            None => fields,
+        })
     }
 }
 
@@ -361,7 +366,7 @@ impl ExtendedQueryHandler for Router {
             return run_bounded(
                 engine,
                 &ctx,
-                plan.clone(),
+                (statement, plan.clone()),
                 Some(&params),
                 &portal.result_column_format,
                 options,
@@ -372,12 +377,13 @@ impl ExtendedQueryHandler for Router {
     }
 }
 
-/// Runs a plan [`plan`] checked under the engine's limits, then hands the result to
-/// the encoder from memory.
+/// Runs a plan [`plan`] checked under the engine's limits, then hands the
+/// result to the encoder from memory, its columns named as PostgreSQL
+/// names them ([`names`]).
 async fn run_bounded(
     engine: &Engine,
     ctx: &SessionContext,
-    plan: LogicalPlan,
+    (statement, plan): (&Statement, LogicalPlan),
     params: Option<&ParamValues>,
     format: &Format,
     options: Arc<FormatOptions>,
@@ -398,9 +404,9 @@ async fn run_bounded(
     let frame = ctx
         .read_table(Arc::new(table))
         .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
-    Ok(Response::Query(
-        encode_dataframe(frame, format, Some(options)).await?,
-    ))
+    let mut response = encode_dataframe(frame, format, Some(options)).await?;
+    response.row_schema = names::apply(statement, response.row_schema.clone());
+    Ok(Response::Query(response))
 }
 
 /// First in every service's hooks: queries run bounded, client settings
@@ -484,7 +490,15 @@ impl QueryHook for Bounded {
                 };
                 let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
                 Some(
-                    run_bounded(&self.engine, ctx, plan, None, &Format::UnifiedText, options).await,
+                    run_bounded(
+                        &self.engine,
+                        ctx,
+                        (statement, plan),
+                        None,
+                        &Format::UnifiedText,
+                        options,
+                    )
+                    .await,
                 )
             }
         }
