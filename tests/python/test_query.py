@@ -274,6 +274,22 @@ def test_unnamed_columns_carry_postgresql_names(gateway, traffic):
             assert cur.fetchone() is not None
 
 
+def test_show_answers_server_settings_and_a_foreign_time_zone_is_refused(gateway, traffic):
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        conn.autocommit = True
+        for sql, column, value in [("SHOW timezone", "TimeZone", "UTC"), ("SHOW TIME ZONE", "TimeZone", "UTC"),
+                                   ("SHOW server_version", "server_version", "16.6")]:
+            cur = conn.execute(sql)
+            assert cur.description[0].name == column and cur.fetchone()[0] == value, sql
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.execute("SET timezone = 'Etc/UTC'")
+        for sql in ["SET TIME ZONE 'Asia/Shanghai'", "SET timezone = 'America/New_York'"]:
+            with pytest.raises(psycopg.Error) as refused:
+                conn.execute(sql)
+            assert refused.value.sqlstate == "0A000" and "AT TIME ZONE" in str(refused.value), sql
+        assert conn.execute("SHOW timezone").fetchone()[0] == "UTC"
+
+
 def psql(gateway, user, password, *args):
     host, port = gateway.pg.rsplit(":", 1)
     return subprocess.run(["psql", "-h", host, "-p", port, "-U", user, "-d", "tollgate", "-X", "-At", *args],

@@ -8,8 +8,16 @@
 //! the same limits as HTTP. `SET` is kept to the client settings drivers
 //! send; `SET datafusion.*` and the rest of the write or admin statements
 //! are refused with SQLSTATE 25006.
+//!
+//! Its parts: the login and the per-principal services here, then
+//! `bounded` (what each statement gets: run, acknowledged, passed on or
+//! refused), [`names`] (PostgreSQL's names for unnamed columns),
+//! [`columns`] (`usage` in types clients decode), [`server`] (`version()`,
+//! `current_setting()`) and `errors` (every error's SQLSTATE).
 
+mod bounded;
 pub mod columns;
+mod errors;
 pub mod names;
 pub mod server;
 
@@ -18,29 +26,26 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::common::ParamValues;
-use datafusion::datasource::MemTable;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::parser::Statement as DfStatement;
-use datafusion::sql::sqlparser::ast::{Set, Statement};
-use datafusion_postgres::arrow_pg::datatypes::df::{deserialize_parameters, encode_dataframe};
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters;
+use datafusion_postgres::hooks::QueryHook;
 use datafusion_postgres::hooks::set_show::SetShowHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
-use datafusion_postgres::hooks::{HookClient, QueryHook};
 use datafusion_postgres::pgwire::api::auth::{
     DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
     save_startup_parameters_to_metadata,
 };
 use datafusion_postgres::pgwire::api::portal::{Format, Portal};
 use datafusion_postgres::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
-use datafusion_postgres::pgwire::api::results::{FieldInfo, Response, Tag};
+use datafusion_postgres::pgwire::api::results::{FieldInfo, Response};
 use datafusion_postgres::pgwire::api::stmt::QueryParser;
 use datafusion_postgres::pgwire::api::store::PortalStore;
 use datafusion_postgres::pgwire::api::{
     ClientInfo, ClientPortalStore, ErrorHandler, PgWireConnectionState, PgWireServerHandlers, Type,
 };
-use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use datafusion_postgres::pgwire::error::{PgWireError, PgWireResult};
 use datafusion_postgres::pgwire::messages::startup::Authentication;
 use datafusion_postgres::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use datafusion_postgres::pgwire::types::format::FormatOptions;
@@ -49,32 +54,15 @@ use futures_util::{Sink, SinkExt};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
+use bounded::{Bounded, run_bounded};
+use errors::{LogErrors, pg_error};
+
 use crate::engine::{Engine, Surface};
-use crate::guard::{self, Allowed};
+use crate::guard;
 use crate::{Principal, QueryError};
 
 /// Set by the server after a login succeeds; never taken from the client.
 const PRINCIPAL: &str = "tollgate.principal";
-
-/// Session settings drivers send at connect time; anything else is ignored
-/// (as PostgreSQL's unknown `SET`s would be), `datafusion.*` refused.
-const CLIENT_SETTINGS: &[&str] = &[
-    "statement_timeout",
-    "datestyle",
-    "bytea_output",
-    "intervalstyle",
-    "application_name",
-    "extra_float_digits",
-    "search_path",
-];
-
-fn pg_error(e: QueryError) -> PgWireError {
-    PgWireError::UserError(Box::new(ErrorInfo::new(
-        "ERROR".to_string(),
-        e.sqlstate().to_string(),
-        e.to_string(),
-    )))
-}
 
 fn principal_of<C: ClientInfo + ?Sized>(client: &C) -> PgWireResult<Principal> {
     match client.metadata().get(PRINCIPAL).map(String::as_str) {
@@ -145,33 +133,6 @@ impl PgWireServerHandlers for Handlers {
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
         Arc::new(LogErrors)
     }
-}
-
-/// Gives every error its SQLSTATE before it goes out: what the engine
-/// raised (a parse, plan or schema error, a limit) is sorted as on HTTP
-/// instead of leaving the wire's catch-all `XX000`.
-struct LogErrors;
-
-impl ErrorHandler for LogErrors {
-    fn on_error<C: ClientInfo>(&self, _client: &C, error: &mut PgWireError) {
-        if let PgWireError::ApiError(inner) = error
-            && let Some(sorted) = sorted(inner.as_ref())
-        {
-            *error = pg_error(sorted);
-        }
-        tracing::debug!("pg error: {error}");
-    }
-}
-
-/// The [`QueryError`] an engine error on the wire stands for.
-fn sorted(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<QueryError> {
-    use datafusion::error::DataFusionError;
-    use datafusion::sql::sqlparser::parser::ParserError;
-    if let Some(e) = e.downcast_ref::<DataFusionError>() {
-        return Some(QueryError::sort(e));
-    }
-    e.downcast_ref::<ParserError>()
-        .map(|p| QueryError::Sql(format!("SQL error: {p}")))
 }
 
 /// Cleartext password login checked against the admin token and the
@@ -375,171 +336,4 @@ impl ExtendedQueryHandler for Router {
         }
         ExtendedQueryHandler::do_query(service.as_ref(), client, portal, max_rows).await
     }
-}
-
-/// Runs a plan [`plan`] checked under the engine's limits, then hands the
-/// result to the encoder from memory, its columns named as PostgreSQL
-/// names them ([`names`]).
-async fn run_bounded(
-    engine: &Engine,
-    ctx: &SessionContext,
-    (statement, plan): (&Statement, LogicalPlan),
-    params: Option<&ParamValues>,
-    format: &Format,
-    options: Arc<FormatOptions>,
-) -> PgWireResult<Response> {
-    let plan = match params {
-        Some(p) => plan
-            .replace_params_with_values(p)
-            .map_err(|e| pg_error(QueryError::from_datafusion(e)))?,
-        None => plan,
-    };
-    let frame = ctx
-        .execute_logical_plan(plan)
-        .await
-        .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
-    let out = engine.run_frame(frame).await.map_err(pg_error)?;
-    let table = MemTable::try_new(out.schema, vec![out.batches])
-        .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
-    let frame = ctx
-        .read_table(Arc::new(table))
-        .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
-    let mut response = encode_dataframe(frame, format, Some(options)).await?;
-    response.row_schema = names::apply(statement, response.row_schema.clone());
-    Ok(Response::Query(response))
-}
-
-/// First in every service's hooks: queries run bounded, client settings
-/// pass to the next hooks, everything else is refused.
-struct Bounded {
-    engine: Arc<Engine>,
-    who: Principal,
-}
-
-enum Verdict {
-    Run,
-    /// For the next hook (SET of a client setting, SHOW, transactions).
-    Pass,
-    /// Answered without effect.
-    Ignore,
-    /// Answered with this command tag, without effect.
-    Acknowledge(&'static str),
-    Refuse(QueryError),
-}
-
-fn verdict(statement: &Statement, who: &Principal) -> Verdict {
-    match statement {
-        Statement::Query(_) | Statement::Explain { .. } => match guard::check_sql(statement) {
-            Ok(Allowed::Explain { analyze: true }) if *who != Principal::Admin => Verdict::Refuse(
-                QueryError::Forbidden(crate::engine::ANALYZE_IS_ADMIN.into()),
-            ),
-            Ok(_) => Verdict::Run,
-            Err(e) => Verdict::Refuse(e),
-        },
-        Statement::Set(Set::SingleAssignment { variable, .. }) => {
-            let var = variable.to_string().to_ascii_lowercase();
-            if CLIENT_SETTINGS.contains(&var.as_str()) {
-                Verdict::Pass
-            } else if var.starts_with("datafusion.") {
-                Verdict::Refuse(QueryError::ReadOnly(format!(
-                    "SET {var} is refused: engine settings are the server's"
-                )))
-            } else {
-                Verdict::Ignore
-            }
-        }
-        Statement::Set(
-            Set::SetTimeZone { .. } | Set::SetNames { .. } | Set::SetNamesDefault { .. },
-        ) => Verdict::Ignore,
-        // Nothing is ever written, so a savepoint has nothing to keep and a
-        // prepared statement nothing to free: drivers send these around
-        // reads (SQLAlchemy's first connect, psycopg's nested transactions
-        // and prepared-statement cleanup).
-        Statement::Savepoint { .. } => Verdict::Acknowledge("SAVEPOINT"),
-        Statement::ReleaseSavepoint { .. } => Verdict::Acknowledge("RELEASE"),
-        Statement::Deallocate { .. } => Verdict::Acknowledge("DEALLOCATE"),
-        Statement::ShowVariable { .. }
-        | Statement::StartTransaction { .. }
-        | Statement::Commit { .. }
-        | Statement::Rollback { .. } => Verdict::Pass,
-        other => {
-            Verdict::Refuse(guard::check_sql(other).err().unwrap_or_else(|| {
-                QueryError::ReadOnly(format!("{} is refused", guard::kind(other)))
-            }))
-        }
-    }
-}
-
-#[async_trait]
-impl QueryHook for Bounded {
-    async fn handle_simple_query(
-        &self,
-        statement: &Statement,
-        ctx: &SessionContext,
-        client: &mut dyn HookClient,
-    ) -> Option<PgWireResult<Response>> {
-        match verdict(statement, &self.who) {
-            Verdict::Pass => None,
-            Verdict::Ignore => Some(Ok(Response::Execution(Tag::new("SET")))),
-            Verdict::Acknowledge(tag) => Some(Ok(Response::Execution(Tag::new(tag)))),
-            Verdict::Refuse(e) => Some(Err(pg_error(e))),
-            Verdict::Run => {
-                let plan = match plan(ctx, statement).await {
-                    Ok(p) => p,
-                    Err(e) => return Some(Err(pg_error(e))),
-                };
-                let options = Arc::new(FormatOptions::from_client_metadata(client.metadata()));
-                Some(
-                    run_bounded(
-                        &self.engine,
-                        ctx,
-                        (statement, plan),
-                        None,
-                        &Format::UnifiedText,
-                        options,
-                    )
-                    .await,
-                )
-            }
-        }
-    }
-
-    async fn handle_extended_parse_query(
-        &self,
-        statement: &Statement,
-        ctx: &SessionContext,
-        _client: &(dyn ClientInfo + Send + Sync),
-    ) -> Option<PgWireResult<LogicalPlan>> {
-        match verdict(statement, &self.who) {
-            Verdict::Pass | Verdict::Ignore | Verdict::Acknowledge(_) => None,
-            Verdict::Refuse(e) => Some(Err(pg_error(e))),
-            Verdict::Run => Some(plan(ctx, statement).await.map_err(pg_error)),
-        }
-    }
-
-    async fn handle_extended_query(
-        &self,
-        statement: &Statement,
-        _plan: &LogicalPlan,
-        _params: &ParamValues,
-        _ctx: &SessionContext,
-        _client: &mut dyn HookClient,
-    ) -> Option<PgWireResult<Response>> {
-        match verdict(statement, &self.who) {
-            Verdict::Ignore => Some(Ok(Response::Execution(Tag::new("SET")))),
-            Verdict::Acknowledge(tag) => Some(Ok(Response::Execution(Tag::new(tag)))),
-            Verdict::Refuse(e) => Some(Err(pg_error(e))),
-            Verdict::Pass | Verdict::Run => None,
-        }
-    }
-}
-
-async fn plan(ctx: &SessionContext, statement: &Statement) -> Result<LogicalPlan, QueryError> {
-    let plan = ctx
-        .state()
-        .statement_to_plan(DfStatement::Statement(Box::new(statement.clone())))
-        .await
-        .map_err(QueryError::from_datafusion)?;
-    guard::verify(&plan)?;
-    Ok(plan)
 }
