@@ -16,46 +16,27 @@ use arrow::datatypes::{DataType, Field, FieldRef};
 use arrow::json::writer::{EncoderOptions, make_encoder};
 use datafusion::datasource::ViewTable;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::logical_expr::{
-    ColumnarValue, Expr, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility, ident,
-};
+use datafusion::logical_expr::{ColumnarValue, Expr, ScalarUDF, Signature, Volatility, ident};
 use datafusion::prelude::SessionContext;
 
+use super::functions;
 use crate::tables::Ledger;
 
 /// `to_json(value)`: any value as JSON text (PostgreSQL's `to_json`, with
 /// text for its `json` result): maps as objects, lists as arrays, structs as
 /// objects with explicit nulls.
-#[derive(Debug, PartialEq, Eq, Hash)]
-pub struct ToJson {
-    signature: Signature,
-}
-
-impl Default for ToJson {
-    fn default() -> Self {
-        Self {
-            signature: Signature::any(1, Volatility::Immutable),
-        }
-    }
-}
-
-impl ScalarUDFImpl for ToJson {
-    fn name(&self) -> &str {
-        "to_json"
-    }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(DataType::Utf8)
-    }
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let [value] = args.args.as_slice() else {
-            return Err(DataFusionError::Plan("to_json takes one argument".into()));
-        };
-        let array = value.to_array(args.number_rows)?;
-        Ok(ColumnarValue::Array(json_text(&array)?))
-    }
+pub fn to_json() -> ScalarUDF {
+    functions::text(
+        "to_json",
+        Signature::any(1, Volatility::Immutable),
+        |args| {
+            let [value] = args.args.as_slice() else {
+                return Err(DataFusionError::Plan("to_json takes one argument".into()));
+            };
+            let array = value.to_array(args.number_rows)?;
+            Ok(ColumnarValue::Array(json_text(&array)?))
+        },
+    )
 }
 
 /// One JSON text per row; SQL NULL stays NULL.
@@ -79,55 +60,37 @@ fn json_text(array: &ArrayRef) -> Result<ArrayRef> {
 
 /// `uuid_text(bytes)`: 16 bytes as a UUID's canonical text
 /// (`8-4-4-4-12` lowercase hex, RFC 9562 §4); any other length is NULL.
-#[derive(Debug, PartialEq, Eq, Hash)]
-pub struct UuidText {
-    signature: Signature,
-}
-
-impl Default for UuidText {
-    fn default() -> Self {
-        Self {
-            signature: Signature::any(1, Volatility::Immutable),
-        }
-    }
-}
-
-impl ScalarUDFImpl for UuidText {
-    fn name(&self) -> &str {
-        "uuid_text"
-    }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(DataType::Utf8)
-    }
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let [value] = args.args.as_slice() else {
-            return Err(DataFusionError::Plan("uuid_text takes one argument".into()));
-        };
-        let array = value.to_array(args.number_rows)?;
-        let bytes = |row: usize| -> Option<&[u8]> {
-            if array.is_null(row) {
-                return None;
+pub fn uuid_text() -> ScalarUDF {
+    functions::text(
+        "uuid_text",
+        Signature::any(1, Volatility::Immutable),
+        |args| {
+            let [value] = args.args.as_slice() else {
+                return Err(DataFusionError::Plan("uuid_text takes one argument".into()));
+            };
+            let array = value.to_array(args.number_rows)?;
+            let bytes = |row: usize| -> Option<&[u8]> {
+                if array.is_null(row) {
+                    return None;
+                }
+                match array.data_type() {
+                    DataType::FixedSizeBinary(_) => Some(array.as_fixed_size_binary().value(row)),
+                    DataType::Binary => Some(array.as_binary::<i32>().value(row)),
+                    DataType::LargeBinary => Some(array.as_binary::<i64>().value(row)),
+                    DataType::BinaryView => Some(array.as_binary_view().value(row)),
+                    _ => None,
+                }
+            };
+            let mut out = StringBuilder::with_capacity(array.len(), array.len() * 36);
+            for row in 0..array.len() {
+                match bytes(row) {
+                    Some(b) if b.len() == 16 => out.append_value(uuid(b)),
+                    _ => out.append_null(),
+                }
             }
-            match array.data_type() {
-                DataType::FixedSizeBinary(_) => Some(array.as_fixed_size_binary().value(row)),
-                DataType::Binary => Some(array.as_binary::<i32>().value(row)),
-                DataType::LargeBinary => Some(array.as_binary::<i64>().value(row)),
-                DataType::BinaryView => Some(array.as_binary_view().value(row)),
-                _ => None,
-            }
-        };
-        let mut out = StringBuilder::with_capacity(array.len(), array.len() * 36);
-        for row in 0..array.len() {
-            match bytes(row) {
-                Some(b) if b.len() == 16 => out.append_value(uuid(b)),
-                _ => out.append_null(),
-            }
-        }
-        Ok(ColumnarValue::Array(Arc::new(out.finish())))
-    }
+            Ok(ColumnarValue::Array(Arc::new(out.finish())))
+        },
+    )
 }
 
 fn uuid(b: &[u8]) -> String {
@@ -143,8 +106,8 @@ fn uuid(b: &[u8]) -> String {
 
 /// Registers `to_json` and `uuid_text` in `ctx`.
 pub fn install(ctx: &SessionContext) {
-    ctx.register_udf(ScalarUDF::new_from_impl(ToJson::default()));
-    ctx.register_udf(ScalarUDF::new_from_impl(UuidText::default()));
+    ctx.register_udf(to_json());
+    ctx.register_udf(uuid_text());
 }
 
 /// Replaces `table` in `ctx` by a view of it with every column a
@@ -153,8 +116,7 @@ pub fn install(ctx: &SessionContext) {
 /// over the table keep reading the typed one.
 pub async fn wire_view(ctx: &SessionContext, table: &str) -> Result<()> {
     let typed = ctx.table(table).await?;
-    let to_json = ScalarUDF::new_from_impl(ToJson::default());
-    let uuid_text = ScalarUDF::new_from_impl(UuidText::default());
+    let (to_json, uuid_text) = (to_json(), uuid_text());
     let columns: Vec<Expr> = typed
         .schema()
         .fields()

@@ -18,6 +18,7 @@
 mod bounded;
 pub mod columns;
 mod errors;
+mod functions;
 pub mod names;
 pub mod server;
 

@@ -11,10 +11,10 @@ use arrow::array::{Array, AsArray, StringBuilder};
 use arrow::datatypes::DataType;
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::logical_expr::{
-    ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility,
-};
+use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, Signature, Volatility};
 use datafusion::prelude::SessionContext;
+
+use super::functions;
 
 /// The PostgreSQL release whose behaviour the wire follows, as
 /// `server_version` and `server_version_num` report it.
@@ -59,33 +59,6 @@ pub fn version_text() -> String {
     )
 }
 
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct Version {
-    signature: Signature,
-}
-
-impl ScalarUDFImpl for Version {
-    fn name(&self) -> &str {
-        "version"
-    }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(DataType::Utf8)
-    }
-    fn invoke_with_args(&self, _: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(
-            version_text(),
-        ))))
-    }
-}
-
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct CurrentSetting {
-    signature: Signature,
-}
-
 /// A setting's value; `None` for one the server does not have.
 pub fn setting(name: &str) -> Option<&'static str> {
     SETTINGS
@@ -101,62 +74,51 @@ fn scalar_text(v: &ScalarValue) -> Option<String> {
     }
 }
 
-impl ScalarUDFImpl for CurrentSetting {
-    fn name(&self) -> &str {
-        "current_setting"
-    }
-    fn signature(&self) -> &Signature {
-        &self.signature
-    }
-    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(DataType::Utf8)
-    }
-    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
-        let missing_ok = match args.args.get(1) {
-            None => false,
-            Some(ColumnarValue::Scalar(ScalarValue::Boolean(b))) => b.unwrap_or(false),
-            Some(_) => {
-                return Err(DataFusionError::Plan(
-                    "current_setting(name, missing_ok): missing_ok must be a boolean constant"
-                        .into(),
-                ));
-            }
-        };
-        if args.args.is_empty() || args.args.len() > 2 {
+/// `current_setting(name [, missing_ok])`.
+fn current_setting(args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+    let missing_ok = match args.args.get(1) {
+        None => false,
+        Some(ColumnarValue::Scalar(ScalarValue::Boolean(b))) => b.unwrap_or(false),
+        Some(_) => {
             return Err(DataFusionError::Plan(
-                "current_setting takes a setting name and, optionally, missing_ok".into(),
+                "current_setting(name, missing_ok): missing_ok must be a boolean constant".into(),
             ));
         }
-        let lookup = |name: &str| -> Result<Option<String>> {
-            match setting(name) {
-                Some(v) => Ok(Some(v.to_string())),
-                None if missing_ok => Ok(None),
-                None => Err(DataFusionError::Execution(format!(
-                    "{UNRECOGNIZED} \"{name}\""
-                ))),
-            }
-        };
-        match &args.args[0] {
-            ColumnarValue::Scalar(v) => {
-                let value = match scalar_text(v) {
-                    Some(name) => lookup(&name)?,
-                    None => None,
-                };
-                Ok(ColumnarValue::Scalar(ScalarValue::Utf8(value)))
-            }
-            ColumnarValue::Array(names) => {
-                let names = arrow::compute::cast(names, &DataType::Utf8)?;
-                let names = names.as_string::<i32>();
-                let mut out = StringBuilder::with_capacity(names.len(), names.len() * 8);
-                for i in 0..names.len() {
-                    if names.is_null(i) {
-                        out.append_null();
-                    } else {
-                        out.append_option(lookup(names.value(i))?);
-                    }
+    };
+    if args.args.is_empty() || args.args.len() > 2 {
+        return Err(DataFusionError::Plan(
+            "current_setting takes a setting name and, optionally, missing_ok".into(),
+        ));
+    }
+    let lookup = |name: &str| -> Result<Option<String>> {
+        match setting(name) {
+            Some(v) => Ok(Some(v.to_string())),
+            None if missing_ok => Ok(None),
+            None => Err(DataFusionError::Execution(format!(
+                "{UNRECOGNIZED} \"{name}\""
+            ))),
+        }
+    };
+    match &args.args[0] {
+        ColumnarValue::Scalar(v) => {
+            let value = match scalar_text(v) {
+                Some(name) => lookup(&name)?,
+                None => None,
+            };
+            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(value)))
+        }
+        ColumnarValue::Array(names) => {
+            let names = arrow::compute::cast(names, &DataType::Utf8)?;
+            let names = names.as_string::<i32>();
+            let mut out = StringBuilder::with_capacity(names.len(), names.len() * 8);
+            for i in 0..names.len() {
+                if names.is_null(i) {
+                    out.append_null();
+                } else {
+                    out.append_option(lookup(names.value(i))?);
                 }
-                Ok(ColumnarValue::Array(Arc::new(out.finish())))
             }
+            Ok(ColumnarValue::Array(Arc::new(out.finish())))
         }
     }
 }
@@ -164,12 +126,20 @@ impl ScalarUDFImpl for CurrentSetting {
 /// Registers `version()` and `current_setting()` in `ctx` (replacing
 /// DataFusion's own `version()`).
 pub fn install(ctx: &SessionContext) {
-    ctx.register_udf(ScalarUDF::new_from_impl(Version {
-        signature: Signature::nullary(Volatility::Stable),
-    }));
-    ctx.register_udf(ScalarUDF::new_from_impl(CurrentSetting {
-        signature: Signature::variadic_any(Volatility::Stable),
-    }));
+    ctx.register_udf(functions::text(
+        "version",
+        Signature::nullary(Volatility::Stable),
+        |_| {
+            Ok(ColumnarValue::Scalar(ScalarValue::Utf8(Some(
+                version_text(),
+            ))))
+        },
+    ));
+    ctx.register_udf(functions::text(
+        "current_setting",
+        Signature::variadic_any(Volatility::Stable),
+        current_setting,
+    ));
 }
 
 #[cfg(test)]
