@@ -40,7 +40,11 @@ impl QueryError {
         match self {
             QueryError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             QueryError::ReadOnly(_) | QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
-            QueryError::BadRequest(_) | QueryError::Sql(_) | QueryError::UndefinedObject(_) => {
+            QueryError::BadRequest(_)
+            | QueryError::Sql(_)
+            | QueryError::UndefinedObject(_)
+            | QueryError::InvalidStatementName(_)
+            | QueryError::DuplicateStatementName(_) => {
                 StatusCode::BAD_REQUEST
             }
             QueryError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -59,7 +63,10 @@ impl QueryError {
             QueryError::ReadOnly(_) => "read_only",
             QueryError::Forbidden(_) => "permission_error",
             QueryError::BadRequest(_) => "invalid_request_error",
-            QueryError::Sql(_) | QueryError::UndefinedObject(_) => "sql_error",
+            QueryError::Sql(_)
+            | QueryError::UndefinedObject(_)
+            | QueryError::InvalidStatementName(_)
+            | QueryError::DuplicateStatementName(_) => "sql_error",
             QueryError::NotFound(_) => "not_found",
             QueryError::NotAcceptable(_) => "not_acceptable",
             QueryError::Timeout(_) => "timeout",

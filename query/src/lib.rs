@@ -38,6 +38,12 @@ pub enum QueryError {
     /// A name the server does not have (a setting).
     #[error("{0}")]
     UndefinedObject(String),
+    /// A prepared statement the connection does not have.
+    #[error("{0}")]
+    InvalidStatementName(String),
+    /// A prepared statement name the connection already uses.
+    #[error("{0}")]
+    DuplicateStatementName(String),
     #[error("{0}")]
     ReadOnly(String),
     #[error("{0}")]
@@ -72,6 +78,8 @@ impl QueryError {
             QueryError::BadRequest(_) | QueryError::Sql(_) => "42601",
             QueryError::NotFound(_) => "42P01",
             QueryError::UndefinedObject(_) => "42704",
+            QueryError::InvalidStatementName(_) => "26000",
+            QueryError::DuplicateStatementName(_) => "42P05",
             QueryError::NotAcceptable(_) => "0A000",
             QueryError::Timeout(_) => "57014",
             QueryError::TooLarge(_) => "54000",

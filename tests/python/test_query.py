@@ -214,25 +214,31 @@ def test_psycopg_over_the_pg_wire(gateway, traffic):
 
 def test_select_star_decodes_every_column_over_the_pg_wire(gateway, traffic):
     """What every BI tool does first: every column of `usage` in a type the
-    client decodes (the id as UUID text, tags and attempts as JSON text), in
-    the simple and the extended protocol, text and binary."""
-    import json
+    client decodes (the id as `uuid`, tags and attempts as `json`), in the
+    simple and the extended protocol, text and binary."""
     import uuid
+    want = {r[0]: r[1] for r in duckdb.execute(
+        "SELECT replace(event_id::VARCHAR, '-', ''), to_json(attempts)::VARCHAR FROM read_parquet(?)", [lake_glob(gateway)]).fetchall()}
     with pg(gateway, "admin", ADMIN_TOKEN) as conn:
         for binary in (False, True):
-            cur = conn.cursor(binary=binary)
-            rows = cur.execute("SELECT * FROM usage ORDER BY ts_start LIMIT 5").fetchall()
-            names = [d.name for d in cur.description]
-            assert len(rows) == 5 and "event_id" in names and "attempts" in names
-            for row in rows:
-                r = dict(zip(names, row))
-                assert str(uuid.UUID(r["event_id"])) == r["event_id"]
-                assert isinstance(json.loads(r["attempts"]), list)
-                assert r["tags"] is None or isinstance(json.loads(r["tags"]), dict)
-        cur = conn.execute("SELECT * FROM usage LIMIT 1", prepare=True)
-        assert cur.fetchone() is not None
+            for prepare in (False, True):
+                cur = conn.cursor(binary=binary)
+                rows = cur.execute("SELECT * FROM usage ORDER BY ts_start LIMIT 5", prepare=prepare).fetchall()
+                names = [d.name for d in cur.description]
+                types = {d.name: d.type_code for d in cur.description}
+                assert types["event_id"] == 2950 and types["tags"] == types["attempts"] == 114, cur.description
+                assert len(rows) == 5
+                for row in rows:
+                    r = dict(zip(names, row))
+                    assert isinstance(r["event_id"], uuid.UUID)
+                    assert isinstance(r["attempts"], list)
+                    assert r["attempts"] == json.loads(want[r["event_id"].hex])
+                    assert r["tags"] is None or isinstance(r["tags"], dict)
         ids = duckdb.execute("SELECT count(DISTINCT event_id) FROM read_parquet(?)", [lake_glob(gateway)]).fetchone()[0]
         assert conn.execute("SELECT count(DISTINCT event_id) FROM usage").fetchone()[0] == ids
+        one = conn.execute("SELECT event_id FROM usage LIMIT 1").fetchone()[0]
+        assert conn.execute("SELECT count(*) FROM usage WHERE event_id = %s", [str(one)]).fetchone()[0] == 1
+        assert conn.execute("SELECT CAST(event_id AS VARCHAR) FROM usage WHERE event_id = %s", [str(one)]).fetchone()[0] == str(one)
 
 
 def test_engine_errors_carry_their_sqlstate_over_the_pg_wire(gateway, traffic):
@@ -308,7 +314,7 @@ def test_psql(gateway, traffic):
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 3, r.stderr
     r = psql(gateway, "admin", ADMIN_TOKEN, "-c", r"\d usage")
     described = {line.split("|")[0]: line.split("|")[1] for line in r.stdout.splitlines() if "|" in line}
-    assert r.returncode == 0 and described["event_id"] == described["tags"] == described["attempts"] == "text", r.stdout + r.stderr
+    assert r.returncode == 0 and described["event_id"] == "uuid" and described["tags"] == described["attempts"] == "json", r.stdout + r.stderr
     r = psql(gateway, "qwq-only", LIMITED_KEY, "-c", "DELETE FROM usage")
     assert r.returncode != 0 and "read-only" in r.stderr
     r = psql(gateway, "qwq-only", LIMITED_KEY, "-c", "SELECT count(*) FROM usage; DROP TABLE usage")
@@ -350,3 +356,60 @@ def test_the_openapi_document_covers_the_api(gateway, traffic):
             unauthenticated = http(gateway, method.upper(), path, token="bad", body=payload)[0]
             assert str(unauthenticated) in op["responses"], (path, method, unauthenticated)
     assert http(gateway, "GET", "/v1/nope")[0] == 404
+
+
+def test_read_only_statements_beyond_select_run_within_the_limits(gateway, traffic):
+    """Named cursors (DECLARE/FETCH/CLOSE), SQL PREPARE/EXECUTE/DEALLOCATE
+    and parameters of every type a driver binds: reads, so accepted."""
+    import datetime
+    import uuid
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        with conn.cursor(name="ledger") as cur:
+            cur.execute("SELECT consumer, cost_usd FROM usage WHERE status < %s ORDER BY ts_start", [400])
+            first = cur.fetchmany(3)
+            rest = cur.fetchall()
+            assert [d.name for d in cur.description] == ["consumer", "cost_usd"]
+        ok = conn.execute("SELECT count(*) FROM usage WHERE status < 400").fetchone()[0]
+        assert len(first) == 3 and len(first) + len(rest) == ok
+        conn.execute("PREPARE by_consumer AS SELECT count(*) AS n FROM usage WHERE consumer = $1")
+        cur = conn.execute("EXECUTE by_consumer('python-app')")
+        assert cur.description[0].name == "n"
+        want = conn.execute("SELECT count(*) FROM usage WHERE consumer = 'python-app'").fetchone()[0]
+        assert cur.fetchone()[0] == want > 0
+        with pytest.raises(psycopg.Error) as twice:
+            conn.execute("PREPARE by_consumer AS SELECT 1")
+        assert twice.value.sqlstate == "42P05"
+        conn.execute("DEALLOCATE by_consumer")
+        with pytest.raises(psycopg.Error) as gone:
+            conn.execute("EXECUTE by_consumer('python-app')")
+        assert gone.value.sqlstate == "26000"
+        with pytest.raises(psycopg.Error) as writes:
+            conn.execute("PREPARE w AS DELETE FROM usage")
+        assert writes.value.sqlstate == "25006"
+        one = conn.execute("SELECT event_id, ts_start, date FROM usage LIMIT 1").fetchone()
+        for binary in (False, True):
+            cur = conn.cursor(binary=binary)
+            q = ("SELECT count(*) FROM usage WHERE event_id = %s AND ts_start >= %s AND date = %s "
+                 "AND cost_usd >= %s AND tags IS DISTINCT FROM %s")
+            n = cur.execute(q, [one[0], one[1] - datetime.timedelta(seconds=1), one[2],
+                                decimal.Decimal("0.0000000"), psycopg.types.json.Json({"nope": 1})]).fetchone()[0]
+            assert n == 1, binary
+            assert cur.execute("SELECT count(*) FROM usage WHERE cost_usd > %s",
+                               [decimal.Decimal("1E-7")]).fetchone()[0] >= 0
+
+
+def test_copy_to_stdout_exports_a_query(gateway, traffic):
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        with conn.cursor().copy("COPY (SELECT consumer, count(*) AS n FROM usage GROUP BY consumer ORDER BY consumer) TO STDOUT WITH (FORMAT csv, HEADER)") as copy:
+            text = b"".join(bytes(b) for b in copy).decode()
+        want = conn.execute("SELECT consumer, count(*) FROM usage GROUP BY consumer ORDER BY consumer").fetchall()
+        assert text.splitlines() == ["consumer,n"] + [f"{c},{n}" for c, n in want]
+        with conn.cursor().copy("COPY usage (consumer, status) TO STDOUT") as copy:
+            rows = list(copy.rows())
+        assert len(rows) == traffic
+        for sql in ["COPY usage FROM STDIN", "COPY usage TO '/tmp/x.csv'", "COPY (SELECT 1) TO PROGRAM 'true'"]:
+            with pytest.raises(psycopg.Error) as refused:
+                with conn.cursor().copy(sql) as copy:
+                    list(copy)
+            assert refused.value.sqlstate == "25006", sql
+            conn.rollback()

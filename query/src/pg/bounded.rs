@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use arrow::array::RecordBatch;
+use arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::common::ParamValues;
 use datafusion::datasource::MemTable;
@@ -11,16 +13,18 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::{Set, Statement};
+use datafusion_postgres::arrow_pg::datatypes::PG_TYPE_KEY;
 use datafusion_postgres::arrow_pg::datatypes::df::encode_dataframe;
 use datafusion_postgres::hooks::{HookClient, QueryHook};
 use datafusion_postgres::pgwire::api::ClientInfo;
 use datafusion_postgres::pgwire::api::portal::Format;
-use datafusion_postgres::pgwire::api::results::{Response, Tag};
+use datafusion_postgres::pgwire::api::Type;
+use datafusion_postgres::pgwire::api::results::{FieldInfo, Response, Tag};
 use datafusion_postgres::pgwire::error::PgWireResult;
 use datafusion_postgres::pgwire::types::format::FormatOptions;
 
 use super::errors::pg_error;
-use super::{names, server};
+use super::{names, server, statements};
 use crate::engine::Engine;
 use crate::guard::{self, Allowed};
 use crate::{Principal, QueryError};
@@ -48,18 +52,10 @@ pub async fn run_bounded(
     format: &Format,
     options: Arc<FormatOptions>,
 ) -> PgWireResult<Response> {
-    let plan = match params {
-        Some(p) => plan
-            .replace_params_with_values(p)
-            .map_err(|e| pg_error(QueryError::from_datafusion(e)))?,
-        None => plan,
-    };
-    let frame = ctx
-        .execute_logical_plan(plan)
+    let (schema, batches) = collect_bounded(engine, ctx, statement, plan, params)
         .await
-        .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
-    let out = engine.run_frame(frame).await.map_err(pg_error)?;
-    let table = MemTable::try_new(out.schema, vec![out.batches])
+        .map_err(pg_error)?;
+    let table = MemTable::try_new(schema, vec![batches])
         .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
     let frame = ctx
         .read_table(Arc::new(table))
@@ -67,6 +63,96 @@ pub async fn run_bounded(
     let mut response = encode_dataframe(frame, format, Some(options)).await?;
     response.row_schema = names::apply(statement, response.row_schema.clone());
     Ok(Response::Query(response))
+}
+
+/// A plan's rows, its parameters bound, collected within the engine's
+/// limits; columns cast to text lose the PostgreSQL type tag.
+pub async fn collect_bounded(
+    engine: &Engine,
+    ctx: &SessionContext,
+    statement: &Statement,
+    plan: LogicalPlan,
+    params: Option<&ParamValues>,
+) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
+    let plan = match params {
+        Some(p) => plan
+            .replace_params_with_values(p)
+            .map_err(QueryError::from_datafusion)?,
+        None => plan,
+    };
+    let frame = ctx
+        .execute_logical_plan(plan)
+        .await
+        .map_err(QueryError::from_datafusion)?;
+    let out = engine.run_frame(frame).await?;
+    untag_text_casts(statement, out.schema, out.batches)
+}
+
+/// A column the query casts to text goes as text, not as the PostgreSQL
+/// type (`uuid`, `json`) its field says the text is of: the engine drops a
+/// cast from text to text, and the tag with it would survive.
+fn untag_text_casts(
+    statement: &Statement,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<(SchemaRef, Vec<RecordBatch>), QueryError> {
+    let Some(casts) = names::text_casts(statement) else {
+        return Ok((schema, batches));
+    };
+    let tagged = |(f, cast): (&FieldRef, &bool)| *cast && f.metadata().contains_key(PG_TYPE_KEY);
+    if casts.len() != schema.fields().len() || !schema.fields().iter().zip(&casts).any(tagged) {
+        return Ok((schema, batches));
+    }
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .zip(&casts)
+        .map(|(f, cast)| {
+            let mut f = f.as_ref().clone();
+            if *cast {
+                let mut metadata = f.metadata().clone();
+                metadata.remove(PG_TYPE_KEY);
+                f = f.with_metadata(metadata);
+            }
+            f
+        })
+        .collect();
+    let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+    let batches = batches
+        .into_iter()
+        .map(|b| RecordBatch::try_new(schema.clone(), b.columns().to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| QueryError::Internal(e.to_string()))?;
+    Ok((schema, batches))
+}
+
+/// [`untag_text_casts`] for a statement's described columns: a column cast
+/// to text is described as `text`.
+pub fn untag_text_cast_fields(statement: &Statement, fields: Vec<FieldInfo>) -> Vec<FieldInfo> {
+    let Some(casts) = names::text_casts(statement) else {
+        return fields;
+    };
+    if casts.len() != fields.len() {
+        return fields;
+    }
+    fields
+        .into_iter()
+        .zip(casts)
+        .map(|(f, cast)| {
+            if cast && matches!(*f.datatype(), Type::UUID | Type::JSON | Type::JSONB) {
+                FieldInfo::new(
+                    f.name().to_string(),
+                    f.table_id(),
+                    f.column_id(),
+                    Type::TEXT,
+                    f.format(),
+                )
+                .with_format_options(f.format_options().clone())
+            } else {
+                f
+            }
+        })
+        .collect()
 }
 
 /// First in every service's hooks: queries run bounded, client settings
@@ -86,6 +172,8 @@ enum Verdict {
     Acknowledge(&'static str),
     /// `SHOW` of a server setting, answered from [`server::setting`].
     Show(String),
+    /// A read-only statement other than a query ([`statements`]).
+    Statement,
     Refuse(QueryError),
 }
 
@@ -140,7 +228,10 @@ fn verdict(statement: &Statement, who: &Principal) -> Verdict {
         // and prepared-statement cleanup).
         Statement::Savepoint { .. } => Verdict::Acknowledge("SAVEPOINT"),
         Statement::ReleaseSavepoint { .. } => Verdict::Acknowledge("RELEASE"),
-        Statement::Deallocate { .. } => Verdict::Acknowledge("DEALLOCATE"),
+        // COPY TO STDOUT, cursors, PREPARE/EXECUTE: checked as they run;
+        // datafusion-postgres's FETCH and CLOSE read the cursors back.
+        s if statements::owns(s) => Verdict::Statement,
+        Statement::Fetch { .. } | Statement::Close { .. } => Verdict::Pass,
         Statement::StartTransaction { .. }
         | Statement::Commit { .. }
         | Statement::Rollback { .. } => Verdict::Pass,
@@ -230,6 +321,17 @@ impl QueryHook for Bounded {
             Verdict::Acknowledge(tag) => Some(Ok(Response::Execution(Tag::new(tag)))),
             Verdict::Refuse(e) => Some(Err(pg_error(e))),
             Verdict::Show(name) => Some(self.show(ctx, &name, client).await),
+            Verdict::Statement => Some(
+                statements::run(
+                    &self.engine,
+                    ctx,
+                    statement,
+                    None,
+                    &Format::UnifiedText,
+                    client,
+                )
+                .await,
+            ),
             Verdict::Run => {
                 let plan = match plan(ctx, statement).await {
                     Ok(p) => p,
@@ -255,10 +357,15 @@ impl QueryHook for Bounded {
         &self,
         statement: &Statement,
         ctx: &SessionContext,
-        _client: &(dyn ClientInfo + Send + Sync),
+        client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
         match verdict(statement, &self.who) {
             Verdict::Pass | Verdict::Ignore | Verdict::Acknowledge(_) => None,
+            Verdict::Statement => Some(
+                statements::describe(ctx, statement, client.metadata())
+                    .await
+                    .map_err(pg_error),
+            ),
             Verdict::Refuse(e) => Some(Err(pg_error(e))),
             Verdict::Show(name) => Some(show(ctx, &name).await.map(|(_, p)| p).map_err(pg_error)),
             Verdict::Run => Some(plan(ctx, statement).await.map_err(pg_error)),
@@ -278,7 +385,8 @@ impl QueryHook for Bounded {
             Verdict::Acknowledge(tag) => Some(Ok(Response::Execution(Tag::new(tag)))),
             Verdict::Refuse(e) => Some(Err(pg_error(e))),
             Verdict::Show(name) => Some(self.show(ctx, &name, client).await),
-            Verdict::Pass | Verdict::Run => None,
+            // The router runs these with the portal's result format.
+            Verdict::Pass | Verdict::Run | Verdict::Statement => None,
         }
     }
 }

@@ -26,9 +26,10 @@ use crate::tables::Ledger;
 /// text for its `json` result): maps as objects, lists as arrays, structs as
 /// objects with explicit nulls.
 pub fn to_json() -> ScalarUDF {
-    functions::text(
+    functions::typed_text(
         "to_json",
         Signature::any(1, Volatility::Immutable),
+        Some("json"),
         |args| {
             let [value] = args.args.as_slice() else {
                 return Err(DataFusionError::Plan("to_json takes one argument".into()));
@@ -61,9 +62,10 @@ fn json_text(array: &ArrayRef) -> Result<ArrayRef> {
 /// `uuid_text(bytes)`: 16 bytes as a UUID's canonical text
 /// (`8-4-4-4-12` lowercase hex, RFC 9562 §4); any other length is NULL.
 pub fn uuid_text() -> ScalarUDF {
-    functions::text(
+    functions::typed_text(
         "uuid_text",
         Signature::any(1, Volatility::Immutable),
+        Some("uuid"),
         |args| {
             let [value] = args.args.as_slice() else {
                 return Err(DataFusionError::Plan("uuid_text takes one argument".into()));

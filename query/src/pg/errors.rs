@@ -29,6 +29,17 @@ impl ErrorHandler for LogErrors {
         {
             *error = pg_error(sorted);
         }
+        // A message quoting what a client sent (a parameter's bytes) may hold
+        // a NUL, which ends a protocol string early and breaks the
+        // connection: such errors go out with the bytes escaped.
+        if !matches!(error, PgWireError::IoError(_)) {
+            let taken = std::mem::replace(error, pg_error(QueryError::Internal(String::new())));
+            let mut info = ErrorInfo::from(taken);
+            if info.message.contains(|c: char| c.is_control() && c != '\n' && c != '\t') {
+                info.message = info.message.escape_default().to_string();
+            }
+            *error = PgWireError::UserError(Box::new(info));
+        }
         tracing::debug!("pg error: {error}");
     }
 }

@@ -21,17 +21,17 @@ mod errors;
 mod functions;
 pub mod names;
 pub mod server;
+mod statements;
 
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::sqlparser::ast::Statement;
 use datafusion_postgres::arrow_pg::datatypes::df::deserialize_parameters;
 use datafusion_postgres::hooks::QueryHook;
+use datafusion_postgres::hooks::cursor::CursorStatementHook;
 use datafusion_postgres::hooks::set_show::SetShowHook;
 use datafusion_postgres::hooks::transactions::TransactionStatementHook;
 use datafusion_postgres::pgwire::api::auth::{
@@ -213,6 +213,7 @@ impl Sessions {
                 engine: self.engine.clone(),
                 who: who.clone(),
             }),
+            Arc::new(CursorStatementHook),
             Arc::new(SetShowHook),
             Arc::new(TransactionStatementHook),
         ];
@@ -242,7 +243,7 @@ impl SimpleQueryHandler for Router {
     }
 }
 
-type PgStatement = (String, Option<(Statement, LogicalPlan)>);
+use statements::PgStatement;
 
 /// Parses in the client's own session, so its hooks plan and check.
 pub struct RouterParser {
@@ -279,7 +280,10 @@ impl QueryParser for RouterParser {
     ) -> PgWireResult<Vec<FieldInfo>> {
         let fields = self.describe.get_result_schema(stmt, format)?;
         Ok(match &stmt.1 {
-            Some((statement, _)) => names::apply(statement, Arc::new(fields)).to_vec(),
+            Some((statement, _)) => {
+                let fields = names::apply(statement, Arc::new(fields)).to_vec();
+                bounded::untag_text_cast_fields(statement, fields)
+            }
             None => fields,
         })
     }
@@ -307,17 +311,32 @@ impl ExtendedQueryHandler for Router {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let (who, service) = self.sessions.service(client).await?;
+        if let (_, Some((statement, _))) = &portal.statement.statement
+            && statements::owns(statement)
+        {
+            let engine = &self.sessions.engine;
+            let ctx = engine
+                .session_on(&who, Surface::Pg)
+                .await
+                .map_err(pg_error)?;
+            let types = statements::cursor_parameters(&ctx, statement)
+                .await
+                .map_err(pg_error)?;
+            let inferred: Vec<Option<&arrow::datatypes::DataType>> =
+                types.iter().map(Option::as_ref).collect();
+            let params = deserialize_parameters(portal, &inferred)?;
+            let format = portal.result_column_format.clone();
+            return statements::run(engine, &ctx, statement, Some(&params), &format, client).await;
+        }
         if let (_, Some((statement, plan))) = &portal.statement.statement
             && guard::check_sql(statement).is_ok()
         {
             let types = plan
                 .get_parameter_types()
                 .map_err(|e| pg_error(QueryError::from_datafusion(e)))?;
-            let mut ordered: Vec<_> = types.iter().collect();
-            ordered
-                .sort_by_key(|(k, _)| k.trim_start_matches('$').parse::<u32>().unwrap_or(u32::MAX));
+            let inferred = statements::by_position(&types);
             let inferred: Vec<Option<&arrow::datatypes::DataType>> =
-                ordered.iter().map(|(_, t)| t.as_ref()).collect();
+                inferred.iter().map(Option::as_ref).collect();
             let params = deserialize_parameters(portal, &inferred)?;
             let engine = &self.sessions.engine;
             let ctx = engine

@@ -88,6 +88,42 @@ fn type_name(t: &DataType) -> String {
     }
 }
 
+/// Which result columns of `statement` are cast to text (`x::text`,
+/// `CAST(x AS VARCHAR)`): such a column is text, whatever PostgreSQL type
+/// (`uuid`, `json`) `x` holds the text of. `None` when unknowable, as for
+/// [`of`].
+pub fn text_casts(statement: &Statement) -> Option<Vec<bool>> {
+    let Statement::Query(query) = statement else {
+        return None;
+    };
+    select_items(query)?
+        .iter()
+        .map(|item| match item {
+            SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } => {
+                Some(is_text_cast(e))
+            }
+            SelectItem::ExprWithAliases { expr, .. } => Some(is_text_cast(expr)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn is_text_cast(e: &Expr) -> bool {
+    match e {
+        Expr::Nested(inner) => is_text_cast(inner),
+        Expr::Cast { data_type, .. } => matches!(
+            data_type,
+            DataType::Text
+                | DataType::Varchar(_)
+                | DataType::CharacterVarying(_)
+                | DataType::String(_)
+                | DataType::Char(_)
+                | DataType::Character(_)
+        ),
+        _ => false,
+    }
+}
+
 /// `fields` with the names PostgreSQL would give; unchanged when the
 /// statement gives none or the counts differ.
 pub fn apply(statement: &Statement, fields: Arc<Vec<FieldInfo>>) -> Arc<Vec<FieldInfo>> {
@@ -160,5 +196,21 @@ mod tests {
         for (sql, want) in cases {
             assert_eq!(&names(sql), want, "{sql}");
         }
+    }
+
+    #[test]
+    fn casts_to_text_are_found_whatever_their_spelling() {
+        let casts = |sql: &str| {
+            text_casts(
+                &Parser::parse_sql(&PostgreSqlDialect {}, sql)
+                    .unwrap()
+                    .remove(0),
+            )
+        };
+        assert_eq!(
+            casts("SELECT id::text, CAST(id AS VARCHAR) AS v, (id::varchar(40)), id, id::int FROM t"),
+            Some(vec![true, true, true, false, false])
+        );
+        assert_eq!(casts("SELECT * FROM t"), None);
     }
 }

@@ -171,6 +171,34 @@ pub const PG_VECTOR_TYPE_OID: u32 = 16385;
 /// pick the right encoding per result format.
 pub const PG_CHAR_KEY: &str = "pg.char";
 
+/// Field metadata key marking a UTF-8 Arrow field that holds the text form
+/// of a Postgres `uuid`, `json` or `jsonb` value; the value names the type.
+///
+/// Arrow has no logical type a Postgres client decodes as these (a 16-byte
+/// `FixedSizeBinary` goes as `bytea`, a map has no Postgres type at all), so a
+/// producer that renders such a column as text tags it, and the column is
+/// reported and encoded as the Postgres type: text format as the text itself,
+/// binary format as Postgres sends it (16 bytes for `uuid`, the text for
+/// `json`, a version byte 1 and the text for `jsonb`). Tollgate patch.
+pub const PG_TYPE_KEY: &str = "pg.type";
+
+/// The Postgres type a [`PG_TYPE_KEY`]-tagged UTF-8 field is reported as, or
+/// `None` when the field is untagged, not UTF-8, or names another type.
+pub fn pg_text_type(field: &Field) -> Option<Type> {
+    if !matches!(
+        field.data_type(),
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+    ) {
+        return None;
+    }
+    match field.metadata().get(PG_TYPE_KEY)?.as_str() {
+        "uuid" => Some(Type::UUID),
+        "json" => Some(Type::JSON),
+        "jsonb" => Some(Type::JSONB),
+        _ => None,
+    }
+}
+
 /// Map an oid-alias kind name ([`PG_OID_ALIAS_KEY`] value) to its Postgres
 /// [`Type`], e.g. `"oid"` -> OID 26, `"regtype"` -> OID 2206.
 ///
@@ -241,6 +269,12 @@ pub fn field_into_pg_type(field: &Arc<Field>) -> PgWireResult<Type> {
     // `"char"` type (OID 18) so clients decode it as a one-byte char.
     if is_pg_char_field(field) {
         return Ok(Type::CHAR);
+    }
+
+    // A pg.type-tagged UTF-8 field is reported as the type it holds the text
+    // of (uuid, json, jsonb). Tollgate patch.
+    if let Some(pg_type) = pg_text_type(field) {
+        return Ok(pg_type);
     }
 
     // A pg.vector-tagged list column is reported as the pgvector `vector` type

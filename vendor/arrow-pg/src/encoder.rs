@@ -182,6 +182,93 @@ fn encode_pg_oid_binary<T: Encoder>(
     encoder.encode_field(&Some(value), pg_field)
 }
 
+/// The text of a Postgres `uuid`, `json` or `jsonb` value held in a UTF-8
+/// column tagged with `pg.type`. Tollgate patch.
+#[derive(Debug)]
+struct PgText<'a>(&'a str);
+
+impl ToSql for PgText<'_> {
+    fn to_sql(
+        &self,
+        ty: &postgres_types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match *ty {
+            postgres_types::Type::UUID => out.extend_from_slice(&uuid_bytes(self.0)?),
+            postgres_types::Type::JSONB => {
+                out.extend_from_slice(&[1]);
+                out.extend_from_slice(self.0.as_bytes());
+            }
+            _ => out.extend_from_slice(self.0.as_bytes()),
+        }
+        Ok(postgres_types::IsNull::No)
+    }
+
+    fn accepts(ty: &postgres_types::Type) -> bool {
+        matches!(
+            *ty,
+            postgres_types::Type::UUID | postgres_types::Type::JSON | postgres_types::Type::JSONB
+        )
+    }
+
+    postgres_types::to_sql_checked!();
+}
+
+impl ToSqlText for PgText<'_> {
+    fn to_sql_text(
+        &self,
+        _ty: &postgres_types::Type,
+        out: &mut bytes::BytesMut,
+        _format_options: &pgwire::types::format::FormatOptions,
+    ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(postgres_types::IsNull::No)
+    }
+}
+
+/// The 16 bytes of a UUID written as 32 hex digits, hyphens anywhere.
+fn uuid_bytes(text: &str) -> Result<[u8; 16], Box<dyn std::error::Error + Sync + Send>> {
+    let mut out = [0u8; 16];
+    let mut digits = text.bytes().filter(|b| *b != b'-');
+    for byte in out.iter_mut() {
+        let mut value = 0u8;
+        for _ in 0..2 {
+            let d = digits
+                .next()
+                .and_then(|c| (c as char).to_digit(16))
+                .ok_or_else(|| format!("invalid uuid text {text:?}"))?;
+            value = value * 16 + d as u8;
+        }
+        *byte = value;
+    }
+    if digits.next().is_some() {
+        return Err(format!("invalid uuid text {text:?}").into());
+    }
+    Ok(out)
+}
+
+fn encode_pg_text<T: Encoder>(
+    encoder: &mut T,
+    arr: &Arc<dyn Array>,
+    idx: usize,
+    pg_field: &FieldInfo,
+) -> PgWireResult<()> {
+    if arr.is_null(idx) {
+        return encoder.encode_field(&None::<PgText>, pg_field);
+    }
+    let text = match arr.data_type() {
+        DataType::Utf8 => arr.as_string::<i32>().value(idx),
+        DataType::LargeUtf8 => arr.as_string::<i64>().value(idx),
+        DataType::Utf8View => arr.as_string_view().value(idx),
+        _ => {
+            return Err(PgWireError::ApiError(ToSqlError::from(
+                "pg.type column must be UTF-8",
+            )));
+        }
+    };
+    encoder.encode_field(&Some(PgText(text)), pg_field)
+}
+
 /// Encode a Postgres internal `"char"` column (stored as a single-character
 /// UTF-8 string tagged with the `pg.char` metadata).
 ///
@@ -223,7 +310,7 @@ impl postgres_types::ToSql for PgVectorValue {
     fn to_sql(
         &self,
         ty: &postgres_types::Type,
-        out: &mut BytesMut,
+        out: &mut bytes::BytesMut,
     ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
         use bytes::BufMut as _;
         if !PgVectorValue::accepts(ty) {
@@ -246,7 +333,7 @@ impl postgres_types::ToSql for PgVectorValue {
     fn to_sql_checked(
         &self,
         ty: &postgres_types::Type,
-        out: &mut BytesMut,
+        out: &mut bytes::BytesMut,
     ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
         self.to_sql(ty, out)
     }
@@ -257,7 +344,7 @@ impl pgwire::types::ToSqlText for PgVectorValue {
     fn to_sql_text(
         &self,
         _ty: &postgres_types::Type,
-        out: &mut BytesMut,
+        out: &mut bytes::BytesMut,
         _format_options: &pgwire::types::format::FormatOptions,
     ) -> Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
         use bytes::BufMut as _;
@@ -477,6 +564,11 @@ pub fn encode_value<T: Encoder>(
     // char-specific binary/text encoding.
     if crate::datatypes::is_pg_char_field(arrow_field) {
         return encode_pg_char(encoder, arr, idx, pg_field);
+    }
+
+    // Text tagged as a Postgres uuid/json/jsonb (`pg.type`). Tollgate patch.
+    if crate::datatypes::pg_text_type(arrow_field).is_some() {
+        return encode_pg_text(encoder, arr, idx, pg_field);
     }
 
     // Postgres `oid` columns are `u32` on the wire but stored as Arrow Int32.

@@ -480,6 +480,73 @@ fn vector_param_to_scalar(
 ///
 /// This is a convenience wrapper that passes no server-decided parameter types
 /// (see [`deserialize_parameters_with_server_types`]).
+/// A `numeric` parameter; in text format also in exponent form (`1E-7`),
+/// as PostgreSQL's `numeric_in` reads it and drivers send small `Decimal`s.
+/// Tollgate patch.
+fn numeric_parameter<S>(portal: &Portal<S>, i: usize, pg_type: &Type) -> PgWireResult<Option<Decimal>>
+where
+    S: Clone,
+{
+    match portal.parameter::<Decimal>(i, pg_type) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let text = match portal.parameters.get(i) {
+                Some(Some(bytes)) if !portal.parameter_format.is_binary(i) => {
+                    std::str::from_utf8(bytes).ok()
+                }
+                _ => None,
+            };
+            match text.and_then(|t| Decimal::from_scientific(t.trim()).ok()) {
+                Some(d) => Ok(Some(d)),
+                None => Err(e),
+            }
+        }
+    }
+}
+
+/// The text of a `uuid`, `json` or `jsonb` parameter, in either format:
+/// binary `uuid` is 16 bytes, binary `json` its text, binary `jsonb` a
+/// version byte (1) then its text. Tollgate patch.
+fn text_of_parameter<S>(portal: &Portal<S>, i: usize, pg_type: &Type) -> PgWireResult<Option<String>>
+where
+    S: Clone,
+{
+    let Some(Some(bytes)) = portal.parameters.get(i) else {
+        return Ok(None);
+    };
+    let invalid = |what: &str| invalid_parameter_error(format!("invalid {} parameter ${}: {what}", pg_type.name(), i + 1));
+    if !portal.parameter_format.is_binary(i) {
+        return String::from_utf8(bytes.to_vec())
+            .map(Some)
+            .map_err(|_| invalid("not UTF-8"));
+    }
+    match *pg_type {
+        Type::UUID => {
+            if bytes.len() != 16 {
+                return Err(invalid("not 16 bytes"));
+            }
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            Ok(Some(format!(
+                "{}-{}-{}-{}-{}",
+                &hex[0..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..32]
+            )))
+        }
+        Type::JSONB => match bytes.split_first() {
+            Some((1, text)) => String::from_utf8(text.to_vec())
+                .map(Some)
+                .map_err(|_| invalid("not UTF-8")),
+            _ => Err(invalid("unknown jsonb version")),
+        },
+        _ => String::from_utf8(bytes.to_vec())
+            .map(Some)
+            .map_err(|_| invalid("not UTF-8")),
+    }
+}
+
 pub fn deserialize_parameters<S>(
     portal: &Portal<S>,
     inferenced_types: &[Option<&DataType>],
@@ -645,7 +712,7 @@ where
                 }
             }
             Type::NUMERIC => {
-                let value = portal.parameter::<Decimal>(i, &pg_type)?;
+                let value = numeric_parameter(portal, i, &pg_type)?;
                 match inferenced_type {
                     Some(DataType::Decimal128(p, s)) => {
                         deserialized_params.push(ScalarValue::Decimal128(
@@ -761,15 +828,12 @@ where
 
                 deserialized_params.push(scalar_value);
             }
-            Type::UUID => {
-                let value = portal.parameter::<String>(i, &pg_type)?;
-                // Store UUID as string for now
-                deserialized_params.push(ScalarValue::Utf8(value));
-            }
-            Type::JSON | Type::JSONB => {
-                let value = portal.parameter::<String>(i, &pg_type)?;
-                // Store JSON as string for now
-                deserialized_params.push(ScalarValue::Utf8(value));
+            // uuid and json go as their text (Tollgate patch: `String` does
+            // not accept these types, so every such parameter was refused).
+            Type::UUID | Type::JSON | Type::JSONB => {
+                deserialized_params.push(ScalarValue::Utf8(text_of_parameter(
+                    portal, i, &pg_type,
+                )?));
             }
             Type::INTERVAL => {
                 let value = portal.parameter::<Interval>(i, &pg_type)?;

@@ -140,7 +140,7 @@ impl<C: CatalogInfo> PgAttributeTable<C> {
                                 {
                                     let attnum = (column_idx + 1) as i16; // PostgreSQL column numbers start at 1
                                     let (pg_type_oid, type_len, by_val, align, storage) =
-                                        Self::datafusion_to_pg_type(field.data_type());
+                                        Self::datafusion_to_pg_type(field);
 
                                     attrelids.push(table_oid as i32);
                                     attnames.push(field.name().clone());
@@ -223,8 +223,16 @@ impl<C: CatalogInfo> PgAttributeTable<C> {
     }
 
     /// Map DataFusion data types to PostgreSQL type information
-    fn datafusion_to_pg_type(data_type: &DataType) -> (u32, i16, bool, &'static str, &'static str) {
-        match arrow_pg::datatypes::into_pg_type(data_type) {
+    ///
+    /// From the field, not only its data type, so a column tagged with the
+    /// Postgres type it holds (`pg.type`: uuid, json, jsonb) is described as
+    /// that type, as the wire sends it. Tollgate patch.
+    fn datafusion_to_pg_type(
+        field: &Arc<Field>,
+    ) -> (u32, i16, bool, &'static str, &'static str) {
+        match arrow_pg::datatypes::field_into_pg_type(field) {
+            Ok(t @ Type::UUID) => (t.oid(), 16, false, "c", "p"),
+            Ok(t @ (Type::JSON | Type::JSONB)) => (t.oid(), -1, false, "i", "x"),
             Ok(t @ Type::BOOL) => (t.oid(), 1, true, "c", "p"),
             Ok(t @ Type::CHAR) => (t.oid(), 1, true, "c", "p"),
             Ok(t @ Type::INT2) => (t.oid(), 2, true, "s", "p"),
