@@ -125,9 +125,12 @@ pub fn compact(
             .into_iter()
             .filter(|f| !keep.contains(&file_name(f)))
             .collect();
-        let merged_already =
-            inputs.len() == 1 && file_name(&inputs[0]).starts_with(layout::COMPACTED);
-        if inputs.len() < 2 || merged_already {
+        // A lone file is left as it is, unless it still carries the UUID
+        // annotation Spark refuses: then it is rewritten too.
+        if inputs.len() == 1 && !lake.has_uuid_annotation(&inputs[0])? {
+            continue;
+        }
+        if inputs.is_empty() {
             continue;
         }
         report.hours += 1;
@@ -145,7 +148,7 @@ pub fn compact(
             rows.extend(events);
             chunk.push(f);
         }
-        if chunk.len() > 1 {
+        if chunk.len() > 1 || (chunk.len() == 1 && lake.has_uuid_annotation(&chunk[0])?) {
             report.rows += merge(lake, &dir, &chunk, rows)?;
             report.files_out += 1;
         } else {

@@ -303,6 +303,21 @@ impl Lake {
         Ok(out)
     }
 
+    /// Whether a lake file stores `event_id` annotated as a Parquet UUID,
+    /// as files written before the annotation was dropped do (Spark 4
+    /// cannot read them; compaction rewrites them).
+    pub fn has_uuid_annotation(&self, path: &Path) -> Result<bool, IngestError> {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(self.bytes(path)?)?;
+        let annotated = builder.parquet_schema().columns().iter().any(|c| {
+            c.name() == "event_id"
+                && matches!(
+                    c.logical_type_ref(),
+                    Some(parquet::basic::LogicalType::Uuid)
+                )
+        });
+        Ok(annotated)
+    }
+
     /// Reads only the event ids of a lake file.
     pub fn read_event_ids(&self, path: &Path) -> Result<Vec<uuid::Uuid>, IngestError> {
         use arrow_array::cast::AsArray;

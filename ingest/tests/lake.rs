@@ -251,3 +251,78 @@ fn compaction_merges_closed_hours_once_and_finishes_an_interrupted_run() {
     let early: DateTime<Utc> = "2026-03-01T10:05:00Z".parse().unwrap();
     assert_eq!(compact(&lake, None, early, |_, _, _| {}).unwrap().hours, 0);
 }
+
+#[test]
+fn files_with_the_uuid_annotation_are_read_and_compaction_rewrites_them_without_it() {
+    use arrow_array::RecordBatch;
+    use arrow_schema::{Field, Schema};
+    use parquet::arrow::ArrowWriter;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use std::sync::Arc;
+    use tollgate_ingest::compact::compact;
+
+    let lake = Lake::open(scratch("annotated")).unwrap();
+    // A first batch in hour 09, then a later one (the source's last batch,
+    // which compaction leaves to the ingester).
+    let all = events(600, 10_000_000); // 10 s apart: 09:58 to 11:38
+    let sent = all.clone();
+    let first_hour = |e: &UsageEvent| e.ts_start.format("%H").to_string() == "09";
+    let n = all.iter().take_while(|e| first_hour(e)).count();
+    assert!(n > 0 && all[n..].iter().all(|e| !first_hour(e)));
+    let published = lake.publish("t.0", "0", "1", all[..n].to_vec()).unwrap();
+    lake.publish("t.0", "1", "2", all[n..].to_vec()).unwrap();
+    assert_eq!(published.files.len(), 1);
+    let file = &published.files[0];
+    assert!(
+        !lake.has_uuid_annotation(file).unwrap(),
+        "new files are plain 16 bytes"
+    );
+
+    // The same file as written before: event_id tagged as Arrow's UUID,
+    // which the Parquet writer stores as a UUID annotation.
+    let bytes = bytes::Bytes::from(std::fs::read(file).unwrap());
+    let batches: Vec<RecordBatch> = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let old = batches[0].schema();
+    let fields: Vec<Field> = old
+        .fields()
+        .iter()
+        .map(|f| {
+            let f = f.as_ref().clone();
+            if f.name() == "event_id" {
+                f.with_metadata([("ARROW:extension:name".into(), "arrow.uuid".into())].into())
+            } else {
+                f
+            }
+        })
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let mut out = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut out, schema.clone(), None).unwrap();
+    for b in &batches {
+        writer
+            .write(&RecordBatch::try_new(schema.clone(), b.columns().to_vec()).unwrap())
+            .unwrap();
+    }
+    writer.close().unwrap();
+    std::fs::write(file, out).unwrap();
+    assert!(lake.has_uuid_annotation(file).unwrap());
+    assert_eq!(sorted(lake.read_events().unwrap()), sorted(sent.clone()));
+
+    let now: DateTime<Utc> = "2026-03-02T00:00:00Z".parse().unwrap();
+    let report = compact(&lake, None, now, |_, _, _| {}).unwrap();
+    assert_eq!((report.files_out, report.rows), (1, n), "{report:?}");
+    for f in lake.files().unwrap() {
+        assert!(!lake.has_uuid_annotation(&f).unwrap(), "{f:?}");
+    }
+    assert_eq!(sorted(lake.read_events().unwrap()), sorted(sent));
+    // Once rewritten, the hour is left alone.
+    assert_eq!(
+        compact(&lake, None, now, |_, _, _| {}).unwrap().files_out,
+        0
+    );
+}

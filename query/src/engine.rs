@@ -17,7 +17,6 @@ use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::execution::session_state::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
-use datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
 use datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
 use tokio::sync::Mutex;
 use tollgate_lake::layout;
@@ -166,7 +165,8 @@ impl Engine {
         // DATAFUSION_EXECUTION_BATCH_SIZE); clients cannot.
         let mut config = SessionConfig::from_env()
             .map_err(df)?
-            .with_information_schema(true)
+            // The PostgreSQL surface has PostgreSQL's (registered below).
+            .with_information_schema(surface == Surface::Http)
             .with_default_catalog_and_schema(CATALOG, "public");
         let unset = |name: &str| std::env::var_os(name).is_none();
         if unset("DATAFUSION_EXECUTION_COLLECT_STATISTICS") {
@@ -203,11 +203,26 @@ impl Engine {
         if surface == Surface::Pg {
             crate::pg::columns::install(&ctx);
             crate::pg::server::install(&ctx);
+            crate::pg::catalog::install(&ctx);
+            let info = crate::pg::information_schema::PgInformationSchema::new(
+                ctx.state().catalog_list().clone(),
+            );
+            ctx.catalog(CATALOG)
+                .ok_or_else(|| QueryError::Internal(format!("no catalog {CATALOG}")))?
+                .register_schema(crate::pg::information_schema::NAME, Arc::new(info))
+                .map_err(df)?;
             crate::pg::columns::wire_view(&ctx, "usage")
                 .await
                 .map_err(|e| QueryError::Internal(format!("usage on the wire: {e}")))?;
         }
-        setup_pg_catalog(&ctx, CATALOG, EmptyContextProvider)
+        let roles = match who {
+            Principal::Admin => std::iter::once("admin")
+                .chain(self.access().tenant_names())
+                .map(str::to_string)
+                .collect(),
+            Principal::Consumer(name) => vec![name.clone()],
+        };
+        setup_pg_catalog(&ctx, CATALOG, crate::pg::catalog::Roles(Arc::new(roles)))
             .map_err(|e| QueryError::Internal(format!("pg_catalog: {e}")))?;
         Ok(ctx)
     }

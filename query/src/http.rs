@@ -44,9 +44,7 @@ impl QueryError {
             | QueryError::Sql(_)
             | QueryError::UndefinedObject(_)
             | QueryError::InvalidStatementName(_)
-            | QueryError::DuplicateStatementName(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            | QueryError::DuplicateStatementName(_) => StatusCode::BAD_REQUEST,
             QueryError::NotFound(_) => StatusCode::NOT_FOUND,
             QueryError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,

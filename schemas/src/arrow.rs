@@ -5,7 +5,6 @@
 //! (signed integers, exact decimals for money) and for size on disk (the
 //! event id as 16 bytes rather than 36 characters).
 
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use arrow_schema::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
@@ -32,13 +31,15 @@ pub fn timestamp_type() -> DataType {
     DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
 }
 
-/// The event id column: a UUID as 16 bytes, tagged with Arrow's canonical
-/// UUID extension so Parquet readers see a UUID.
+/// The event id column: a UUIDv7 as its 16 bytes, a plain
+/// `FIXED_LEN_BYTE_ARRAY(16)` in Parquet. Not annotated as a UUID: Spark 4
+/// refuses that annotation (`Illegal Parquet type: FIXED_LEN_BYTE_ARRAY
+/// (UUID)`), while every reader takes plain 16 bytes, at the same size and
+/// with min/max file skipping DuckDB does not do on its UUID type. Files
+/// written before carry the annotation; readers take both (`tollgate
+/// compact` rewrites them).
 pub fn event_id_field() -> Field {
-    Field::new("event_id", DataType::FixedSizeBinary(16), false).with_metadata(HashMap::from([(
-        "ARROW:extension:name".to_string(),
-        "arrow.uuid".to_string(),
-    )]))
+    Field::new("event_id", DataType::FixedSizeBinary(16), false)
 }
 
 pub fn attempt_fields() -> Fields {

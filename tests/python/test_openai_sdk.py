@@ -24,7 +24,7 @@ def events_for(gateway, request_id, timeout=10.0):
         if any((gateway.lake / "usage").rglob("*.parquet")):
             cur = duckdb.execute(
                 "SELECT * FROM read_parquet(?, hive_partitioning = true)"
-                " WHERE coalesce(request_id, CAST(event_id AS VARCHAR)) = ?",
+                " WHERE coalesce(request_id, CAST(CAST(hex(event_id) AS UUID) AS VARCHAR)) = ?",
                 [files, request_id],
             )
             names = [d[0] for d in cur.description]

@@ -35,7 +35,10 @@ impl ErrorHandler for LogErrors {
         if !matches!(error, PgWireError::IoError(_)) {
             let taken = std::mem::replace(error, pg_error(QueryError::Internal(String::new())));
             let mut info = ErrorInfo::from(taken);
-            if info.message.contains(|c: char| c.is_control() && c != '\n' && c != '\t') {
+            if info
+                .message
+                .contains(|c: char| c.is_control() && c != '\n' && c != '\t')
+            {
                 info.message = info.message.escape_default().to_string();
             }
             *error = PgWireError::UserError(Box::new(info));

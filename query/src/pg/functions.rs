@@ -19,7 +19,6 @@ use datafusion_postgres::arrow_pg::datatypes::PG_TYPE_KEY;
 /// `json`); plain text is untagged.
 pub type PgType = Option<&'static str>;
 
-
 /// A function's body: its evaluated arguments in, text out.
 pub type Body = fn(ScalarFunctionArgs) -> Result<ColumnarValue>;
 

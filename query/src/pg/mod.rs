@@ -11,15 +11,24 @@
 //!
 //! Its parts: the login and the per-principal services here, then
 //! `bounded` (what each statement gets: run, acknowledged, passed on or
-//! refused), [`names`] (PostgreSQL's names for unnamed columns),
-//! [`columns`] (`usage` in types clients decode), [`server`] (`version()`,
-//! `current_setting()`) and `errors` (every error's SQLSTATE).
+//! refused), `run` (one query within the limits, named and typed as
+//! PostgreSQL would), `statements` (cursors, PREPARE/EXECUTE) and `copy`
+//! (COPY TO STDOUT),
+//! [`names`] (PostgreSQL's names for unnamed columns), [`columns`]
+//! (`usage` in types clients decode), [`server`] (`version()`,
+//! `current_setting()`), [`catalog`] (the `pg_catalog` functions clients
+//! call), [`information_schema`] (PostgreSQL's `columns`) and `errors`
+//! (every error's SQLSTATE).
 
 mod bounded;
+pub mod catalog;
 pub mod columns;
+mod copy;
 mod errors;
 mod functions;
+pub mod information_schema;
 pub mod names;
+mod run;
 pub mod server;
 mod statements;
 
@@ -55,8 +64,9 @@ use futures_util::{Sink, SinkExt};
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-use bounded::{Bounded, run_bounded};
+use bounded::Bounded;
 use errors::{LogErrors, pg_error};
+use run::run_bounded;
 
 use crate::engine::{Engine, Surface};
 use crate::guard;
@@ -282,7 +292,7 @@ impl QueryParser for RouterParser {
         Ok(match &stmt.1 {
             Some((statement, _)) => {
                 let fields = names::apply(statement, Arc::new(fields)).to_vec();
-                bounded::untag_text_cast_fields(statement, fields)
+                run::untag_text_cast_fields(statement, fields)
             }
             None => fields,
         })

@@ -208,7 +208,9 @@ mod tests {
             )
         };
         assert_eq!(
-            casts("SELECT id::text, CAST(id AS VARCHAR) AS v, (id::varchar(40)), id, id::int FROM t"),
+            casts(
+                "SELECT id::text, CAST(id AS VARCHAR) AS v, (id::varchar(40)), id, id::int FROM t"
+            ),
             Some(vec![true, true, true, false, false])
         );
         assert_eq!(casts("SELECT * FROM t"), None);

@@ -47,6 +47,7 @@ const SETTINGS: &[(&str, &str)] = &[
     ("lc_collate", "C"),
     ("lc_ctype", "C"),
     ("bytea_output", "hex"),
+    ("jit", "off"),
 ];
 
 /// `version()`: `PostgreSQL 16.6 (Tollgate x.y.z, Apache DataFusion a.b.c) on ...`.

@@ -1,7 +1,6 @@
 //! The read-only statements that are not plain queries, each running its
 //! query as [`run_bounded`] does (checked, planned, within the limits):
-//! `COPY (query) TO STDOUT` and `COPY table TO STDOUT` (text, CSV, binary),
-//! `DECLARE ... CURSOR FOR query` (`FETCH` and `CLOSE` read the cursor
+//! `COPY (query) TO STDOUT` ([`super::copy`]), `DECLARE ... CURSOR FOR query` (`FETCH` and `CLOSE` read the cursor
 //! back through datafusion-postgres's hook), and SQL-level `PREPARE`,
 //! `EXECUTE` and `DEALLOCATE` (their names are the connection's own, apart
 //! from the protocol's statement names).
@@ -9,36 +8,25 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::array::RecordBatch;
 use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::sqlparser::ast::{
-    CopyLegacyCsvOption, CopyLegacyOption, CopyOption, CopySource, CopyTarget, Declare,
-    DeclareType, Expr, Ident, Statement,
-};
-use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
-use datafusion::sql::sqlparser::parser::Parser;
-use datafusion_postgres::arrow_pg::datatypes::arrow_schema_to_pg_fields;
-use datafusion_postgres::arrow_pg::encoder::{Encoder, encode_value};
+use datafusion::sql::sqlparser::ast::{Declare, DeclareType, Expr, Ident, Statement};
 use datafusion_postgres::hooks::HookClient;
 use datafusion_postgres::pgwire::api::portal::{Format, Portal};
-use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore};
-use datafusion_postgres::pgwire::api::results::{
-    CopyCsvOptions, CopyEncoder, CopyResponse, CopyTextOptions, Response, Tag,
-};
+use datafusion_postgres::pgwire::api::results::{Response, Tag};
 use datafusion_postgres::pgwire::api::stmt::StoredStatement;
 use datafusion_postgres::pgwire::api::store::{MemPortalStore, PortalStore};
+use datafusion_postgres::pgwire::api::{ClientInfo, ClientPortalStore};
 use datafusion_postgres::pgwire::error::PgWireResult;
-use datafusion_postgres::pgwire::messages::copy::CopyData;
 use datafusion_postgres::pgwire::types::format::FormatOptions;
 
-use super::bounded::{collect_bounded, plan, run_bounded};
+use super::copy::copy_out;
 use super::errors::pg_error;
-use super::names;
+use super::run::{collect_bounded, parse_query, plan, read_query, run_bounded};
 use crate::QueryError;
 use crate::engine::Engine;
-use crate::guard::{self, Allowed};
+use crate::guard::{self};
 
 /// A statement as the connection's store keeps it: its text, and the
 /// statement and plan when it is one the server runs.
@@ -111,7 +99,9 @@ pub async fn run<C: Connection + ?Sized>(
         Statement::Copy { .. } => copy_out(engine, ctx, statement).await,
         Statement::Declare { stmts } => {
             let cursors = conn.cursors().ok_or_else(|| {
-                pg_error(QueryError::Internal("the connection keeps no cursors".into()))
+                pg_error(QueryError::Internal(
+                    "the connection keeps no cursors".into(),
+                ))
             })?;
             declare(engine, ctx, stmts, params, options, cursors).await
         }
@@ -126,7 +116,15 @@ pub async fn run<C: Connection + ?Sized>(
         } => {
             let name = name.0.last().map(ToString::to_string).unwrap_or_default();
             let name = name.trim_matches('"');
-            execute(engine, ctx, (name, parameters), conn.metadata(), format, options).await
+            execute(
+                engine,
+                ctx,
+                (name, parameters),
+                conn.metadata(),
+                format,
+                options,
+            )
+            .await
         }
         other => Err(pg_error(QueryError::ReadOnly(format!(
             "{} is refused",
@@ -193,270 +191,6 @@ pub fn by_position(
         }
     }
     out
-}
-
-/// What a refused `COPY` says.
-const COPY_READS_ONLY: &str = "COPY is accepted only as COPY (query) TO STDOUT or COPY table TO STDOUT: the ledger is read-only and the server's files are its own";
-
-/// The query a statement wraps, checked to be one that only reads.
-fn read_query(statement: Statement) -> Result<Statement, QueryError> {
-    match guard::check_sql(&statement)? {
-        Allowed::Query => Ok(statement),
-        Allowed::Explain { .. } => Err(QueryError::NotAcceptable(
-            "EXPLAIN cannot be wrapped in COPY, a cursor or a prepared statement".into(),
-        )),
-    }
-}
-
-fn parse_query(sql: &str) -> Result<Statement, QueryError> {
-    Parser::parse_sql(&PostgreSqlDialect {}, sql)
-        .map_err(|e| QueryError::Sql(e.to_string()))?
-        .pop()
-        .ok_or_else(|| QueryError::Sql("empty statement".into()))
-}
-
-/// The output format and options of a `COPY ... TO STDOUT`.
-enum CopyFormat {
-    Text(CopyTextOptions),
-    Csv {
-        options: CopyCsvOptions,
-        header: bool,
-        force_quote: Vec<Ident>,
-    },
-    Binary,
-}
-
-impl CopyFormat {
-    fn of(options: &[CopyOption], legacy: &[CopyLegacyOption]) -> Result<Self, QueryError> {
-        let (mut format, mut header) = ("text".to_string(), false);
-        let (mut delimiter, mut null, mut quote, mut escape) = (None, None, None, None);
-        let mut force_quote = Vec::new();
-        for option in options {
-            match option {
-                CopyOption::Format(name) => format = name.value.to_ascii_lowercase(),
-                CopyOption::Delimiter(c) => delimiter = Some(*c),
-                CopyOption::Null(s) => null = Some(s.clone()),
-                CopyOption::Header(h) => header = *h,
-                CopyOption::Quote(c) => quote = Some(*c),
-                CopyOption::Escape(c) => escape = Some(*c),
-                CopyOption::ForceQuote(cols) => force_quote.extend(cols.iter().cloned()),
-                CopyOption::Encoding(e) if e.eq_ignore_ascii_case("utf8") => {}
-                CopyOption::Encoding(e) if e.eq_ignore_ascii_case("utf-8") => {}
-                other => {
-                    return Err(QueryError::NotAcceptable(format!(
-                        "COPY option {other} is not supported on COPY TO STDOUT"
-                    )));
-                }
-            }
-        }
-        for option in legacy {
-            match option {
-                CopyLegacyOption::Binary => format = "binary".into(),
-                CopyLegacyOption::Delimiter(c) => delimiter = Some(*c),
-                CopyLegacyOption::Null(s) => null = Some(s.clone()),
-                CopyLegacyOption::Header => header = true,
-                CopyLegacyOption::Csv(csv) => {
-                    format = "csv".into();
-                    for o in csv {
-                        match o {
-                            CopyLegacyCsvOption::Header => header = true,
-                            CopyLegacyCsvOption::Quote(c) => quote = Some(*c),
-                            CopyLegacyCsvOption::Escape(c) => escape = Some(*c),
-                            CopyLegacyCsvOption::ForceQuote(cols) => {
-                                force_quote.extend(cols.iter().cloned())
-                            }
-                            CopyLegacyCsvOption::ForceNotNull(_) => {
-                                return Err(QueryError::NotAcceptable(
-                                    "FORCE NOT NULL is only for COPY FROM".into(),
-                                ));
-                            }
-                        }
-                    }
-                }
-                other => {
-                    return Err(QueryError::NotAcceptable(format!(
-                        "COPY option {other} is not supported on COPY TO STDOUT"
-                    )));
-                }
-            }
-        }
-        match format.as_str() {
-            "text" => {
-                let mut o = CopyTextOptions::default();
-                if let Some(d) = delimiter {
-                    o.delimiter = d.to_string().into();
-                }
-                if let Some(n) = null {
-                    o.null_string = n.into();
-                }
-                if header {
-                    return Err(QueryError::NotAcceptable(
-                        "COPY HEADER is available only in CSV mode".into(),
-                    ));
-                }
-                Ok(Self::Text(o))
-            }
-            "csv" => {
-                let mut o = CopyCsvOptions::default();
-                if let Some(d) = delimiter {
-                    o.delimiter = d.to_string().into();
-                }
-                if let Some(n) = null {
-                    o.null_string = n.into();
-                }
-                if let Some(q) = quote {
-                    o.quote = q.to_string().into();
-                }
-                if let Some(e) = escape {
-                    o.escape = e.to_string().into();
-                }
-                Ok(Self::Csv {
-                    options: o,
-                    header,
-                    force_quote,
-                })
-            }
-            "binary" => Ok(Self::Binary),
-            other => Err(QueryError::NotAcceptable(format!(
-                "COPY format {other:?} is not recognized (text, csv or binary)"
-            ))),
-        }
-    }
-}
-
-/// `COPY (query) TO STDOUT` or `COPY table [(columns)] TO STDOUT`: the
-/// query's rows in the copy-out protocol; any other `COPY` is refused.
-pub async fn copy_out(
-    engine: &Engine,
-    ctx: &SessionContext,
-    statement: &Statement,
-) -> PgWireResult<Response> {
-    copy(engine, ctx, statement).await.map_err(pg_error)
-}
-
-async fn copy(
-    engine: &Engine,
-    ctx: &SessionContext,
-    statement: &Statement,
-) -> Result<Response, QueryError> {
-    let Statement::Copy {
-        source,
-        to: true,
-        target: CopyTarget::Stdout,
-        options,
-        legacy_options,
-        ..
-    } = statement
-    else {
-        return Err(QueryError::ReadOnly(COPY_READS_ONLY.into()));
-    };
-    let format = CopyFormat::of(options, legacy_options)?;
-    let query = match source {
-        CopySource::Query(q) => Statement::Query(q.clone()),
-        CopySource::Table {
-            table_name,
-            columns,
-        } => {
-            let columns = if columns.is_empty() {
-                "*".to_string()
-            } else {
-                columns
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            parse_query(&format!("SELECT {columns} FROM {table_name}"))?
-        }
-    };
-    let query = read_query(query)?;
-    let planned = plan(ctx, &query).await?;
-    let (schema, batches) = collect_bounded(engine, ctx, &query, planned, None).await?;
-    let wire = match format {
-        CopyFormat::Binary => Format::UnifiedBinary,
-        _ => Format::UnifiedText,
-    };
-    let fields = arrow_schema_to_pg_fields(&schema, &wire, None)
-        .map_err(|e| QueryError::Internal(e.to_string()))?;
-    let fields = names::apply(&query, Arc::new(fields));
-    let columns = fields.len();
-    let mut out: Vec<PgWireResult<CopyData>> = Vec::new();
-    let (mut encoder, code) = match format {
-        CopyFormat::Text(o) => (CopyEncoder::new_text(fields.clone(), o), 0),
-        CopyFormat::Binary => (CopyEncoder::new_binary(fields.clone()), 1),
-        CopyFormat::Csv {
-            mut options,
-            header,
-            force_quote,
-        } => {
-            for name in &force_quote {
-                match fields.iter().position(|f| f.name() == name.value) {
-                    Some(i) => options.force_quote.push(i),
-                    None => {
-                        return Err(QueryError::UndefinedObject(format!(
-                            "FORCE_QUOTE column {:?} is not in the copied columns",
-                            name.value
-                        )));
-                    }
-                }
-            }
-            if header {
-                let names: Vec<String> = fields
-                    .iter()
-                    .map(|f| csv_field(f.name(), &options))
-                    .collect();
-                let line = names.join(options.delimiter.as_str()) + "\n";
-                out.push(Ok(CopyData::new(line.into_bytes().into())));
-            }
-            (CopyEncoder::new_csv(fields.clone(), options), 0)
-        }
-    };
-    for batch in &batches {
-        encode_rows(&mut encoder, batch, &fields, &mut out);
-    }
-    Ok(Response::CopyOut(CopyResponse::new(
-        code,
-        columns,
-        futures_util::stream::iter(out),
-    )))
-}
-
-fn encode_rows(
-    encoder: &mut CopyEncoder,
-    batch: &RecordBatch,
-    fields: &[datafusion_postgres::pgwire::api::results::FieldInfo],
-    out: &mut Vec<PgWireResult<CopyData>>,
-) {
-    let schema = batch.schema();
-    for row in 0..batch.num_rows() {
-        let mut encoded = Ok(());
-        for (col, pg_field) in fields.iter().enumerate() {
-            encoded = encode_value(
-                encoder,
-                batch.column(col),
-                row,
-                schema.field(col),
-                pg_field,
-            );
-            if encoded.is_err() {
-                break;
-            }
-        }
-        out.push(encoded.map(|()| Encoder::take_row(encoder)));
-    }
-}
-
-/// A CSV header field, quoted when it holds a delimiter, quote or newline.
-fn csv_field(name: &str, options: &CopyCsvOptions) -> String {
-    let quote = options.quote.as_str();
-    if name.contains(options.delimiter.as_str())
-        || name.contains(quote)
-        || name.contains(['\n', '\r'])
-    {
-        format!("{quote}{}{quote}", name.replace(quote, &format!("{quote}{quote}")))
-    } else {
-        name.to_string()
-    }
 }
 
 /// `DECLARE name CURSOR FOR query`: the query runs now, within the limits,
@@ -538,7 +272,10 @@ pub async fn prepare(
 pub fn deallocate(name: &Ident, metadata: &mut HashMap<String, String>) -> PgWireResult<Response> {
     if name.value.eq_ignore_ascii_case("all") && name.quote_style.is_none() {
         metadata.retain(|k, _| !k.starts_with(PREPARED));
-    } else if metadata.remove(&format!("{PREPARED}{}", name.value)).is_none() {
+    } else if metadata
+        .remove(&format!("{PREPARED}{}", name.value))
+        .is_none()
+    {
         return Err(pg_error(missing(&name.value)));
     }
     Ok(Response::Execution(Tag::new("DEALLOCATE")))
@@ -577,7 +314,15 @@ pub async fn execute(
     let params = arguments_of(engine, ctx, &planned, arguments)
         .await
         .map_err(pg_error)?;
-    run_bounded(engine, ctx, (&query, planned), Some(&params), format, options).await
+    run_bounded(
+        engine,
+        ctx,
+        (&query, planned),
+        Some(&params),
+        format,
+        options,
+    )
+    .await
 }
 
 async fn arguments_of(

@@ -1185,6 +1185,67 @@ pub fn create_pg_get_userbyid_udf() -> ScalarUDF {
     )
 }
 
+/// `pg_get_viewdef(oid [, pretty])`: the `SELECT` a view was created with,
+/// found through the oids `pg_class` handed out; NULL for anything that is
+/// not a view created from SQL. Tollgate patch (psql's `\d+ view`).
+pub(crate) fn create_pg_get_viewdef_udf(
+    oid_cache: Arc<RwLock<HashMap<OidCacheKey, Oid>>>,
+    catalog_list: Arc<dyn datafusion::catalog::CatalogProviderList>,
+) -> ScalarUDF {
+    use datafusion::arrow::array::AsArray;
+    use futures::FutureExt;
+    let definition = move |oid: i32| -> Option<String> {
+        let cache = oid_cache.try_read().ok()?;
+        let (catalog, schema, table) = cache.iter().find_map(|(key, value)| match key {
+            OidCacheKey::Table(c, s, t) if *value as i32 == oid => {
+                Some((c.clone(), s.clone(), t.clone()))
+            }
+            _ => None,
+        })?;
+        drop(cache);
+        // An in-memory schema answers at once; anything slower is NULL.
+        let provider = catalog_list
+            .catalog(&catalog)?
+            .schema(&schema)?
+            .table(&table)
+            .now_or_never()?
+            .ok()??;
+        let view = provider.downcast_ref::<datafusion::datasource::ViewTable>()?;
+        let sql = view.definition()?;
+        // `CREATE VIEW name AS SELECT ...` -> ` SELECT ...;`, as PostgreSQL.
+        let upper = sql.to_ascii_uppercase();
+        let at = upper.find(" AS ")?;
+        Some(format!(" {};", sql[at + 4..].trim().trim_end_matches(';')))
+    };
+    let func = move |args: &[ColumnarValue]| {
+        let args = ColumnarValue::values_to_arrays(args)?;
+        let oids = datafusion::arrow::compute::cast(&args[0], &DataType::Int32)?;
+        let oids = oids.as_primitive::<Int32Type>();
+        let mut builder = StringBuilder::new();
+        for oid in oids.iter() {
+            builder.append_option(oid.and_then(&definition));
+        }
+        let array: ArrayRef = Arc::new(builder.finish());
+        Ok(ColumnarValue::Array(array))
+    };
+    // `pretty` (the second argument) changes nothing: the text is as given.
+    ScalarUDF::from(datafusion::logical_expr::expr_fn::SimpleScalarUDF::new_with_signature(
+        "pg_get_viewdef",
+        datafusion::logical_expr::Signature::one_of(
+            vec![
+                datafusion::logical_expr::TypeSignature::Exact(vec![DataType::Int32]),
+                datafusion::logical_expr::TypeSignature::Exact(vec![
+                    DataType::Int32,
+                    DataType::Boolean,
+                ]),
+            ],
+            Volatility::Stable,
+        ),
+        DataType::Utf8,
+        Arc::new(func),
+    ))
+}
+
 pub fn create_pg_table_is_visible() -> ScalarUDF {
     // Define the function implementation
     let func = move |args: &[ColumnarValue]| {
@@ -1515,6 +1576,10 @@ where
             ))
         })?
         .register_schema("pg_catalog", pg_catalog.clone())?;
+    session_context.register_udf(create_pg_get_viewdef_udf(
+        pg_catalog.oid_cache.clone(),
+        session_context.state().catalog_list().clone(),
+    ));
 
     session_context.register_udf(create_current_database_udf(catalog_name));
     session_context.register_udf(create_current_schema_udf());

@@ -115,6 +115,13 @@ impl<C: CatalogInfo> PgAttributeTable<C> {
         for catalog_name in this.catalog_list.catalog_names().await? {
             if let Some(schema_names) = this.catalog_list.schema_names(&catalog_name).await? {
                 for schema_name in schema_names {
+                    // The information_schema views are served beside the
+                    // catalog, not as relations in it, as DataFusion's own
+                    // were (PostgreSQL does not list them on the search
+                    // path either). Tollgate patch.
+                    if schema_name == "information_schema" {
+                        continue;
+                    }
                     if let Some(table_names) = this
                         .catalog_list
                         .table_names(&catalog_name, &schema_name)

@@ -68,6 +68,11 @@ impl<C: CatalogInfo> PgClassTable<C> {
             Field::new("relfrozenxid", DataType::Int32, false), // All transaction IDs before this have been replaced with a permanent ("frozen") transaction ID
             Field::new("relminmxid", DataType::Int32, false), // All Multixact IDs before this have been replaced with a transaction ID
             Field::new("relpartbound", DataType::Utf8, true),
+            // Storage options and access privileges: none here (NULL, as
+            // PostgreSQL has for defaults). Tollgate patch: clients select
+            // them (SQLAlchemy's reflection, psql's `\dp`).
+            Field::new("reloptions", text_array(), true),
+            Field::new("relacl", text_array(), true),
         ]));
 
         Self {
@@ -126,6 +131,13 @@ impl<C: CatalogInfo> PgClassTable<C> {
 
             if let Some(schema_names) = this.catalog_list.schema_names(&catalog_name).await? {
                 for schema_name in schema_names {
+                    // The information_schema views are served beside the
+                    // catalog, not as relations in it, as DataFusion's own
+                    // were (PostgreSQL does not list them on the search
+                    // path either). Tollgate patch.
+                    if schema_name == "information_schema" {
+                        continue;
+                    }
                     let cache_key = OidCacheKey::Schema(catalog_name.clone(), schema_name.clone());
                     let schema_oid = resolve_oid(&cache_key, &oid_cache, &this.oid_counter);
                     swap_cache.insert(cache_key, schema_oid);
@@ -204,6 +216,7 @@ impl<C: CatalogInfo> PgClassTable<C> {
 
         *oid_cache = swap_cache;
 
+        let rows = oids.len();
         // Create Arrow arrays from the collected data
         let arrays: Vec<ArrayRef> = vec![
             Arc::new(Int32Array::from(oids)),
@@ -237,6 +250,8 @@ impl<C: CatalogInfo> PgClassTable<C> {
             Arc::new(Int32Array::from(relfrozenxids)),
             Arc::new(Int32Array::from(relminmxids)),
             Arc::new(StringArray::from(relpartbound)),
+            datafusion::arrow::array::new_null_array(&text_array(), rows),
+            datafusion::arrow::array::new_null_array(&text_array(), rows),
         ];
 
         // Create a record batch
@@ -258,4 +273,9 @@ impl<C: CatalogInfo> PartitionStream for PgClassTable<C> {
             futures::stream::once(async move { PgClassTable::get_data(this).await }),
         ))
     }
+}
+
+/// `text[]`.
+fn text_array() -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true)))
 }

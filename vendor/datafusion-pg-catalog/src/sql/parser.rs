@@ -263,7 +263,64 @@ const BLACKLIST_SQL_MAPPING: &[(&str, &str)] = &[
                 array_upper(string_to_array(current_setting('search_path'),','),1)
             ) as i,
             string_to_array(current_setting('search_path'),',') s"#,
-"''")
+// Tollgate patch: the search path is fixed (`"$user", public`, no schema is
+// named for a user), so the subquery is its one schema rather than nothing,
+// and Grafana lists `usage` (not only `public.usage`) and its columns. A
+// literal list, as the surrounding `IN (...)` also sorts (DataFusion plans no
+// subquery in ORDER BY).
+"'public'"),
+
+    // Tollgate patches for what a read-only ledger does not have: no column
+    // defaults, identity columns, per-column collations or reloptions, and
+    // no role is a member of another. Each fragment is a correlated or
+    // `ARRAY(...)` subquery DataFusion cannot plan, over catalog rows that
+    // cannot exist here, so it is replaced by the value it would yield.
+    //
+    // SQLAlchemy 2 (PGDialect.get_columns) -- a column's default.
+    (
+"CASE WHEN pg_catalog.pg_attribute.atthasdef THEN (SELECT pg_catalog.pg_get_expr(pg_catalog.pg_attrdef.adbin, pg_catalog.pg_attrdef.adrelid) AS pg_get_expr_1
+FROM pg_catalog.pg_attrdef
+WHERE pg_catalog.pg_attribute.atthasdef AND pg_catalog.pg_attrdef.adrelid = pg_catalog.pg_attribute.attrelid AND pg_catalog.pg_attrdef.adnum = pg_catalog.pg_attribute.attnum) ELSE NULL END",
+"NULL"),
+    // SQLAlchemy 2 (PGDialect.get_columns) -- identity column options.
+    (
+"CASE WHEN (pg_catalog.pg_attribute.attidentity != $1::VARCHAR) THEN (SELECT json_build_object($2::VARCHAR, pg_catalog.pg_attribute.attidentity = $3::VARCHAR, $4::VARCHAR, pg_catalog.pg_sequence.seqstart, $5::VARCHAR, pg_catalog.pg_sequence.seqincrement, $6::VARCHAR, pg_catalog.pg_sequence.seqmin, $7::VARCHAR, pg_catalog.pg_sequence.seqmax, $8::VARCHAR, pg_catalog.pg_sequence.seqcache, $9::VARCHAR, pg_catalog.pg_sequence.seqcycle) AS json_build_object_1
+FROM pg_catalog.pg_sequence
+WHERE pg_catalog.pg_attribute.attidentity != $10::VARCHAR AND pg_catalog.pg_sequence.seqrelid = CAST(CAST(pg_catalog.pg_get_serial_sequence(CAST(CAST(pg_catalog.pg_attribute.attrelid AS REGCLASS) AS TEXT), pg_catalog.pg_attribute.attname) AS REGCLASS) AS OID)) ELSE NULL END",
+"NULL"),
+    // SQLAlchemy 2 (PGDialect.get_columns) -- a column's collation.
+    (
+"CASE WHEN (pg_catalog.pg_attribute.attcollation != $11::INTEGER AND (SELECT pg_catalog.pg_type.typcollation
+FROM pg_catalog.pg_type
+WHERE pg_catalog.pg_type.oid = pg_catalog.pg_attribute.atttypid) != pg_catalog.pg_attribute.attcollation) THEN (SELECT json_build_object($12::VARCHAR, pg_catalog.pg_collation.collname, $13::VARCHAR, CASE WHEN pg_catalog.pg_collation_is_visible(pg_catalog.pg_collation.oid) THEN NULL ELSE pg_catalog.pg_namespace.nspname END) AS json_build_object_9
+FROM pg_catalog.pg_collation JOIN pg_catalog.pg_namespace ON pg_catalog.pg_namespace.oid = pg_catalog.pg_collation.collnamespace
+WHERE pg_catalog.pg_collation.oid = pg_catalog.pg_attribute.attcollation) ELSE NULL END",
+"NULL"),
+    // SQLAlchemy 2 (PGDialect.get_schema_names) -- `LIKE ... ESCAPE '/'`,
+    // which DataFusion has only for `\`: schemas not starting `pg_`.
+    (
+"pg_catalog.pg_namespace.nspname NOT LIKE $1::VARCHAR || '%' ESCAPE '/'",
+"NOT starts_with(pg_catalog.pg_namespace.nspname, 'pg_')"),
+    // SQLAlchemy 2 (primary keys, unique constraints, indexes) -- a key's
+    // columns from `pg_index.indkey`; there are no indexes, so no rows.
+    (
+"unnest(pg_catalog.pg_index.indkey) AS attnum, generate_subscripts(pg_catalog.pg_index.indkey, $1::INTEGER) AS ord",
+"CAST(NULL AS SMALLINT) AS attnum, CAST(NULL AS INTEGER) AS ord"),
+    // SQLAlchemy 2 (PGDialect.get_indexes) -- the same, with opclasses.
+    (
+"unnest(pg_catalog.pg_index.indkey) AS attnum, unnest(pg_catalog.pg_index.indclass) AS att_opclass, generate_subscripts(pg_catalog.pg_index.indkey, $1::INTEGER) AS ord",
+"CAST(NULL AS SMALLINT) AS attnum, CAST(NULL AS INTEGER) AS att_opclass, CAST(NULL AS INTEGER) AS ord"),
+    // psql `\d+` -- a relation's storage options.
+    (
+"pg_catalog.array_to_string(c.reloptions || array(select 'toast.' || x from pg_catalog.unnest(tc.reloptions) x), ', ')",
+"''"),
+    // psql `\du` -- the roles a role is a member of (none here).
+    (
+"ARRAY(SELECT b.rolname
+        FROM pg_catalog.pg_auth_members m
+        JOIN pg_catalog.pg_roles b ON (m.roleid = b.oid)
+        WHERE m.member = r.oid) as memberof",
+"'{}' as memberof"),
 ];
 
 /// A parser with Postgres Compatibility for Datafusion
