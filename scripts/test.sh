@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and end-to-end tests (real processes on
-# 127.0.0.1, a real Kafka-protocol broker), then the official openai Python SDK against the gateway, then a
+# 127.0.0.1, a real Kafka-protocol broker), then the Python clients (the
+# official openai SDK against the gateway; psql, psycopg, asyncpg, SQLAlchemy,
+# pandas and Grafana's queries against the ledger; Spark on the lake), then a
 # sweep of every log, event and response body the tests kept for the canary
 # secrets they used. Installs what it needs first; quick when already there.
 set -euo pipefail
@@ -38,6 +40,29 @@ if ! command -v psql >/dev/null 2>&1; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null
 fi
 
+# PySpark 4 for the test that Spark reads the lake: Debian's Java runtime
+# (Spark 4 needs 17 or 21) and pyspark in its own venv outside the clone; a
+# 456 MB download the first time, about 0.1 s when already there.
+PYSPARK_VERSION="4.3.0"
+PYSPARK_VENV="${TOLLGATE_PYSPARK_VENV:-$HOME/.cache/tollgate/pyspark-venv}"
+java_major="$( (java -XshowSettings:properties -version 2>&1 || true) | sed -n 's/^ *java\.specification\.version = //p')"
+java_major="${java_major%%.*}"
+if [ "${java_major:-0}" -lt 17 ]; then
+  echo "==> installing a Java runtime (default-jre-headless) for PySpark"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null
+fi
+if [ "$(cat "$PYSPARK_VENV/.pyspark-version" 2>/dev/null)" != "$PYSPARK_VERSION" ]; then
+  echo "==> installing pyspark $PYSPARK_VERSION into $PYSPARK_VENV (first run only)"
+  rm -rf "$PYSPARK_VENV"
+  python3 -m venv "$PYSPARK_VENV"
+  # --no-cache-dir: pip would otherwise keep the sdist and the built wheel (~0.9 GB).
+  "$PYSPARK_VENV/bin/pip" install --quiet --no-cache-dir --disable-pip-version-check \
+    "pyspark==$PYSPARK_VERSION" pytest==9.2.0
+  echo "$PYSPARK_VERSION" > "$PYSPARK_VENV/.pyspark-version"
+fi
+
 export TOLLGATE_MOTO="$VENV/bin/moto_server"
 
 rm -rf "$ARTIFACTS"
@@ -52,6 +77,10 @@ cargo test --workspace --all-targets
 echo "==> openai SDK tests"
 TOLLGATE_BIN="$CARGO_TARGET_DIR/debug/tollgate" TOLLGATE_ARTIFACTS="$ARTIFACTS/python" \
   "$VENV/bin/python" -m pytest tests/python -q -p no:cacheprovider
+
+echo "==> Spark reads the lake"
+TOLLGATE_BIN="$CARGO_TARGET_DIR/debug/tollgate" \
+  "$PYSPARK_VENV/bin/python" -m pytest tests/spark -q -p no:cacheprovider
 
 # Lakes are compressed Parquet: dump them to CSV so the sweep sees every value.
 "$VENV/bin/python" - "$ARTIFACTS" <<'PY'

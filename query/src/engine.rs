@@ -57,6 +57,7 @@ pub struct Engine {
     gate: Arc<Gate>,
     partitions: usize,
     sessions: Mutex<HashMap<(Principal, Surface), Arc<SessionContext>>>,
+    metrics: crate::metrics::QueryMetrics,
 }
 
 fn df(e: datafusion::error::DataFusionError) -> QueryError {
@@ -118,11 +119,17 @@ impl Engine {
             gate,
             partitions: settings.partitions.max(1),
             sessions: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::QueryMetrics::new(),
         }))
     }
 
     pub fn access(&self) -> &Access {
         &self.access
+    }
+
+    /// Every query's count, duration and result size, for `/metrics`.
+    pub fn metrics(&self) -> &crate::metrics::QueryMetrics {
+        &self.metrics
     }
 
     pub fn gate(&self) -> &Arc<Gate> {

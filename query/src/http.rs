@@ -3,27 +3,33 @@
 //! bodies `{"error": {"message", "type", "code"}}`, as on the proxy.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use arrow::array::RecordBatch;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use tollgate_schemas::credential;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::engine::{Engine, Output};
+use crate::metrics::Surface;
 use crate::{Principal, QueryError, openapi, reports};
 
 pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
 
-pub fn router(engine: Arc<Engine>) -> Router {
-    Router::new()
+/// The routes; with `cors_origins`, browsers on those origins (or any, for
+/// `*`) may call them.
+pub fn router(engine: Arc<Engine>, cors_origins: &[String]) -> Router {
+    let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/openapi.json", get(openapi_doc))
+        .route("/metrics", get(metrics))
         .route("/v1/sql", post(sql))
         .route("/v1/reports/cost", get(cost))
         .route("/v1/reports/roi", get(roi))
@@ -32,7 +38,31 @@ pub fn router(engine: Arc<Engine>) -> Router {
                 "no such endpoint; see /openapi.json".into(),
             ))
         })
-        .with_state(engine)
+        .with_state(engine);
+    if cors_origins.is_empty() {
+        return router;
+    }
+    let origins = if cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    router.layer(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::ACCEPT,
+                HeaderName::from_static("x-api-key"),
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 impl QueryError {
@@ -153,6 +183,7 @@ fn format(headers: &HeaderMap) -> Result<Format, QueryError> {
 }
 
 async fn sql(State(engine): State<Arc<Engine>>, headers: HeaderMap, body: Bytes) -> Response {
+    let start = Instant::now();
     let answer = async {
         let who = principal(&engine, &headers)?;
         let format = format(&headers)?;
@@ -160,9 +191,41 @@ async fn sql(State(engine): State<Arc<Engine>>, headers: HeaderMap, body: Bytes)
             QueryError::BadRequest(format!("the body must be {{\"query\": \"<SQL>\"}}: {e}"))
         })?;
         let out = engine.run(&who, &request.query).await?;
-        encode(&out, format)
+        let response = encode(&out, format)?;
+        Ok::<_, QueryError>((response, out))
     };
-    answer.await.unwrap_or_else(error)
+    match answer.await {
+        Ok((response, out)) => {
+            let rows = out.batches.iter().map(RecordBatch::num_rows).sum();
+            let bytes = out
+                .batches
+                .iter()
+                .map(RecordBatch::get_array_memory_size)
+                .sum();
+            engine
+                .metrics()
+                .answered(Surface::Http, start.elapsed(), rows, bytes);
+            response
+        }
+        Err(e) => {
+            let elapsed = Some(start.elapsed());
+            engine
+                .metrics()
+                .failed(Surface::Http, e.sqlstate(), elapsed);
+            error(e)
+        }
+    }
+}
+
+async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        engine.metrics().render(),
+    )
+        .into_response()
 }
 
 fn encode(out: &Output, format: Format) -> Result<Response, QueryError> {
@@ -202,12 +265,14 @@ fn encode(out: &Output, format: Format) -> Result<Response, QueryError> {
 }
 
 /// An array of row objects; nulls are kept, so every row has every column.
+/// Decimals (money) are strings holding the exact value, as in the
+/// reports: a JSON number would be read as a float by most clients.
 pub fn json_rows(batches: &[RecordBatch]) -> Result<Vec<u8>, QueryError> {
     let mut w = arrow::json::WriterBuilder::new()
         .with_explicit_nulls(true)
         .build::<_, arrow::json::writer::JsonArray>(Vec::new());
     for b in batches {
-        w.write(b)
+        w.write(&decimals_as_text(b)?)
             .map_err(|e| QueryError::Internal(e.to_string()))?;
     }
     w.finish()
@@ -218,6 +283,53 @@ pub fn json_rows(batches: &[RecordBatch]) -> Result<Vec<u8>, QueryError> {
     } else {
         bytes
     })
+}
+
+/// `batch` with its decimal columns as exact decimal text without trailing
+/// zeros (`0.0246174200` -> `"0.02461742"`, `12.0000` -> `"12"`): the money
+/// encoding the reports use.
+fn decimals_as_text(batch: &RecordBatch) -> Result<RecordBatch, QueryError> {
+    use arrow::array::{Array, AsArray, StringBuilder};
+    use arrow::datatypes::{DataType, Field, Schema};
+    let is_decimal = |t: &DataType| {
+        matches!(
+            t,
+            DataType::Decimal32(..)
+                | DataType::Decimal64(..)
+                | DataType::Decimal128(..)
+                | DataType::Decimal256(..)
+        )
+    };
+    let schema = batch.schema();
+    if !schema.fields().iter().any(|f| is_decimal(f.data_type())) {
+        return Ok(batch.clone());
+    }
+    let internal = |e: arrow::error::ArrowError| QueryError::Internal(e.to_string());
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for (field, column) in schema.fields().iter().zip(batch.columns()) {
+        if !is_decimal(field.data_type()) {
+            fields.push(field.as_ref().clone());
+            columns.push(column.clone());
+            continue;
+        }
+        let text = arrow::compute::cast(column, &DataType::Utf8).map_err(internal)?;
+        let text = text.as_string::<i32>();
+        let mut out = StringBuilder::with_capacity(text.len(), text.value_data().len());
+        for v in text.iter() {
+            out.append_option(v.map(|v| match v.contains('.') {
+                true => v.trim_end_matches('0').trim_end_matches('.'),
+                false => v,
+            }));
+        }
+        fields.push(Field::new(
+            field.name(),
+            DataType::Utf8,
+            field.is_nullable(),
+        ));
+        columns.push(Arc::new(out.finish()) as arrow::array::ArrayRef);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(internal)
 }
 
 async fn cost(
@@ -250,11 +362,23 @@ async fn report(
     headers: &HeaderMap,
     run: impl AsyncFnOnce(Principal) -> Result<reports::Report, QueryError>,
 ) -> Response {
-    match principal(engine, headers) {
-        Ok(who) => match run(who).await {
-            Ok(report) => Json(report).into_response(),
-            Err(e) => error(e),
-        },
-        Err(e) => error(e),
+    let start = Instant::now();
+    let answer = match principal(engine, headers) {
+        Ok(who) => run(who).await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(report) => {
+            engine
+                .metrics()
+                .answered(Surface::Http, start.elapsed(), 0, 0);
+            Json(report).into_response()
+        }
+        Err(e) => {
+            engine
+                .metrics()
+                .failed(Surface::Http, e.sqlstate(), Some(start.elapsed()));
+            error(e)
+        }
     }
 }

@@ -8,8 +8,9 @@
 //! result size, memory) -> a surface: [`http`] (with its [`openapi`]
 //! description) or [`pg`]. [`tables`] builds what a session sees, with
 //! [`generators`] (bounded table functions); [`reports`] are fixed
-//! queries with exact money. [`settings`] is the `[query]` section and
-//! what the service is given; [`service`] starts both surfaces.
+//! queries with exact money. [`metrics`] counts every query by surface
+//! and SQLSTATE. [`settings`] is the `[query]` section and what the service
+//! is given; [`service`] starts both surfaces.
 
 pub mod access;
 pub mod engine;
@@ -17,6 +18,7 @@ pub mod generators;
 pub mod guard;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod openapi;
 pub mod pg;
 pub mod reports;

@@ -71,7 +71,7 @@ impl QueryService {
                     }
                 });
             }
-            let app = http::router(Arc::clone(&engine));
+            let app = http::router(Arc::clone(&engine), &settings.cors_origins);
             let served = axum::serve(http_listener, app)
                 .with_graceful_shutdown(async {
                     let _ = stop_rx.await;

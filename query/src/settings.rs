@@ -36,6 +36,9 @@ pub struct QuerySettings {
     /// so one stream's file reads (on the blocking pool) overlap another's
     /// decoding (measured: about 5% off the full-lake reports).
     pub partitions: usize,
+    /// Browser origins allowed to call the HTTP API (a dashboard, a BI
+    /// tool's web page); empty sends no CORS headers, `*` allows any.
+    pub cors_origins: Vec<String>,
 }
 
 /// A consumer: its name in the ledger and the SHA-256 of each of its keys.
@@ -90,6 +93,8 @@ pub struct QueryConfig {
     pub limits: Limits,
     /// Parquet footers kept between queries, bytes.
     pub cache_bytes: usize,
+    /// See [`QuerySettings::cors_origins`].
+    pub cors_origins: Vec<String>,
 }
 
 /// `[query]` as written; sizes in MiB, durations in ms.
@@ -110,6 +115,8 @@ pub struct RawQuery {
     max_concurrent: Option<usize>,
     max_generated_rows: Option<u64>,
     cache_mb: Option<usize>,
+    #[serde(default)]
+    cors_origins: Vec<Spanned<String>>,
 }
 
 impl QueryConfig {
@@ -130,7 +137,28 @@ impl QueryConfig {
                 )
             })?),
         };
+        let mut cors_origins = Vec::with_capacity(q.cors_origins.len());
+        for origin in q.cors_origins {
+            let o = origin.get_ref();
+            let scheme = o.starts_with("http://") || o.starts_with("https://");
+            let valid = o == "*"
+                || (scheme
+                    && !o.ends_with('/')
+                    && o.bytes().all(|b| b.is_ascii_graphic())
+                    && o.split("://").nth(1).is_some_and(|host| !host.is_empty()));
+            if !valid {
+                return Err(Invalid::at(
+                    origin.span(),
+                    "query.cors_origins",
+                    format!(
+                        "{o:?} is not an origin (scheme://host[:port], no path, e.g. \"https://grafana.example.com\") or \"*\""
+                    ),
+                ));
+            }
+            cors_origins.push(o.clone());
+        }
         Ok(Self {
+            cors_origins,
             listen: q
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8001))),
@@ -172,6 +200,7 @@ impl QueryConfig {
             limits: self.limits.clone(),
             cache_bytes: self.cache_bytes,
             partitions: self.threads * 2,
+            cors_origins: self.cors_origins.clone(),
         }
     }
 }

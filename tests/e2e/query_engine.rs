@@ -55,6 +55,7 @@ async fn engine(dir: &std::path::Path, limits: Limits) -> Arc<Engine> {
         limits,
         cache_bytes: 64 << 20,
         partitions: 4,
+        cors_origins: vec![],
     };
     Engine::open(&settings).await.unwrap()
 }

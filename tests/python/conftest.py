@@ -89,6 +89,7 @@ pg_listen = "127.0.0.1:0"
 admin_token = "${{TOLLGATE_ADMIN_TOKEN}}"
 max_concurrent = 4
 max_rss_mb = 1536
+cors_origins = ["http://grafana.example:3000"]
 
 {upstream("r1", r1)}{upstream("qwq", qwq)}{upstream("down", down)}
 [[routes]]

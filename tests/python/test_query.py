@@ -413,3 +413,34 @@ def test_copy_to_stdout_exports_a_query(gateway, traffic):
                     list(copy)
             assert refused.value.sqlstate == "25006", sql
             conn.rollback()
+
+
+def test_the_query_service_counts_its_queries_and_writes_money_as_exact_text(gateway, traffic):
+    """/metrics counts every query by surface and SQLSTATE; money in SQL
+    answers is the same exact decimal text as in the reports; browsers on a
+    configured origin may call the API."""
+    total = sql(gateway, "SELECT sum(cost_usd) AS c, count(*) AS n FROM usage")[0]
+    assert isinstance(total["c"], str) and isinstance(total["n"], int)
+    want = duckdb.execute("SELECT sum(cost_usd) FROM read_parquet(?)", [lake_glob(gateway)]).fetchone()[0]
+    assert decimal.Decimal(total["c"]) == want and not total["c"].endswith("0")
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        conn.execute("SELECT count(*) FROM usage").fetchone()
+        with pytest.raises(psycopg.Error):
+            conn.execute("DELETE FROM usage")
+    status, ctype, body = http(gateway, "GET", "/metrics", token=None)
+    text = body.decode()
+    assert status == 200 and ctype.startswith("application/openmetrics-text"), (status, ctype)
+
+    def value(line_start):
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+    assert value('tollgate_query_queries_total{surface="http",sqlstate="00000"}') >= 1
+    assert value('tollgate_query_queries_total{surface="pg",sqlstate="00000"}') >= 1
+    assert value('tollgate_query_queries_total{surface="pg",sqlstate="25006"}') >= 1
+    assert value('tollgate_query_result_rows_total{surface="http"}') >= 1
+    assert value('tollgate_query_duration_seconds_count{surface="pg"}') >= 1
+    for origin, allowed in [("http://grafana.example:3000", True), ("http://evil.example", False)]:
+        req = urllib.request.Request(f"http://{gateway.query}/v1/sql", method="OPTIONS", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert (r.headers.get("access-control-allow-origin") == origin) == allowed, origin

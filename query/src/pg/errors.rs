@@ -6,7 +6,11 @@
 use datafusion_postgres::pgwire::api::{ClientInfo, ErrorHandler};
 use datafusion_postgres::pgwire::error::{ErrorInfo, PgWireError};
 
+use std::sync::Arc;
+
 use crate::QueryError;
+use crate::engine::Engine;
+use crate::metrics::Surface;
 
 /// A [`QueryError`] as the wire's error, with its SQLSTATE.
 pub fn pg_error(e: QueryError) -> PgWireError {
@@ -19,8 +23,10 @@ pub fn pg_error(e: QueryError) -> PgWireError {
 
 /// Gives every error its SQLSTATE before it goes out: what the engine
 /// raised (a parse, plan or schema error, a limit) is sorted as on HTTP
-/// instead of leaving the wire's catch-all `XX000`.
-pub struct LogErrors;
+/// instead of leaving the wire's catch-all `XX000`; then counts it.
+pub struct LogErrors {
+    pub engine: Arc<Engine>,
+}
 
 impl ErrorHandler for LogErrors {
     fn on_error<C: ClientInfo>(&self, _client: &C, error: &mut PgWireError) {
@@ -41,6 +47,7 @@ impl ErrorHandler for LogErrors {
             {
                 info.message = info.message.escape_default().to_string();
             }
+            self.engine.metrics().failed(Surface::Pg, &info.code, None);
             *error = PgWireError::UserError(Box::new(info));
         }
         tracing::debug!("pg error: {error}");

@@ -109,6 +109,7 @@ pub async fn serve(engine: Arc<Engine>, listener: TcpListener) -> std::io::Resul
 pub struct Handlers {
     login: Arc<Login>,
     router: Arc<Router>,
+    errors: Arc<LogErrors>,
 }
 
 impl Handlers {
@@ -119,6 +120,9 @@ impl Handlers {
         });
         let describe = DfSessionService::new(Arc::new(SessionContext::new())).query_parser();
         Self {
+            errors: Arc::new(LogErrors {
+                engine: engine.clone(),
+            }),
             login: Arc::new(Login { engine }),
             router: Arc::new(Router {
                 parser: Arc::new(RouterParser {
@@ -142,7 +146,7 @@ impl PgWireServerHandlers for Handlers {
         self.login.clone()
     }
     fn error_handler(&self) -> Arc<impl ErrorHandler> {
-        Arc::new(LogErrors)
+        self.errors.clone()
     }
 }
 

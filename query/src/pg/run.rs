@@ -29,6 +29,7 @@ use super::names;
 use crate::QueryError;
 use crate::engine::Engine;
 use crate::guard::{self, Allowed};
+use crate::metrics::Surface;
 
 /// Runs a plan [`plan`] checked under the engine's limits, then hands the
 /// result to the encoder from memory, its columns named as PostgreSQL
@@ -69,11 +70,21 @@ pub async fn collect_bounded(
             .map_err(QueryError::from_datafusion)?,
         None => plan,
     };
+    let start = std::time::Instant::now();
     let frame = ctx
         .execute_logical_plan(plan)
         .await
         .map_err(QueryError::from_datafusion)?;
     let out = engine.run_frame(frame).await?;
+    let rows = out.batches.iter().map(RecordBatch::num_rows).sum();
+    let bytes = out
+        .batches
+        .iter()
+        .map(RecordBatch::get_array_memory_size)
+        .sum();
+    engine
+        .metrics()
+        .answered(Surface::Pg, start.elapsed(), rows, bytes);
     untag_text_casts(statement, out.schema, out.batches)
 }
 

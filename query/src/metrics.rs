@@ -1,0 +1,179 @@
+//! The query service's own `/metrics`, in the Prometheus text format
+//! (prometheus-client): every query on either surface counted by its
+//! outcome, how long it ran, and what it returned. The outcome is the
+//! query's SQLSTATE, as its client saw it: `00000` (PostgreSQL's
+//! `successful_completion`) for an answer, otherwise the error's code
+//! (`25006` a refused write, `42601` a statement that does not plan,
+//! `53300` too many at once, `57014` a timeout, ...).
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `tollgate_query_queries_total` | counter | `surface` (`http`, `pg`), `sqlstate` |
+//! | `tollgate_query_duration_seconds` | histogram | `surface` |
+//! | `tollgate_query_result_rows_total` | counter | `surface` |
+//! | `tollgate_query_result_bytes_total` | counter (bytes, in Arrow memory) | `surface` |
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Where a query came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Surface {
+    Http,
+    Pg,
+}
+
+impl Surface {
+    fn label(self) -> &'static str {
+        match self {
+            Surface::Http => "http",
+            Surface::Pg => "pg",
+        }
+    }
+}
+
+/// SQLSTATE `successful_completion`.
+pub const OK: &str = "00000";
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Outcome {
+    surface: &'static str,
+    sqlstate: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct On {
+    surface: &'static str,
+}
+
+/// The counters; one per service, shared by both surfaces.
+#[derive(Debug)]
+pub struct QueryMetrics {
+    registry: Registry,
+    queries: Family<Outcome, Counter>,
+    duration: Family<On, Histogram>,
+    rows: Family<On, Counter>,
+    bytes: Family<On, Counter>,
+}
+
+impl Default for QueryMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl QueryMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tollgate_query");
+        let queries = Family::<Outcome, Counter>::default();
+        // 1 ms to about 65 s, doubling.
+        let duration = Family::<On, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 17))
+        });
+        let rows = Family::<On, Counter>::default();
+        let bytes = Family::<On, Counter>::default();
+        registry.register(
+            "queries",
+            "Queries by surface and outcome (the SQLSTATE the client saw; 00000 answered)",
+            queries.clone(),
+        );
+        registry.register(
+            "duration_seconds",
+            "Time from a query's arrival to its answer or error",
+            duration.clone(),
+        );
+        registry.register("result_rows", "Rows returned to clients", rows.clone());
+        registry.register(
+            "result_bytes",
+            "Bytes of the results returned, as the engine held them (Arrow memory)",
+            bytes.clone(),
+        );
+        Self {
+            registry,
+            queries,
+            duration,
+            rows,
+            bytes,
+        }
+    }
+
+    /// One answered query: its rows and their bytes.
+    pub fn answered(&self, surface: Surface, elapsed: Duration, rows: usize, bytes: usize) {
+        self.counted(surface, OK, Some(elapsed));
+        let on = On {
+            surface: surface.label(),
+        };
+        self.rows.get_or_create(&on).inc_by(rows as u64);
+        self.bytes.get_or_create(&on).inc_by(bytes as u64);
+    }
+
+    /// One query that ended in an error with `sqlstate`; `elapsed` when known.
+    pub fn failed(&self, surface: Surface, sqlstate: &str, elapsed: Option<Duration>) {
+        self.counted(surface, sqlstate, elapsed);
+    }
+
+    fn counted(&self, surface: Surface, sqlstate: &str, elapsed: Option<Duration>) {
+        // A SQLSTATE is five characters of [0-9A-Z]; anything else would
+        // make an unbounded label.
+        let sqlstate = if sqlstate.len() == 5
+            && sqlstate
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+        {
+            sqlstate.to_string()
+        } else {
+            "XX000".to_string()
+        };
+        self.queries
+            .get_or_create(&Outcome {
+                surface: surface.label(),
+                sqlstate,
+            })
+            .inc();
+        if let Some(elapsed) = elapsed {
+            self.duration
+                .get_or_create(&On {
+                    surface: surface.label(),
+                })
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// The text exposition (OpenMetrics) of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_counted_by_surface_and_sqlstate() {
+        let m = QueryMetrics::new();
+        m.answered(Surface::Http, Duration::from_millis(3), 10, 800);
+        m.answered(Surface::Pg, Duration::from_millis(5), 1, 8);
+        m.failed(Surface::Pg, "25006", None);
+        m.failed(Surface::Http, "not a code", Some(Duration::from_millis(1)));
+        let text = m.render();
+        for line in [
+            "tollgate_query_queries_total{surface=\"http\",sqlstate=\"00000\"} 1",
+            "tollgate_query_queries_total{surface=\"pg\",sqlstate=\"25006\"} 1",
+            "tollgate_query_queries_total{surface=\"http\",sqlstate=\"XX000\"} 1",
+            "tollgate_query_result_rows_total{surface=\"http\"} 10",
+            "tollgate_query_result_bytes_total{surface=\"pg\"} 8",
+            "tollgate_query_duration_seconds_count{surface=\"http\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+    }
+}
