@@ -263,6 +263,13 @@ def test_drivers_version_checks_settings_and_savepoints_pass(gateway, traffic):
         with conn.transaction():
             with conn.transaction():
                 assert conn.execute("SELECT count(*) FROM usage").fetchone()[0] == traffic
+            # An error inside a savepoint is rolled back to it (ROLLBACK TO
+            # SAVEPOINT), and the outer transaction goes on.
+            with pytest.raises(ZeroDivisionError):
+                with conn.transaction():
+                    conn.execute("SELECT 1")
+                    raise ZeroDivisionError
+            assert conn.execute("SELECT count(*) FROM usage").fetchone()[0] == traffic
         conn.execute("SELECT count(*) FROM usage WHERE status = %s", [200], prepare=True)
         conn.execute("DEALLOCATE ALL")
         with pytest.raises(psycopg.Error) as unknown:
@@ -396,6 +403,9 @@ def test_read_only_statements_beyond_select_run_within_the_limits(gateway, traff
             assert n == 1, binary
             assert cur.execute("SELECT count(*) FROM usage WHERE cost_usd > %s",
                                [decimal.Decimal("1E-7")]).fetchone()[0] >= 0
+            # A NULL of no known type keeps its place: $2 still binds to 400.
+            assert cur.execute("SELECT count(*) FROM usage WHERE %s IS NULL AND status < %s",
+                               [None, 400]).fetchone()[0] == ok
 
 
 def test_copy_to_stdout_exports_a_query(gateway, traffic):

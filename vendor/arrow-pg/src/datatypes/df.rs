@@ -1195,6 +1195,11 @@ where
                     } else {
                         deserialized_params.push(ScalarValue::Utf8(Some(value)));
                     }
+                } else {
+                    // A NULL of no known type is still a parameter: without
+                    // it every later one would bind to the wrong `$n`.
+                    // Tollgate patch.
+                    deserialized_params.push(ScalarValue::Null);
                 }
             }
         }
