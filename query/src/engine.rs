@@ -195,7 +195,8 @@ impl Engine {
         let usage = match who {
             Principal::Admin => self.lake.clone(),
             Principal::Consumer(name) => {
-                tables::tenant_view(self.lake.clone(), name).map_err(df)?
+                Arc::new(crate::tenant::TenantTable::new(self.lake.clone(), name))
+                    as Arc<dyn TableProvider>
             }
         };
         ctx.register_table("usage", usage).map_err(df)?;

@@ -74,12 +74,13 @@ impl QueryError {
             | QueryError::Sql(_)
             | QueryError::UndefinedObject(_)
             | QueryError::InvalidStatementName(_)
-            | QueryError::DuplicateStatementName(_) => StatusCode::BAD_REQUEST,
+            | QueryError::DuplicateStatementName(_)
+            | QueryError::InvalidCursorName(_) => StatusCode::BAD_REQUEST,
             QueryError::NotFound(_) => StatusCode::NOT_FOUND,
             QueryError::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
             QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             QueryError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            QueryError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+            QueryError::Busy(_) | QueryError::TooManyCursors(_) => StatusCode::TOO_MANY_REQUESTS,
             QueryError::Resources(_) => StatusCode::SERVICE_UNAVAILABLE,
             QueryError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -94,12 +95,14 @@ impl QueryError {
             QueryError::Sql(_)
             | QueryError::UndefinedObject(_)
             | QueryError::InvalidStatementName(_)
-            | QueryError::DuplicateStatementName(_) => "sql_error",
+            | QueryError::DuplicateStatementName(_)
+            | QueryError::InvalidCursorName(_) => "sql_error",
             QueryError::NotFound(_) => "not_found",
             QueryError::NotAcceptable(_) => "not_acceptable",
             QueryError::Timeout(_) => "timeout",
             QueryError::TooLarge(_) => "result_too_large",
             QueryError::Busy(_) => "too_many_queries",
+            QueryError::TooManyCursors(_) => "too_many_cursors",
             QueryError::Resources(_) => "resources_exhausted",
             QueryError::Internal(_) => "server_error",
         }

@@ -25,6 +25,7 @@ pub mod reports;
 pub mod service;
 pub mod settings;
 pub mod tables;
+pub mod tenant;
 
 pub use access::Principal;
 pub use engine::Engine;
@@ -46,6 +47,12 @@ pub enum QueryError {
     /// A prepared statement name the connection already uses.
     #[error("{0}")]
     DuplicateStatementName(String),
+    /// A cursor the connection does not have.
+    #[error("{0}")]
+    InvalidCursorName(String),
+    /// More open cursors than a connection may hold.
+    #[error("{0}")]
+    TooManyCursors(String),
     #[error("{0}")]
     ReadOnly(String),
     #[error("{0}")]
@@ -82,6 +89,8 @@ impl QueryError {
             QueryError::UndefinedObject(_) => "42704",
             QueryError::InvalidStatementName(_) => "26000",
             QueryError::DuplicateStatementName(_) => "42P05",
+            QueryError::TooManyCursors(_) => "53400",
+            QueryError::InvalidCursorName(_) => "34000",
             QueryError::NotAcceptable(_) => "0A000",
             QueryError::Timeout(_) => "57014",
             QueryError::TooLarge(_) => "54000",

@@ -17,6 +17,10 @@ pub struct QueryService {
     stop: Option<oneshot::Sender<()>>,
 }
 
+/// Each query thread's stack, bytes (virtual: pages are touched only by a
+/// deep plan).
+const QUERY_STACK_BYTES: usize = 256 << 20;
+
 impl QueryService {
     /// Opens the engine and binds both listeners; errors (a taken port, a
     /// bad lake) come back here rather than from a background task.
@@ -27,6 +31,10 @@ impl QueryService {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("tollgate-query")
+            // Planning recurses over the statement: a 2 MiB stack overflows
+            // (and aborts the process) on a few thousand chained terms
+            // (`a OR b OR ...`, as BI tools write them). Reserved, not used.
+            .thread_stack_size(QUERY_STACK_BYTES)
             .enable_all()
             .build()
             .map_err(|e| QueryError::Internal(format!("starting the query runtime: {e}")))?;

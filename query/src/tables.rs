@@ -13,11 +13,9 @@ use datafusion::datasource::file_format::parquet::{ParquetFormat, transform_sche
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
-use datafusion::datasource::{MemTable, ViewTable, provider_as_source};
+use datafusion::datasource::{MemTable, ViewTable};
 use datafusion::error::Result;
-use datafusion::logical_expr::{
-    Expr, LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown, TableType, col, lit,
-};
+use datafusion::logical_expr::{Expr, LogicalPlan, TableProviderFilterPushDown, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 use tollgate_lake::layout;
 use tollgate_schemas::{PriceCatalog, Usd};
@@ -74,16 +72,6 @@ pub fn lake_table(lake_url: &str) -> Result<Arc<dyn TableProvider>> {
         .with_listing_options(options)
         .with_schema(file_schema);
     Ok(Arc::new(ListingTable::try_new(config)?))
-}
-
-/// `usage` as one consumer sees it: a view whose plan filters the lake
-/// table by consumer. The lake table itself is not registered in that
-/// session, so no query can name it.
-pub fn tenant_view(lake: Arc<dyn TableProvider>, consumer: &str) -> Result<Arc<dyn TableProvider>> {
-    let plan = LogicalPlanBuilder::scan("usage", provider_as_source(lake), None)?
-        .filter(col("consumer").eq(lit(consumer.to_string())))?
-        .build()?;
-    Ok(Arc::new(Ledger(ViewTable::new(plan, None))))
 }
 
 /// A view that catalogs list as a base table: `usage` is the ledger's

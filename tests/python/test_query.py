@@ -186,6 +186,26 @@ def test_a_consumer_key_sees_only_its_rows(gateway, traffic):
     assert n == sql(gateway, "SELECT count(*) AS n FROM usage WHERE consumer = 'qwq-only'")[0]["n"]
     status, _, body = http(gateway, "GET", "/v1/reports/cost?from=2020-01-01&group_by=consumer", token=LIMITED_KEY)
     assert [r["consumer"] for r in json.loads(body)["rows"]] == ["qwq-only"]
+    # A predicate that fails on some rows never runs on another consumer's:
+    # its error would tell what those rows hold.
+    own_rows = sql(gateway, "SELECT count(*) AS n FROM usage WHERE consumer = 'qwq-only'")[0]["n"]
+    for leak in ["SELECT count(*) AS n FROM usage WHERE 1 / (CASE WHEN consumer = 'python-app' THEN 0 ELSE 1 END) = 1",
+                 "SELECT count(*) AS n FROM daily_cost WHERE CAST(CASE WHEN consumer <> 'qwq-only' THEN consumer END AS INT) IS NULL"]:
+        status, _, body = http(gateway, "POST", "/v1/sql", LIMITED_KEY, {"query": leak})
+        assert status == 200, (leak, body)
+        assert json.loads(body)[0]["n"] == (own_rows if "usage" in leak else json.loads(body)[0]["n"])
+        with pg(gateway, "qwq-only", LIMITED_KEY) as conn:
+            conn.execute(leak).fetchone()
+
+
+def test_a_long_chain_of_terms_is_answered_not_a_crash(gateway, traffic):
+    """BI tools write long OR chains; planning them recurses deeply."""
+    ors = " OR ".join(f"consumer = 'c{i}'" for i in range(3000))
+    assert sql(gateway, f"SELECT count(*) AS n FROM usage WHERE {ors}")[0]["n"] == 0
+    total = " + ".join(["1"] * 2000)
+    assert sql(gateway, f"SELECT {total} AS s")[0]["s"] == 2000
+    status, _, _ = http(gateway, "GET", "/healthz", token=None)
+    assert status == 200
 
 
 def pg(gateway, user, password):
@@ -454,3 +474,32 @@ def test_the_query_service_counts_its_queries_and_writes_money_as_exact_text(gat
             "Access-Control-Request-Headers": "authorization,content-type"})
         with urllib.request.urlopen(req, timeout=10) as r:
             assert (r.headers.get("access-control-allow-origin") == origin) == allowed, origin
+
+
+def test_cursors_are_capped_per_connection_and_discard_all_forgets_them(gateway, traffic):
+    """Each cursor keeps its result until closed, so a connection holds a
+    few; DISCARD ALL (a pooler's reset) closes them and frees prepared
+    names; FETCH is described in the extended protocol too."""
+    with pg(gateway, "admin", ADMIN_TOKEN) as conn:
+        conn.autocommit = True
+        for i in range(4):
+            conn.execute(f"DECLARE c{i} CURSOR FOR SELECT consumer, status FROM usage ORDER BY ts_start")
+        with pytest.raises(psycopg.Error) as capped:
+            conn.execute("DECLARE c4 CURSOR FOR SELECT 1")
+        assert capped.value.sqlstate == "53400"
+        conn.execute("CLOSE c0")
+        conn.execute("DECLARE c4 CURSOR FOR SELECT consumer, status FROM usage ORDER BY ts_start")
+        for prepare in (False, True):
+            cur = conn.execute("FETCH 2 FROM c4", prepare=prepare)
+            assert [d.name for d in cur.description] == ["consumer", "status"] and len(cur.fetchall()) == 2
+        with pytest.raises(psycopg.Error) as backwards:
+            conn.execute("FETCH PRIOR FROM c4")
+        assert backwards.value.sqlstate == "0A000"
+        conn.execute("PREPARE p AS SELECT 1")
+        conn.execute("DISCARD ALL")
+        with pytest.raises(psycopg.Error) as closed:
+            conn.execute("FETCH 1 FROM c1")
+        assert closed.value.sqlstate == "34000"
+        conn.execute("PREPARE p AS SELECT 1")
+        for i in range(4):
+            conn.execute(f"DECLARE d{i} CURSOR FOR SELECT 1")

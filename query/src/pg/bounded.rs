@@ -104,12 +104,15 @@ fn verdict(statement: &Statement, who: &Principal) -> Verdict {
         // What poolers send between clients: the session's settings are the
         // server's and reads leave no state to discard.
         Statement::Reset(_) => Verdict::Acknowledge("RESET"),
-        Statement::Discard { object_type } => Verdict::Acknowledge(match object_type {
-            DiscardObject::ALL => "DISCARD ALL",
-            DiscardObject::PLANS => "DISCARD PLANS",
-            DiscardObject::SEQUENCES => "DISCARD SEQUENCES",
-            DiscardObject::TEMP => "DISCARD TEMP",
-        }),
+        Statement::Discard {
+            object_type: DiscardObject::PLANS,
+        } => Verdict::Acknowledge("DISCARD PLANS"),
+        Statement::Discard {
+            object_type: DiscardObject::SEQUENCES,
+        } => Verdict::Acknowledge("DISCARD SEQUENCES"),
+        Statement::Discard {
+            object_type: DiscardObject::TEMP,
+        } => Verdict::Acknowledge("DISCARD TEMP"),
         Statement::ShowVariable { variable } => {
             let name = variable
                 .iter()
@@ -135,7 +138,6 @@ fn verdict(statement: &Statement, who: &Principal) -> Verdict {
         // COPY TO STDOUT, cursors, PREPARE/EXECUTE: checked as they run;
         // datafusion-postgres's FETCH and CLOSE read the cursors back.
         s if statements::owns(s) => Verdict::Statement,
-        Statement::Fetch { .. } | Statement::Close { .. } => Verdict::Pass,
         Statement::StartTransaction { .. }
         | Statement::Commit { .. }
         | Statement::Rollback { .. } => Verdict::Pass,

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use datafusion::common::{ParamValues, ScalarValue};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::sql::sqlparser::ast::{Declare, DeclareType, Expr, Ident, Statement};
+use datafusion::sql::sqlparser::ast::{
+    CloseCursor, Declare, DeclareType, DiscardObject, Expr, FetchDirection, Ident, Statement,
+};
 use datafusion_postgres::hooks::HookClient;
 use datafusion_postgres::pgwire::api::portal::{Format, Portal};
 use datafusion_postgres::pgwire::api::results::{Response, Tag};
@@ -74,6 +76,11 @@ pub fn owns(statement: &Statement) -> bool {
         statement,
         Statement::Copy { .. }
             | Statement::Declare { .. }
+            | Statement::Close { .. }
+            | Statement::Fetch { .. }
+            | Statement::Discard {
+                object_type: DiscardObject::ALL
+            }
             | Statement::Prepare { .. }
             | Statement::Deallocate { .. }
             | Statement::Execute {
@@ -98,17 +105,65 @@ pub async fn run<C: Connection + ?Sized>(
     match statement {
         Statement::Copy { .. } => copy_out(engine, ctx, statement).await,
         Statement::Declare { stmts } => {
+            let open = conn
+                .metadata()
+                .keys()
+                .filter(|k| k.starts_with(CURSOR))
+                .count();
+            // Each cursor's query text, kept so a FETCH can be described.
+            let new: Vec<(String, String)> = stmts
+                .iter()
+                .filter_map(|d| {
+                    let query = d.for_query.as_ref()?.to_string();
+                    Some((format!("{CURSOR}{}", d.names.first()?.value), query))
+                })
+                .filter(|(k, _)| !conn.metadata().contains_key(k))
+                .collect();
+            if open + new.len() > MAX_CURSORS {
+                return Err(pg_error(QueryError::TooManyCursors(format!(
+                    "a connection holds at most {MAX_CURSORS} open cursors (each keeps its result); CLOSE one first"
+                ))));
+            }
             let cursors = conn.cursors().ok_or_else(|| {
                 pg_error(QueryError::Internal(
                     "the connection keeps no cursors".into(),
                 ))
             })?;
-            declare(engine, ctx, stmts, params, options, cursors).await
+            let response = declare(engine, ctx, stmts, params, options, cursors).await?;
+            for (key, query) in new {
+                conn.metadata_mut().insert(key, query);
+            }
+            Ok(response)
         }
         Statement::Prepare {
             name, statement, ..
         } => prepare(ctx, name, statement, conn.metadata_mut()).await,
         Statement::Deallocate { name, .. } => deallocate(name, conn.metadata_mut()),
+        Statement::Fetch {
+            name, direction, ..
+        } => {
+            let cursors = conn.cursors().ok_or_else(|| {
+                pg_error(QueryError::Internal(
+                    "the connection keeps no cursors".into(),
+                ))
+            })?;
+            fetch(&name.value, direction, cursors).await
+        }
+        Statement::Close { cursor } => {
+            let name = match cursor {
+                CloseCursor::All => None,
+                CloseCursor::Specific { name } => Some(name.value.clone()),
+            };
+            close(name.as_deref(), conn)?;
+            Ok(Response::Execution(Tag::new("CLOSE CURSOR")))
+        }
+        // What a pooler sends between clients: the connection forgets its
+        // prepared statements and cursors.
+        Statement::Discard { .. } => {
+            conn.metadata_mut().retain(|k, _| !k.starts_with(PREPARED));
+            close(None, conn)?;
+            Ok(Response::Execution(Tag::new("DISCARD ALL")))
+        }
         Statement::Execute {
             name: Some(name),
             parameters,
@@ -147,6 +202,13 @@ pub async fn describe(
         } => {
             let name = name.0.last().map(ToString::to_string).unwrap_or_default();
             Ok(prepared(ctx, name.trim_matches('"'), metadata).await?.1)
+        }
+        Statement::Fetch { name, .. } => {
+            let sql = metadata
+                .get(&format!("{CURSOR}{}", name.value))
+                .ok_or_else(|| no_cursor(&name.value))?;
+            let query = read_query(parse_query(sql)?)?;
+            plan(ctx, &query).await
         }
         _ => Ok(LogicalPlan::EmptyRelation(
             datafusion::logical_expr::EmptyRelation {
@@ -193,8 +255,71 @@ pub fn by_position(
     out
 }
 
+/// Open cursors a connection may hold: each holds its whole result (up to
+/// the result limits) until it is closed.
+pub const MAX_CURSORS: usize = 4;
+
+/// Where a connection notes its open cursors (the portal store cannot be
+/// counted).
+const CURSOR: &str = "tollgate.cursor.";
+
+fn no_cursor(name: &str) -> QueryError {
+    QueryError::InvalidCursorName(format!("cursor \"{name}\" does not exist"))
+}
+
+/// `FETCH [n | ALL | NEXT | FORWARD ...] FROM name`: the cursor's next rows.
+/// Cursors move forward only.
+async fn fetch(
+    name: &str,
+    direction: &FetchDirection,
+    cursors: &MemPortalStore<PgStatement>,
+) -> PgWireResult<Response> {
+    let count = |v: &datafusion::sql::sqlparser::ast::Value| match v {
+        datafusion::sql::sqlparser::ast::Value::Number(n, _) => n.parse::<usize>().ok(),
+        _ => None,
+    };
+    // 0 fetches every remaining row.
+    let rows = match direction {
+        FetchDirection::Next | FetchDirection::Forward { limit: None } => Some(1),
+        FetchDirection::Forward { limit: Some(v) } | FetchDirection::Count { limit: v } => count(v),
+        FetchDirection::All | FetchDirection::ForwardAll => Some(0),
+        _ => None,
+    };
+    let Some(rows) = rows else {
+        return Err(pg_error(QueryError::NotAcceptable(
+            "cursors fetch forward only: FETCH [n | NEXT | ALL | FORWARD n] FROM name".into(),
+        )));
+    };
+    let portal = cursors
+        .get_portal(name)
+        .and_then(|e| e.value().cloned())
+        .ok_or_else(|| pg_error(no_cursor(name)))?;
+    Ok(Response::Query(portal.fetch(rows).await?.response))
+}
+
+/// Closes one cursor, or all of them.
+fn close<C: Connection + ?Sized>(name: Option<&str>, conn: &mut C) -> PgWireResult<()> {
+    let cursors = conn.cursors().ok_or_else(|| {
+        pg_error(QueryError::Internal(
+            "the connection keeps no cursors".into(),
+        ))
+    })?;
+    match name {
+        Some(name) => {
+            cursors.rm_portal(name);
+            conn.metadata_mut().remove(&format!("{CURSOR}{name}"));
+        }
+        None => {
+            cursors.clear_portals();
+            conn.metadata_mut().retain(|k, _| !k.starts_with(CURSOR));
+        }
+    }
+    Ok(())
+}
+
 /// `DECLARE name CURSOR FOR query`: the query runs now, within the limits,
-/// and its rows wait in the connection's portal `name` for `FETCH`.
+/// and its rows wait in the connection's portal `name` for `FETCH`; at most
+/// [`MAX_CURSORS`] at a time.
 pub async fn declare(
     engine: &Engine,
     ctx: &SessionContext,
