@@ -321,6 +321,9 @@ def test_show_answers_server_settings_and_a_foreign_time_zone_is_refused(gateway
                 conn.execute(sql)
             assert refused.value.sqlstate == "0A000" and "AT TIME ZONE" in str(refused.value), sql
         assert conn.execute("SHOW timezone").fetchone()[0] == "UTC"
+        with pytest.raises(psycopg.Error) as unknown:
+            conn.execute("SHOW no_such_setting")
+        assert unknown.value.sqlstate == "42704"
 
 
 def psql(gateway, user, password, *args):

@@ -124,9 +124,15 @@ fn verdict(statement: &Statement, who: &Principal) -> Verdict {
                 "transaction_isolation_level" => "transaction_isolation".to_string(),
                 _ => name,
             };
+            if CLIENT_SETTINGS.contains(&name.as_str()) || name == "all" {
+                return Verdict::Pass;
+            }
             match server::setting(&name) {
-                Some(_) if !CLIENT_SETTINGS.contains(&name.as_str()) => Verdict::Show(name),
-                _ => Verdict::Pass,
+                Some(_) => Verdict::Show(name),
+                None => Verdict::Refuse(QueryError::UndefinedObject(format!(
+                    "{} \"{name}\"",
+                    server::UNRECOGNIZED
+                ))),
             }
         }
         // Nothing is ever written, so a savepoint has nothing to keep and a
