@@ -9,6 +9,7 @@ use arrow::array::RecordBatch;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -185,10 +186,21 @@ fn format(headers: &HeaderMap) -> Result<Format, QueryError> {
     )))
 }
 
-async fn sql(State(engine): State<Arc<Engine>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn sql(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let start = Instant::now();
     let answer = async {
         let who = principal(&engine, &headers)?;
+        // A body over the limit (2 MiB) is refused in the API's error shape.
+        let body = body.map_err(|e| match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => {
+                QueryError::TooLarge(format!("the request body is over the limit: {e}"))
+            }
+            _ => QueryError::BadRequest(format!("cannot read the request body: {e}")),
+        })?;
         let format = format(&headers)?;
         let request: SqlRequest = serde_json::from_slice(&body).map_err(|e| {
             QueryError::BadRequest(format!("the body must be {{\"query\": \"<SQL>\"}}: {e}"))

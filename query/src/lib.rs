@@ -120,6 +120,9 @@ impl QueryError {
             E::Execution(m) if m.starts_with(pg::server::UNRECOGNIZED) => {
                 QueryError::UndefinedObject(m.clone())
             }
+            E::Execution(m) if m.starts_with(pg::server::ONLY_UTC) => {
+                QueryError::NotAcceptable(m.clone())
+            }
             _ => QueryError::Sql(e.strip_backtrace()),
         }
     }

@@ -324,6 +324,10 @@ def test_show_answers_server_settings_and_a_foreign_time_zone_is_refused(gateway
         with pytest.raises(psycopg.Error) as unknown:
             conn.execute("SHOW no_such_setting")
         assert unknown.value.sqlstate == "42704"
+        assert conn.execute("SELECT set_config('TimeZone', 'UTC', false)").fetchone()[0] == "UTC"
+        with pytest.raises(psycopg.Error) as other:
+            conn.execute("SELECT set_config('TimeZone', 'Europe/Berlin', false)")
+        assert other.value.sqlstate == "0A000"
 
 
 def psql(gateway, user, password, *args):
@@ -506,3 +510,10 @@ def test_cursors_are_capped_per_connection_and_discard_all_forgets_them(gateway,
         conn.execute("PREPARE p AS SELECT 1")
         for i in range(4):
             conn.execute(f"DECLARE d{i} CURSOR FOR SELECT 1")
+
+
+def test_an_oversized_request_body_is_refused_in_the_api_error_shape(gateway, traffic):
+    query = "SELECT 1 -- " + "x" * (3 << 20)
+    status, ctype, body = http(gateway, "POST", "/v1/sql", ADMIN_TOKEN, {"query": query})
+    assert status == 413 and ctype.startswith("application/json"), (status, ctype, body[:200])
+    assert json.loads(body)["error"]["type"] == "result_too_large"

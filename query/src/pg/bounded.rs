@@ -159,28 +159,9 @@ fn verdict(statement: &Statement, who: &Principal) -> Verdict {
 /// one connection's zone cannot be honoured: UTC (however it is spelled) is
 /// accepted, any other zone refused rather than silently ignored.
 fn time_zone(value: &str) -> Verdict {
-    let zone = value.trim().trim_matches(|c| c == '\'' || c == '"');
-    let utc = [
-        "utc",
-        "etc/utc",
-        "gmt",
-        "etc/gmt",
-        "z",
-        "zulu",
-        "universal",
-        "+00:00",
-        "00:00",
-        "0",
-        "+0",
-        "local",
-        "default",
-    ];
-    if utc.contains(&zone.to_ascii_lowercase().as_str()) {
-        Verdict::Ignore
-    } else {
-        Verdict::Refuse(QueryError::NotAcceptable(format!(
-            "the ledger answers in UTC and cannot switch a session to {zone:?}; convert in the query with AT TIME ZONE '{zone}'"
-        )))
+    match server::only_utc(value) {
+        Ok(()) => Verdict::Ignore,
+        Err(message) => Verdict::Refuse(QueryError::NotAcceptable(message)),
     }
 }
 

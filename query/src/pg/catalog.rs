@@ -210,13 +210,26 @@ fn set_config() -> ScalarUDF {
         "set_config",
         Signature::any(3, Volatility::Volatile),
         |args| {
-            let [_, value, _] = args.args.as_slice() else {
+            let [name, value, _] = args.args.as_slice() else {
                 return Err(DataFusionError::Plan(
                     "set_config takes three arguments".into(),
                 ));
             };
             let value = value.to_array(args.number_rows)?;
             let value = arrow::compute::cast(&value, &DataType::Utf8)?;
+            // The time zone is refused as by SET TIME ZONE, not ignored.
+            let name = arrow::compute::cast(&name.to_array(args.number_rows)?, &DataType::Utf8)?;
+            for (n, v) in name
+                .as_string::<i32>()
+                .iter()
+                .zip(value.as_string::<i32>().iter())
+            {
+                if let (Some(n), Some(v)) = (n, v)
+                    && n.eq_ignore_ascii_case("timezone")
+                {
+                    super::server::only_utc(v).map_err(DataFusionError::Execution)?;
+                }
+            }
             Ok(ColumnarValue::Array(value))
         },
     )

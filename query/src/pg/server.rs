@@ -50,6 +50,38 @@ const SETTINGS: &[(&str, &str)] = &[
     ("jit", "off"),
 ];
 
+/// The start of the refusal of any time zone but UTC (SQLSTATE 0A000).
+pub const ONLY_UTC: &str = "the ledger answers in UTC";
+
+/// `Ok` for a spelling of UTC; otherwise the refusal, saying how to convert
+/// in the query instead. Sessions are shared by a principal's connections,
+/// so one connection's zone cannot be honoured.
+pub fn only_utc(value: &str) -> Result<(), String> {
+    let zone = value.trim().trim_matches(|c| c == '\'' || c == '"');
+    let utc = [
+        "utc",
+        "etc/utc",
+        "gmt",
+        "etc/gmt",
+        "z",
+        "zulu",
+        "universal",
+        "+00:00",
+        "00:00",
+        "0",
+        "+0",
+        "local",
+        "default",
+    ];
+    if utc.contains(&zone.to_ascii_lowercase().as_str()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{ONLY_UTC} and cannot switch a session to {zone:?}; convert in the query with AT TIME ZONE '{zone}'"
+        ))
+    }
+}
+
 /// `version()`: `PostgreSQL 16.6 (Tollgate x.y.z, Apache DataFusion a.b.c) on ...`.
 pub fn version_text() -> String {
     format!(
