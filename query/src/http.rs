@@ -211,15 +211,9 @@ async fn sql(
     };
     match answer.await {
         Ok((response, out)) => {
-            let rows = out.batches.iter().map(RecordBatch::num_rows).sum();
-            let bytes = out
-                .batches
-                .iter()
-                .map(RecordBatch::get_array_memory_size)
-                .sum();
             engine
                 .metrics()
-                .answered(Surface::Http, start.elapsed(), rows, bytes);
+                .answered(Surface::Http, start.elapsed(), &out.batches);
             response
         }
         Err(e) => {
@@ -386,7 +380,7 @@ async fn report(
         Ok(report) => {
             engine
                 .metrics()
-                .answered(Surface::Http, start.elapsed(), 0, 0);
+                .answered(Surface::Http, start.elapsed(), &[]);
             Json(report).into_response()
         }
         Err(e) => {

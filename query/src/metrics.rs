@@ -15,6 +15,7 @@
 
 use std::time::Duration;
 
+use arrow::array::RecordBatch;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -102,8 +103,10 @@ impl QueryMetrics {
         }
     }
 
-    /// One answered query: its rows and their bytes.
-    pub fn answered(&self, surface: Surface, elapsed: Duration, rows: usize, bytes: usize) {
+    /// One answered query and the batches it returned (none for a report).
+    pub fn answered(&self, surface: Surface, elapsed: Duration, batches: &[RecordBatch]) {
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
         self.counted(surface, OK, Some(elapsed));
         let on = On {
             surface: surface.label(),
@@ -154,26 +157,43 @@ impl QueryMetrics {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
     #[test]
     fn queries_are_counted_by_surface_and_sqlstate() {
         let m = QueryMetrics::new();
-        m.answered(Surface::Http, Duration::from_millis(3), 10, 800);
-        m.answered(Surface::Pg, Duration::from_millis(5), 1, 8);
+        let batch = |n: i64| {
+            RecordBatch::try_from_iter(vec![(
+                "n",
+                std::sync::Arc::new(arrow::array::Int64Array::from_iter_values(0..n))
+                    as arrow::array::ArrayRef,
+            )])
+            .unwrap()
+        };
+        let (ten, one) = (batch(10), batch(1));
+        m.answered(Surface::Http, Duration::from_millis(3), &[ten]);
+        m.answered(
+            Surface::Pg,
+            Duration::from_millis(5),
+            std::slice::from_ref(&one),
+        );
         m.failed(Surface::Pg, "25006", None);
         m.failed(Surface::Http, "not a code", Some(Duration::from_millis(1)));
         let text = m.render();
         for line in [
-            "tollgate_query_queries_total{surface=\"http\",sqlstate=\"00000\"} 1",
-            "tollgate_query_queries_total{surface=\"pg\",sqlstate=\"25006\"} 1",
-            "tollgate_query_queries_total{surface=\"http\",sqlstate=\"XX000\"} 1",
-            "tollgate_query_result_rows_total{surface=\"http\"} 10",
-            "tollgate_query_result_bytes_total{surface=\"pg\"} 8",
-            "tollgate_query_duration_seconds_count{surface=\"http\"} 2",
+            "tollgate_query_queries_total{surface=\"http\",sqlstate=\"00000\"} 1".to_string(),
+            "tollgate_query_queries_total{surface=\"pg\",sqlstate=\"25006\"} 1".to_string(),
+            "tollgate_query_queries_total{surface=\"http\",sqlstate=\"XX000\"} 1".to_string(),
+            "tollgate_query_result_rows_total{surface=\"http\"} 10".to_string(),
+            format!(
+                "tollgate_query_result_bytes_total{{surface=\"pg\"}} {}",
+                one.get_array_memory_size()
+            ),
+            "tollgate_query_duration_seconds_count{surface=\"http\"} 2".to_string(),
         ] {
-            assert!(text.contains(line), "{line} not in\n{text}");
+            assert!(text.contains(line.as_str()), "{line} not in\n{text}");
         }
     }
 }

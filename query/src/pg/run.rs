@@ -76,15 +76,9 @@ pub async fn collect_bounded(
         .await
         .map_err(QueryError::from_datafusion)?;
     let out = engine.run_frame(frame).await?;
-    let rows = out.batches.iter().map(RecordBatch::num_rows).sum();
-    let bytes = out
-        .batches
-        .iter()
-        .map(RecordBatch::get_array_memory_size)
-        .sum();
     engine
         .metrics()
-        .answered(Surface::Pg, start.elapsed(), rows, bytes);
+        .answered(Surface::Pg, start.elapsed(), &out.batches);
     untag_text_casts(statement, out.schema, out.batches)
 }
 
