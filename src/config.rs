@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
-use tollgate_collector::config::{RawConsumer, RawGateway, RawRoute, RawUpstream, Sections};
+use tollgate_collector::config::{
+    RawConsumer, RawGateway, RawRoute, RawTelemetry, RawUpstream, Sections,
+};
 use tollgate_ingest::config::{PipelineConfig, RawPipeline};
 use tollgate_query::QueryConfig;
 use tollgate_query::settings::RawQuery;
@@ -55,6 +57,8 @@ struct File {
     routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     consumers: Vec<Spanned<RawConsumer>>,
+    #[serde(default)]
+    telemetry: RawTelemetry,
 }
 
 impl Config {
@@ -87,6 +91,7 @@ impl Config {
             upstreams: file.upstreams,
             routes: file.routes,
             consumers: file.consumers,
+            telemetry: file.telemetry,
         })
         .map_err(located)?;
         let pipeline = PipelineConfig::from_raw(file.pipeline).map_err(located)?;

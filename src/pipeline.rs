@@ -191,10 +191,18 @@ pub async fn ingest(
             "/metrics",
             axum::routing::get({
                 let stats = stats.clone();
-                move || async move {
-                    let mut out = String::new();
-                    metrics::Source::render(&*stats, &mut out);
-                    out
+                let mut registry = metrics::Registry::default();
+                registry.register_collector(Box::new(stats.clone()));
+                let registry = Arc::new(registry);
+                move |headers: axum::http::HeaderMap| {
+                    let registry = registry.clone();
+                    async move {
+                        let accept = headers
+                            .get(axum::http::header::ACCEPT)
+                            .and_then(|v| v.to_str().ok());
+                        let (kind, text) = metrics::render(&registry, accept);
+                        ([(axum::http::header::CONTENT_TYPE, kind)], text)
+                    }
                 }
             }),
         );
@@ -225,7 +233,10 @@ pub async fn ingest(
 
 impl Pipeline {
     /// What this pipeline shows on the gateway's `/metrics`.
-    pub fn metrics(&self) -> Vec<Arc<dyn metrics::Source>> {
-        vec![self.stats.clone(), self.forwarded.clone()]
+    pub fn metrics(&self) -> Vec<Box<dyn metrics::Collector>> {
+        vec![
+            Box::new(self.stats.clone()),
+            Box::new(self.forwarded.clone()),
+        ]
     }
 }

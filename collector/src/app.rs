@@ -14,7 +14,6 @@ use axum::routing::{get, post};
 
 use crate::error::GatewayError;
 use crate::ledger::Record;
-use crate::metrics::{self, Source};
 use crate::proxy;
 use crate::state::Gateway;
 
@@ -76,20 +75,12 @@ async fn method_not_allowed(
     rec.fail(GatewayError::MethodNotAllowed)
 }
 
-/// Prometheus text: the tap's counters, then every registered source.
-async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    let mut out = String::with_capacity(1024);
-    gw.ledger.tap.counters().render(&mut out);
-    metrics::render_estimates(&mut out, &gw.upstreams);
-    for source in &gw.metrics {
-        source.render(&mut out);
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        out,
-    )
-        .into_response()
+/// `/metrics`: the gateway's and the rest of the process's (see
+/// `crate::observe::metrics`).
+async fn metrics(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let accept = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let (kind, text) = gw.observe.metrics.render(accept);
+    ([(axum::http::header::CONTENT_TYPE, kind)], text).into_response()
 }

@@ -15,14 +15,15 @@
 //! search steps) -> [`upstream`] (where attempts go and what comes back) ->
 //! [`relay`] (streams to the client), with the [`ledger`] recording the
 //! request and its tap taking the event into the spool (the pipeline past
-//! the spool is `tollgate_ingest`'s). [`state`] is what every request
-//! reads; [`config`], [`error`] and [`metrics`] serve them all.
+//! the spool is `tollgate_ingest`'s), and [`observe`] turning the same
+//! record into Prometheus metrics and OpenTelemetry spans. [`state`] is
+//! what every request reads; [`config`] and [`error`] serve them all.
 
 pub mod app;
 pub mod config;
 pub mod error;
 pub mod ledger;
-pub mod metrics;
+pub mod observe;
 pub mod paths;
 pub mod policy;
 pub mod proxy;
@@ -47,6 +48,8 @@ pub enum CollectorError {
     Upstream { name: String, message: String },
     #[error(transparent)]
     Spool(#[from] tollgate_spool::SpoolError),
+    #[error(transparent)]
+    Telemetry(#[from] observe::otlp::OtlpError),
     #[error("{context}: {source}")]
     Io {
         context: String,

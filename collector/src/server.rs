@@ -16,7 +16,8 @@ use crate::app::app;
 use crate::config::Config;
 use crate::ledger::tap::{Tap, TapWriter};
 use crate::state::Gateway;
-use crate::{CollectorError, metrics, paths};
+use crate::{CollectorError, paths};
+use tollgate_schemas::metrics::Collector;
 
 /// A bound gateway, ready to serve.
 pub struct Server {
@@ -41,16 +42,14 @@ impl Server {
         config: &Config,
         spool: SpoolWriter,
         queue_capacity: usize,
-        metrics: Vec<Arc<dyn metrics::Source>>,
+        metrics: Vec<Box<dyn Collector>>,
     ) -> Result<Self, CollectorError> {
         let (tap, writer) =
             Tap::start(spool, queue_capacity).map_err(|source| CollectorError::Io {
                 context: "starting the tap".into(),
                 source,
             })?;
-        let mut gateway = Gateway::new(config, tap.clone())?;
-        gateway.metrics = metrics;
-        let gateway = Arc::new(gateway);
+        let gateway = Arc::new(Gateway::new(config, tap.clone(), metrics)?);
         let listener = TcpListener::bind(config.gateway.listen)
             .await
             .map_err(|source| CollectorError::Io {
@@ -80,6 +79,7 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Summary, CollectorError> {
+        let observe = self.gateway.observe.clone();
         let service =
             MapRequestLayer::new(paths::normalize_request::<Body>).layer(app(self.gateway));
         let make = axum::ServiceExt::<Request<Body>>::into_make_service_with_connect_info::<
@@ -96,6 +96,9 @@ impl Server {
                 context: "serving".into(),
                 source,
             })?;
+        if let Some(t) = observe.telemetry.clone() {
+            flush_telemetry(t).await;
+        }
         let dropped = self.tap.dropped();
         drop(self.tap);
         let written = tokio::task::spawn_blocking(move || self.writer.close())
@@ -108,5 +111,17 @@ impl Server {
             events_written: written,
             events_dropped: dropped,
         })
+    }
+}
+
+/// Exports the spans and metrics still waiting, for at most a few seconds:
+/// a collector that does not answer must not hold the gateway's exit.
+async fn flush_telemetry(t: Arc<crate::observe::Telemetry>) {
+    let flush = tokio::task::spawn_blocking(move || t.shutdown());
+    if tokio::time::timeout(std::time::Duration::from_secs(5), flush)
+        .await
+        .is_err()
+    {
+        tracing::warn!("telemetry export did not finish within 5 s; what was waiting is dropped");
     }
 }

@@ -6,12 +6,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tollgate_schemas::PriceCatalog;
+use tollgate_schemas::metrics::Collector;
 
 use crate::CollectorError;
 use crate::config::Config;
 use crate::ledger::tap::Tap;
 use crate::ledger::{Ledger, Pricing};
-use crate::metrics;
+use crate::observe::{Estimates, GatewayMetrics, Observe, Telemetry};
 use crate::proxy::auth::Keyring;
 use crate::proxy::routing::Routes;
 use crate::upstream::Upstream;
@@ -22,14 +23,20 @@ pub struct Gateway {
     pub ledger: Arc<Ledger>,
     pub max_body_bytes: usize,
     pub max_response_bytes: usize,
-    /// Every configured upstream, for their counters on `/metrics`.
-    pub upstreams: Vec<Arc<Upstream>>,
-    /// Other parts of the process shown on `/metrics`.
-    pub metrics: Vec<Arc<dyn metrics::Source>>,
+    /// `/metrics` and OpenTelemetry, shared with the ledger.
+    pub observe: Arc<Observe>,
 }
 
 impl Gateway {
-    pub fn new(config: &Config, tap: Arc<Tap>) -> Result<Self, CollectorError> {
+    /// The gateway `config` describes, its events going to `tap`; `others`
+    /// are the rest of the process's counters, shown on its `/metrics`.
+    /// Starts OpenTelemetry export when `[telemetry]` or the
+    /// `OTEL_EXPORTER_OTLP_*` environment names an endpoint.
+    pub fn new(
+        config: &Config,
+        tap: Arc<Tap>,
+        mut others: Vec<Box<dyn Collector>>,
+    ) -> Result<Self, CollectorError> {
         let catalog = match &config.gateway.prices {
             Some(path) => PriceCatalog::load(path)?,
             None => PriceCatalog::shipped()?,
@@ -44,19 +51,29 @@ impl Gateway {
         }
         let mut listed: Vec<Arc<Upstream>> = upstreams.values().cloned().collect();
         listed.sort_by(|a, b| a.name().cmp(b.name()));
+        let telemetry = Telemetry::start(&config.telemetry, |k| std::env::var(k).ok())?;
+        others.insert(0, Box::new(tap.counters().clone()));
+        others.insert(1, Box::new(Estimates(listed)));
+        if let Some(t) = &telemetry {
+            others.push(Box::new(t.stats()));
+        }
+        let observe = Arc::new(Observe {
+            metrics: GatewayMetrics::new(config, others),
+            telemetry: telemetry.map(Arc::new),
+        });
         Ok(Self {
             keyring: Keyring::new(&config.consumers),
             routes: Routes::new(&config.routes, &upstreams),
-            upstreams: listed,
             ledger: Arc::new(Ledger {
                 tap,
                 pricing: Pricing::new(catalog),
                 instance: config.gateway.instance.clone(),
                 client_ip: config.gateway.client_ip,
+                observe: observe.clone(),
             }),
             max_body_bytes: config.gateway.max_body_bytes,
             max_response_bytes: config.gateway.max_response_bytes,
-            metrics: Vec::new(),
+            observe,
         })
     }
 }

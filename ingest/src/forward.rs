@@ -16,11 +16,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::DescriptorEncoder;
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use tollgate_schemas::metrics::{Kind, Source, write};
+use tollgate_schemas::metrics::{Collector, counter};
 use tollgate_spool::{SpoolError, SpoolReader};
 
 /// Events read from the spool per batch.
@@ -301,29 +302,26 @@ fn send_batch(
 }
 
 /// The forwarder's counters on `/metrics`.
-impl Source for ForwardStats {
-    fn render(&self, out: &mut String) {
+impl Collector for ForwardStats {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self;
-        write(
-            out,
-            "tollgate_forward_events_delivered_total",
+        counter(
+            &mut e,
+            "tollgate_forward_events_delivered",
             "Usage events Kafka acknowledged.",
-            Kind::Counter,
             &s.delivered,
-        );
-        write(
-            out,
-            "tollgate_forward_batches_failed_total",
+        )?;
+        counter(
+            &mut e,
+            "tollgate_forward_batches_failed",
             "Batches sent again after a failed delivery.",
-            Kind::Counter,
             &s.batches_failed,
-        );
-        write(
-            out,
-            "tollgate_forward_producers_recreated_total",
+        )?;
+        counter(
+            &mut e,
+            "tollgate_forward_producers_recreated",
             "Producers recreated after a fatal error.",
-            Kind::Counter,
             &s.producers_recreated,
-        );
+        )
     }
 }

@@ -29,7 +29,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tollgate_schemas::metrics::{Kind, Source, write};
+use prometheus_client::encoding::DescriptorEncoder;
+use tollgate_schemas::metrics::{Collector, counter, gauge};
 
 pub use lake::Lake;
 
@@ -103,43 +104,38 @@ impl IngestError {
 }
 
 /// The ingester's counters on `/metrics`.
-impl Source for Stats {
-    fn render(&self, out: &mut String) {
+impl Collector for Stats {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self;
-        write(
-            out,
-            "tollgate_ingest_rows_total",
+        counter(
+            &mut e,
+            "tollgate_ingest_rows",
             "Rows published to the lake.",
-            Kind::Counter,
             &s.rows,
-        );
-        write(
-            out,
-            "tollgate_ingest_files_total",
+        )?;
+        counter(
+            &mut e,
+            "tollgate_ingest_files",
             "Parquet files published.",
-            Kind::Counter,
             &s.files,
-        );
-        write(
-            out,
-            "tollgate_ingest_dead_letters_total",
+        )?;
+        counter(
+            &mut e,
+            "tollgate_ingest_dead_letters",
             "Messages sent to dead letters.",
-            Kind::Counter,
             &s.dead_letters,
-        );
-        write(
-            out,
-            "tollgate_ingest_duplicates_total",
+        )?;
+        counter(
+            &mut e,
+            "tollgate_ingest_duplicates",
             "Replayed copies dropped by event id.",
-            Kind::Counter,
             &s.duplicates,
-        );
-        write(
-            out,
+        )?;
+        gauge(
+            &mut e,
             "tollgate_ingest_partitions",
             "Kafka partitions held now.",
-            Kind::Gauge,
             &s.partitions,
-        );
+        )
     }
 }

@@ -226,15 +226,10 @@ async fn sql(
     }
 }
 
-async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        engine.metrics().render(),
-    )
-        .into_response()
+async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (kind, text) = engine.metrics().render(accept);
+    ([(header::CONTENT_TYPE, kind)], text).into_response()
 }
 
 fn encode(out: &Output, format: Format) -> Result<Response, QueryError> {

@@ -147,12 +147,10 @@ impl QueryMetrics {
         }
     }
 
-    /// The text exposition (OpenMetrics) of every metric.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+    /// Every metric, in the format `accept` asks for, with its
+    /// `Content-Type` (see `tollgate_schemas::metrics::render`).
+    pub fn render(&self, accept: Option<&str>) -> (&'static str, String) {
+        tollgate_schemas::metrics::render(&self.registry, accept)
     }
 }
 
@@ -181,7 +179,7 @@ mod tests {
         );
         m.failed(Surface::Pg, "25006", None);
         m.failed(Surface::Http, "not a code", Some(Duration::from_millis(1)));
-        let text = m.render();
+        let (_, text) = m.render(None);
         for line in [
             "tollgate_query_queries_total{surface=\"http\",sqlstate=\"00000\"} 1".to_string(),
             "tollgate_query_queries_total{surface=\"pg\",sqlstate=\"25006\"} 1".to_string(),

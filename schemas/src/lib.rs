@@ -1,8 +1,8 @@
 //! The types every part of Tollgate shares: the [`UsageEvent`] (one row per
 //! client request), token counts with one documented meaning ([`Tokens`]),
 //! exact money ([`Usd`]), the price catalog ([`PriceCatalog`]), the one
-//! reading of a presented API key ([`credential`]), the text format every
-//! part writes its counters in ([`metrics`]) and what every part's config
+//! reading of a presented API key ([`credential`]), how a part's
+//! atomic counters reach `/metrics` ([`metrics`]) and what every part's config
 //! section shares ([`config`]: a refused setting, a secret).
 //!
 //! Token semantics, fixed here once for the whole ledger (OpenAI's meaning):

@@ -96,7 +96,8 @@ async fn metrics(gw: &Gateway) -> BTreeMap<String, u64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.split_once(' '))
-        .map(|(name, v)| (name.to_string(), v.parse().unwrap()))
+        // Counts only: histogram sums are fractional.
+        .filter_map(|(name, v)| Some((name.to_string(), v.parse().ok()?)))
         .collect()
 }
 

@@ -4,7 +4,8 @@
 //! ledger's identity and prices), the upstreams (`[upstreams.<name>]`,
 //! validated beside the transports in `crate::upstream::config`),
 //! [`routes`] (`[[routes]]`, which name upstreams) and [`consumers`]
-//! (`[[consumers]]`). They are validated in that order.
+//! (`[[consumers]]`), then [`telemetry`] (`[telemetry]`: Prometheus and
+//! OpenTelemetry). They are validated in that order.
 //!
 //! The binary's loader reads the file, interpolates `${ENV}` and hands
 //! these sections over as [`Sections`]; every refusal is a
@@ -14,6 +15,7 @@
 pub mod consumers;
 pub mod gateway;
 pub mod routes;
+pub mod telemetry;
 
 use std::collections::BTreeMap;
 
@@ -27,6 +29,7 @@ pub use crate::upstream::config::{
 pub use consumers::{ConsumerConfig, RawConsumer};
 pub use gateway::{ClientIp, GatewayConfig, RawGateway};
 pub use routes::{DEFAULT_FALLBACK_ON, FallbackTrigger, RawRoute, RouteConfig, TargetConfig};
+pub use telemetry::{OtlpProtocol, RawTelemetry, TelemetryConfig};
 pub use tollgate_schemas::config::Secret;
 
 /// The gateway's sections, validated.
@@ -36,6 +39,7 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
     pub consumers: Vec<ConsumerConfig>,
+    pub telemetry: TelemetryConfig,
 }
 
 /// The gateway's sections as the file wrote them. Spans are byte offsets
@@ -51,6 +55,8 @@ pub struct Sections {
     pub routes: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub consumers: Vec<Spanned<RawConsumer>>,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
 }
 
 /// A TOML text holding only the gateway's sections could not be used.
@@ -66,11 +72,13 @@ impl Config {
         let upstreams = crate::upstream::config::validate(s.upstreams)?;
         let routes = routes::validate(&s.routes, &upstreams)?;
         let consumers = consumers::validate(&s.consumers)?;
+        let telemetry = telemetry::validate(s.telemetry)?;
         Ok(Self {
             gateway,
             upstreams,
             routes,
             consumers,
+            telemetry,
         })
     }
 

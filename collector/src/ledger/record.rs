@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use bytes::Bytes;
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use tollgate_schemas::{
@@ -25,7 +24,9 @@ use crate::ledger::pricing::Pricing;
 use crate::ledger::tally::{Tally, Usage};
 use crate::ledger::tap::Tap;
 use crate::ledger::tokens::{self, Prompt};
+use crate::observe::{InFlight, Observe, RequestTrace, Timing};
 use crate::proxy::auth::Caller;
+use crate::proxy::request::ClientRequest;
 use crate::proxy::routing::Candidate;
 use crate::upstream::Upstream;
 
@@ -35,6 +36,8 @@ pub struct Ledger {
     pub pricing: Pricing,
     pub instance: String,
     pub client_ip: ClientIp,
+    /// Metrics and traces, fed from the same record.
+    pub observe: Arc<Observe>,
 }
 
 pub struct Record {
@@ -47,6 +50,10 @@ pub struct Record {
     prompt: Option<Prompt>,
     /// The attempt under way, billed if the request is dropped mid-way.
     in_flight: Option<(Candidate, Instant)>,
+    first_token: Option<Instant>,
+    /// `None` when OpenTelemetry export is off.
+    trace: Option<RequestTrace>,
+    _counted: InFlight,
 }
 
 impl Record {
@@ -70,11 +77,15 @@ impl Record {
             )),
             ClientIp::Off => None,
         });
+        let trace = (ledger.observe.telemetry.as_ref()).map(|t| t.request(headers, endpoint));
         let event = UsageEvent {
             event_id,
             schema_version: SCHEMA_VERSION,
             request_id,
-            trace_id: trace_id(headers),
+            trace_id: match &trace {
+                Some(t) => t.trace_id(),
+                None => trace_id(headers),
+            },
             gateway_instance: ledger.instance.clone(),
             ts_start: now,
             ts_end: now,
@@ -121,6 +132,9 @@ impl Record {
             overhead: None,
             prompt: None,
             in_flight: None,
+            first_token: None,
+            trace,
+            _counted: ledger.observe.metrics.arrived(),
         }
     }
 
@@ -150,17 +164,23 @@ impl Record {
             e.team = caller.consumer.team.clone();
             e.api_key_id = Some(caller.key_id.as_str().to_string());
         }
+        if let Some(t) = &self.trace {
+            t.consumer(&caller.consumer.name);
+        }
     }
 
-    pub fn request(&mut self, model: &str, stream: bool, raw: Bytes, max_tokens: Option<u64>) {
+    pub fn request(&mut self, req: &ClientRequest) {
         if let Some(e) = self.event() {
-            e.requested_model = Some(crate::error::shown(model));
-            e.stream = stream;
+            e.requested_model = Some(crate::error::shown(&req.model));
+            e.stream = req.stream;
             e.cache = CacheStatus::Miss;
         }
+        if let Some(t) = &self.trace {
+            t.request(&req.model, &req.body, req.max_tokens);
+        }
         self.prompt = Some(Prompt {
-            body: raw,
-            max_tokens,
+            body: req.raw.clone(),
+            max_tokens: req.max_tokens,
         });
     }
 
@@ -168,7 +188,24 @@ impl Record {
     pub fn sending(&mut self, c: &Candidate) -> Instant {
         let now = Instant::now();
         self.in_flight = Some((c.clone(), now));
+        if let Some(t) = &mut self.trace {
+            t.attempt_started(c);
+        }
         now
+    }
+
+    /// The trace context headers the attempt under way carries upstream
+    /// (none when tracing is off).
+    pub fn trace_headers(&self) -> Vec<(&'static str, http::HeaderValue)> {
+        self.trace
+            .as_ref()
+            .map(RequestTrace::propagation)
+            .unwrap_or_default()
+    }
+
+    /// Streamed responses being relayed, counted while the guard lives.
+    pub fn stream_opened(&self) -> InFlight {
+        self.ledger.observe.metrics.stream_opened()
     }
 
     /// Time spent waiting on an upstream, excluded from the gateway overhead.
@@ -183,6 +220,7 @@ impl Record {
 
     /// The first event with generated content went to the client at `at`.
     pub fn first_token(&mut self, at: Instant) {
+        self.first_token.get_or_insert(at);
         let ms = at.saturating_duration_since(self.started).as_millis() as u64;
         if let Some(e) = self.event() {
             e.ttft_ms.get_or_insert(ms);
@@ -195,6 +233,9 @@ impl Record {
         let (usage, estimated) = tally.settle(self.prompt.as_ref());
         if let Some(why) = estimated {
             upstream.estimated(why);
+        }
+        if let Some(t) = &self.trace {
+            t.answered(&tally.answer, tally.texts());
         }
         usage
     }
@@ -217,6 +258,13 @@ impl Record {
             None => (Tokens::default(), None),
         };
         let cost = self.ledger.pricing.cost(&c.model, &tokens, ts_start);
+        self.ledger
+            .observe
+            .metrics
+            .attempt(c.upstream.name(), status, latency);
+        if let Some(t) = &mut self.trace {
+            t.attempt_ended(status, error, source.map(|_| tokens), cost);
+        }
         if let Some(e) = self.event() {
             e.attempts.push(Attempt {
                 upstream: c.upstream.name().to_string(),
@@ -339,6 +387,16 @@ impl Record {
             && only.status.is_some_and(|s| (200..300).contains(&s))
         {
             e.attempts.clear();
+        }
+        let timing = Timing {
+            elapsed,
+            ttft: self
+                .first_token
+                .map(|at| at.saturating_duration_since(self.started)),
+        };
+        self.ledger.observe.metrics.finished(&e, timing);
+        if let Some(t) = self.trace.take() {
+            t.finish(&e, timing);
         }
         self.ledger.tap.emit(e);
     }

@@ -33,6 +33,17 @@ pub struct Tally {
     unreadable: bool,
     choices: Vec<Generated>,
     kept: usize,
+    /// What the answer said of itself, for its trace.
+    pub answer: Answered,
+}
+
+/// The answer's own `id` and `model`, and why its choices stopped.
+#[derive(Debug, Default, Clone)]
+pub struct Answered {
+    pub id: Option<String>,
+    pub model: Option<String>,
+    /// At most one per tracked choice.
+    pub finish_reasons: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -104,7 +115,15 @@ impl Tally {
                 Counted::Unreadable => self.unreadable = true,
             }
         }
+        if self.answer.id.is_none() {
+            (self.answer.id, self.answer.model) = doc.identity();
+        }
         for (position, c) in doc.choices().enumerate() {
+            if let Some(reason) = c.finish_reason()
+                && self.answer.finish_reasons.len() < MAX_CHOICES
+            {
+                self.answer.finish_reasons.push(reason);
+            }
             let slot = self.slot(c.index().unwrap_or(position as u32));
             let mut kept = self.kept;
             let g = &mut self.choices[slot];
@@ -141,6 +160,12 @@ impl Tally {
             });
         }
         self.choices.len() - 1
+    }
+
+    /// The generated text of each tracked choice, in order (for a trace
+    /// that captures content).
+    pub fn texts(&self) -> impl Iterator<Item = &str> {
+        self.choices.iter().map(|g| g.text.as_str())
     }
 
     /// Whether the upstream reported a count.

@@ -52,7 +52,11 @@ pub async fn run(
 ) -> Result<Answer, Failure> {
     let resp = candidate
         .upstream
-        .send(endpoint, req.upstream_body(&candidate.model))
+        .send(
+            endpoint,
+            req.upstream_body(&candidate.model),
+            &rec.trace_headers(),
+        )
         .await
         .map_err(refused)?;
     if resp.status >= 400 {

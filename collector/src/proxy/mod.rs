@@ -102,7 +102,7 @@ async fn respond(
         Ok(r) => r,
         Err(e) => return rec.fail(e),
     };
-    rec.request(&req.model, req.stream, req.raw.clone(), req.max_tokens);
+    rec.request(&req);
     if !caller.consumer.may_use(&req.model) {
         return rec.fail(GatewayError::ModelNotAllowed {
             model: shown(&req.model),

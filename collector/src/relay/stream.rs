@@ -11,6 +11,7 @@ use tokio::time::Sleep;
 use tollgate_schemas::Outcome;
 
 use crate::ledger::Record;
+use crate::observe::InFlight;
 use crate::proxy::failure::scrub;
 use crate::proxy::routing::Candidate;
 use crate::relay::events::{Events, Step};
@@ -32,11 +33,13 @@ pub struct Relay {
     held: Option<Bytes>,
     upstream_ended: bool,
     ended: bool,
+    _open: InFlight,
 }
 
 impl Relay {
     pub fn new(record: Record, candidate: Candidate, primed: Primed, sent_at: Instant) -> Self {
         let idle = Box::pin(tokio::time::sleep(primed.upstream.idle_timeout));
+        let open = record.stream_opened();
         Self {
             record: Some(record),
             candidate,
@@ -47,6 +50,7 @@ impl Relay {
             held: primed.held,
             upstream_ended: primed.ended,
             ended: false,
+            _open: open,
         }
     }
 

@@ -206,11 +206,25 @@ impl Upstream {
         }
     }
 
-    /// Sends one attempt and waits for the response head.
+    /// Where the upstream listens (host, port), for traces; `None` for
+    /// the simulator.
+    pub fn address(&self) -> Option<(&str, u16)> {
+        match &self.transport {
+            Transport::Http { urls, .. } => {
+                let url = &urls[0];
+                Some((url.host_str()?, url.port_or_known_default()?))
+            }
+            Transport::Simulated(_) => None,
+        }
+    }
+
+    /// Sends one attempt, with `trace` (W3C trace context headers), and
+    /// waits for the response head.
     pub async fn send(
         &self,
         endpoint: Endpoint,
         body: Bytes,
+        trace: &[(&'static str, http::HeaderValue)],
     ) -> Result<UpstreamResponse, SendError> {
         match &self.transport {
             Transport::Http {
@@ -226,6 +240,9 @@ impl Upstream {
                     .body(body);
                 if let Some(key) = api_key {
                     req = req.bearer_auth(key.expose());
+                }
+                for (name, value) in trace {
+                    req = req.header(*name, value.clone());
                 }
                 let resp = match tokio::time::timeout(*first_byte_timeout, req.send()).await {
                     Err(_) => {
@@ -245,8 +262,12 @@ impl Upstream {
                 })
             }
             Transport::Simulated(router) => {
-                let req = http::Request::post(format!("/v1/{}", endpoint.path()))
-                    .header(http::header::CONTENT_TYPE, "application/json")
+                let mut req = http::Request::post(format!("/v1/{}", endpoint.path()))
+                    .header(http::header::CONTENT_TYPE, "application/json");
+                for (name, value) in trace {
+                    req = req.header(*name, value.clone());
+                }
+                let req = req
                     .body(Body::from(body))
                     .map_err(|e| SendError::Other(e.to_string()))?;
                 let resp = router

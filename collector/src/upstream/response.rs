@@ -33,6 +33,8 @@ use crate::ledger::usage::UsageObject;
 #[derive(Debug, Default, Deserialize)]
 pub struct Document<'a> {
     #[serde(default, borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
     model: Option<&'a RawValue>,
     #[serde(default, borrow)]
     choices: List<Choice<'a>>,
@@ -133,6 +135,12 @@ impl<'a> Document<'a> {
         (span.end <= bytes.len()).then_some((span, name))
     }
 
+    /// The response's `id` and `model`, when they are strings (for traces).
+    pub fn identity(&self) -> (Option<String>, Option<String>) {
+        let text = |v: Option<&RawValue>| serde_json::from_str::<String>(v?.get()).ok();
+        (text(self.id), text(self.model))
+    }
+
     pub fn choices(&self) -> impl Iterator<Item = &Choice<'a>> {
         self.choices.iter()
     }
@@ -189,6 +197,11 @@ impl<'a> Document<'a> {
 }
 
 impl Choice<'_> {
+    /// Why the choice stopped (`stop`, `length`, ...), once it has.
+    pub fn finish_reason(&self) -> Option<String> {
+        serde_json::from_str::<String>(self.finish_reason?.get()).ok()
+    }
+
     /// The choice's `index`, when it has a readable one.
     pub fn index(&self) -> Option<u32> {
         self.index

@@ -63,7 +63,7 @@ impl TestGateway {
         let (spool, reader, _) =
             tollgate_spool::open(SpoolOptions::new(dir.join("spool"))).unwrap();
         let (tap, writer) = Tap::start(spool, 1024).unwrap();
-        let gateway = Gateway::new(&config, tap.clone()).unwrap();
+        let gateway = Gateway::new(&config, tap.clone(), Vec::new()).unwrap();
         Self {
             app: app(Arc::new(gateway)),
             tap,

@@ -10,3 +10,4 @@ mod cancel;
 mod errors;
 mod fallback;
 mod harness;
+mod observe;

@@ -1,0 +1,555 @@
+//! The gateway's `GET /metrics` (prometheus-client, OpenMetrics text).
+//! Names and labels are a contract: dashboards and alert rules query them.
+//! Labels stay low-cardinality: `consumer` is a configured consumer or
+//! `-`; `model` a configured route (its name or glob) or `other`;
+//! `served_model` a configured target model or route, `other`, or `-` when
+//! nothing served the request; `upstream` a configured upstream.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `tollgate_requests_total` | counter | consumer, model, served_model, outcome |
+//! | `tollgate_request_duration_seconds` | histogram | model, served_model, stream |
+//! | `tollgate_time_to_first_token_seconds` | histogram (streams) | model, served_model |
+//! | `tollgate_time_per_output_token_seconds` | histogram (streams) | served_model |
+//! | `tollgate_tokens_total` | counter (tokens) | consumer, model, served_model, type |
+//! | `tollgate_cost_usd_total` | counter (USD) | consumer, served_model |
+//! | `tollgate_fallbacks_total` | counter | model, served_model, reason |
+//! | `tollgate_upstream_requests_total` | counter | upstream, status_class |
+//! | `tollgate_upstream_duration_seconds` | histogram | upstream, status_class |
+//! | `tollgate_inflight_requests`, `tollgate_open_streams` | gauge | |
+//! | `tollgate_rate_limited_total` | counter | consumer, rule |
+//! | `tollgate_cache_lookups_total` | counter | result, kind |
+//! | `tollgate_guard_blocks_total` | counter | rule |
+//!
+//! Request, token and cost figures are taken from the request's one
+//! `UsageEvent` as it is emitted, so they agree with the lake to the token
+//! and, for cost, to the nearest `f64` of the exact sum (kept as integer
+//! units of 10^-10 USD, the ledger's scale).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+use tollgate_schemas::metrics::Collector;
+use tollgate_schemas::{UsageEvent, Usd};
+
+use crate::config::Config;
+
+type Name = Arc<str>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Request {
+    consumer: Name,
+    model: Name,
+    served_model: Name,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Timed {
+    model: Name,
+    served_model: Name,
+    stream: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Models {
+    model: Name,
+    served_model: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Served {
+    served_model: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TokenKind {
+    consumer: Name,
+    model: Name,
+    served_model: Name,
+    r#type: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Spend {
+    consumer: Name,
+    served_model: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Fallback {
+    model: Name,
+    served_model: Name,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UpstreamStatus {
+    upstream: Name,
+    status_class: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct Limited {
+    pub consumer: Name,
+    pub rule: Name,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct Lookup {
+    pub result: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct Blocked {
+    pub rule: Name,
+}
+
+/// A request's timing beyond what its event says to the millisecond.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Arrival to the last byte (or the error) sent.
+    pub elapsed: Duration,
+    /// Streams: arrival to the first relayed content.
+    pub ttft: Option<Duration>,
+}
+
+type Histograms<S> = Family<S, Histogram, fn() -> Histogram>;
+
+/// Every gateway metric; one per gateway, shared by all requests.
+#[derive(Debug)]
+pub struct GatewayMetrics {
+    registry: Registry,
+    /// Request metrics on (`[telemetry] prometheus`).
+    on: bool,
+    names: Names,
+    requests: Family<Request, Counter>,
+    duration: Histograms<Timed>,
+    ttft: Histograms<Models>,
+    tpot: Histograms<Served>,
+    tokens: Family<TokenKind, Counter>,
+    cost: Family<Spend, UsdCounter>,
+    fallbacks: Family<Fallback, Counter>,
+    upstream_requests: Family<UpstreamStatus, Counter>,
+    upstream_duration: Histograms<UpstreamStatus>,
+    inflight: Gauge,
+    open_streams: Gauge,
+    /// Incremented by the quota, cache and content-screen steps.
+    pub rate_limited: Family<Limited, Counter>,
+    pub cache_lookups: Family<Lookup, Counter>,
+    pub guard_blocks: Family<Blocked, Counter>,
+}
+
+/// 5 ms to about 82 s, doubling: a whole request or attempt.
+fn request_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+/// 10 ms to about 41 s, doubling.
+fn first_token_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 2.0, 13))
+}
+
+/// 0.5 ms to about 1 s, doubling.
+fn token_seconds() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 12))
+}
+
+impl GatewayMetrics {
+    /// The metrics of a gateway built from `config`; `others` are the rest
+    /// of the process's collectors (the tap, upstream estimates, the
+    /// pipeline), shown on the same page.
+    pub fn new(config: &Config, others: Vec<Box<dyn Collector>>) -> Self {
+        let m = Self {
+            registry: Registry::default(),
+            on: config.telemetry.prometheus,
+            names: Names::new(config),
+            requests: Family::default(),
+            duration: Family::new_with_constructor(request_seconds),
+            ttft: Family::new_with_constructor(first_token_seconds),
+            tpot: Family::new_with_constructor(token_seconds),
+            tokens: Family::default(),
+            cost: Family::default(),
+            fallbacks: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(request_seconds),
+            inflight: Gauge::default(),
+            open_streams: Gauge::default(),
+            rate_limited: Family::default(),
+            cache_lookups: Family::default(),
+            guard_blocks: Family::default(),
+        };
+        m.registered(others)
+    }
+
+    fn registered(mut self, others: Vec<Box<dyn Collector>>) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            "tollgate_requests",
+            "Requests answered, by consumer, requested model, served model and outcome",
+            self.requests.clone(),
+        );
+        r.register(
+            "tollgate_request_duration_seconds",
+            "Time from a request's arrival to its last byte, seconds",
+            self.duration.clone(),
+        );
+        r.register(
+            "tollgate_time_to_first_token_seconds",
+            "Streams: time from a request's arrival to its first generated content, seconds",
+            self.ttft.clone(),
+        );
+        r.register(
+            "tollgate_time_per_output_token_seconds",
+            "Streams: time per output token after the first, seconds",
+            self.tpot.clone(),
+        );
+        r.register(
+            "tollgate_tokens",
+            "Tokens billed, by type (input includes cached_input, output includes reasoning)",
+            self.tokens.clone(),
+        );
+        r.register(
+            "tollgate_cost_usd",
+            "Cost billed, USD (the ledger's exact sum, as a float)",
+            self.cost.clone(),
+        );
+        r.register(
+            "tollgate_fallbacks",
+            "Requests served or failed after a fallback, by the first attempt's failure",
+            self.fallbacks.clone(),
+        );
+        r.register(
+            "tollgate_upstream_requests",
+            "Upstream attempts, by upstream and HTTP status class (none: no response)",
+            self.upstream_requests.clone(),
+        );
+        r.register(
+            "tollgate_upstream_duration_seconds",
+            "Upstream attempts' duration, seconds (a stream's until its end)",
+            self.upstream_duration.clone(),
+        );
+        r.register(
+            "tollgate_inflight_requests",
+            "Requests in the gateway now, streams included",
+            self.inflight.clone(),
+        );
+        r.register(
+            "tollgate_open_streams",
+            "Streamed responses being relayed now",
+            self.open_streams.clone(),
+        );
+        r.register(
+            "tollgate_rate_limited",
+            "Requests refused by a rate limit or budget, by consumer and rule",
+            Shown(self.rate_limited.clone()),
+        );
+        r.register(
+            "tollgate_cache_lookups",
+            "Response cache lookups, by result and kind",
+            Shown(self.cache_lookups.clone()),
+        );
+        r.register(
+            "tollgate_guard_blocks",
+            "Requests or responses blocked by the content guard, by rule",
+            Shown(self.guard_blocks.clone()),
+        );
+        for c in others {
+            r.register_collector(c);
+        }
+        for result in ["hit", "miss"] {
+            for kind in ["exact", "semantic"] {
+                let _ = self.cache_lookups.get_or_create(&Lookup { result, kind });
+            }
+        }
+        self
+    }
+
+    /// The page served on `GET /metrics`, in the format `accept` asks
+    /// for, with its `Content-Type`.
+    pub fn render(&self, accept: Option<&str>) -> (&'static str, String) {
+        tollgate_schemas::metrics::render(&self.registry, accept)
+    }
+
+    /// A request arrived; the guard counts it until dropped.
+    pub fn arrived(&self) -> InFlight {
+        InFlight::new(&self.inflight, self.on)
+    }
+
+    /// A stream started relaying; the guard counts it until dropped.
+    pub fn stream_opened(&self) -> InFlight {
+        InFlight::new(&self.open_streams, self.on)
+    }
+
+    /// One upstream attempt ended with `status` (`None`: no response).
+    pub fn attempt(&self, upstream: &str, status: Option<u16>, latency: Duration) {
+        if !self.on {
+            return;
+        }
+        let labels = UpstreamStatus {
+            upstream: self.names.upstream(upstream),
+            status_class: status_class(status),
+        };
+        self.upstream_requests.get_or_create(&labels).inc();
+        self.upstream_duration
+            .get_or_create(&labels)
+            .observe(latency.as_secs_f64());
+    }
+
+    /// A request's one event, as it leaves for the ledger.
+    pub fn finished(&self, e: &UsageEvent, t: Timing) {
+        if !self.on {
+            return;
+        }
+        let n = &self.names;
+        let consumer = n.consumer(e.consumer.as_deref());
+        let model = n.model(e.requested_model.as_deref());
+        let served_model = n.served(e.served_model.as_deref());
+        self.requests
+            .get_or_create(&Request {
+                consumer: consumer.clone(),
+                model: model.clone(),
+                served_model: served_model.clone(),
+                outcome: e.outcome.as_str(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&Timed {
+                model: model.clone(),
+                served_model: served_model.clone(),
+                stream: if e.stream { "true" } else { "false" },
+            })
+            .observe(t.elapsed.as_secs_f64());
+        if let (true, Some(ttft)) = (e.stream, t.ttft) {
+            let models = Models {
+                model: model.clone(),
+                served_model: served_model.clone(),
+            };
+            self.ttft.get_or_create(&models).observe(ttft.as_secs_f64());
+            if e.output_tokens > 1 {
+                let after = t.elapsed.saturating_sub(ttft).as_secs_f64();
+                let per = after / (e.output_tokens - 1) as f64;
+                let served = Served {
+                    served_model: served_model.clone(),
+                };
+                self.tpot.get_or_create(&served).observe(per);
+            }
+        }
+        for (kind, n) in [
+            ("input", e.input_tokens),
+            ("cached_input", e.cached_input_tokens),
+            ("output", e.output_tokens),
+            ("reasoning", e.reasoning_tokens),
+        ] {
+            if n > 0 {
+                let labels = TokenKind {
+                    consumer: consumer.clone(),
+                    model: model.clone(),
+                    served_model: served_model.clone(),
+                    r#type: kind,
+                };
+                self.tokens.get_or_create(&labels).inc_by(n);
+            }
+        }
+        if let Some(cost) = e.cost_usd.filter(|c| *c != Usd::ZERO) {
+            let labels = Spend {
+                consumer,
+                served_model: served_model.clone(),
+            };
+            self.cost.get_or_create(&labels).add(cost);
+        }
+        if e.fallback {
+            let labels = Fallback {
+                model,
+                served_model,
+                reason: fallback_reason(e.fallback_reason.as_deref()),
+            };
+            self.fallbacks.get_or_create(&labels).inc();
+        }
+    }
+}
+
+/// Counts one in-flight thing until dropped.
+#[derive(Debug)]
+pub struct InFlight(Option<Gauge>);
+
+impl InFlight {
+    fn new(g: &Gauge, on: bool) -> Self {
+        Self(on.then(|| {
+            g.inc();
+            g.clone()
+        }))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.dec();
+        }
+    }
+}
+
+fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        None => "none",
+        Some(100..=199) => "1xx",
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(_) => "5xx",
+    }
+}
+
+/// A first attempt's failure (`Attempt::error`), from a fixed set.
+fn fallback_reason(reason: Option<&str>) -> &'static str {
+    const KNOWN: [&str; 8] = [
+        "connect",
+        "timeout",
+        "5xx",
+        "429",
+        "4xx",
+        "invalid_response",
+        "stream_error",
+        "client_cancelled",
+    ];
+    reason
+        .and_then(|r| KNOWN.into_iter().find(|k| *k == r))
+        .unwrap_or("other")
+}
+
+/// A family whose HELP and TYPE are shown before its first series (the
+/// registry skips empty families), so dashboards find the name.
+#[derive(Debug)]
+struct Shown<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Shown<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// A USD counter kept exact: integer units of 10^-10 USD ([`Usd::SCALE`]),
+/// shown as the nearest `f64` (exact for totals below 2^53 units, about
+/// USD 900,000 per series).
+#[derive(Debug, Default)]
+pub struct UsdCounter(AtomicU64);
+
+impl UsdCounter {
+    pub fn add(&self, amount: Usd) {
+        let units = u64::try_from(amount.to_scaled()).unwrap_or(0);
+        self.0.fetch_add(units, Ordering::Relaxed);
+    }
+
+    fn value(&self) -> f64 {
+        self.0.load(Ordering::Relaxed) as f64 / 10f64.powi(Usd::SCALE as i32)
+    }
+}
+
+impl TypedMetric for UsdCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for UsdCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&self.value(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// The configured names label values may take, each allocated once.
+#[derive(Debug)]
+struct Names {
+    consumers: HashMap<String, Name>,
+    routes: HashMap<String, Name>,
+    globs: Vec<(glob::Pattern, Name)>,
+    served: HashMap<String, Name>,
+    upstreams: HashMap<String, Name>,
+    none: Name,
+    other: Name,
+}
+
+impl Names {
+    fn new(config: &Config) -> Self {
+        let named = |names: &mut dyn Iterator<Item = &String>| -> HashMap<String, Name> {
+            names.map(|n| (n.clone(), Name::from(n.as_str()))).collect()
+        };
+        let mut routes = HashMap::new();
+        let mut globs = Vec::new();
+        let mut served: HashMap<String, Name> = HashMap::new();
+        for r in &config.routes {
+            let name = Name::from(r.model.as_str());
+            match glob::Pattern::new(&r.model) {
+                Ok(p) if r.model.contains(['*', '?', '[']) => globs.push((p, name)),
+                _ => {
+                    routes.insert(r.model.clone(), name.clone());
+                    served.insert(r.model.clone(), name);
+                }
+            }
+            for t in r.targets.iter().filter_map(|t| t.model.as_ref()) {
+                served.insert(t.clone(), Name::from(t.as_str()));
+            }
+        }
+        Self {
+            consumers: named(&mut config.consumers.iter().map(|c| &c.name)),
+            routes,
+            globs,
+            served,
+            upstreams: named(&mut config.upstreams.keys()),
+            none: Name::from("-"),
+            other: Name::from("other"),
+        }
+    }
+
+    fn consumer(&self, name: Option<&str>) -> Name {
+        name.and_then(|n| self.consumers.get(n))
+            .unwrap_or(&self.none)
+            .clone()
+    }
+
+    /// The route a requested model resolves to, by name or glob.
+    fn model(&self, name: Option<&str>) -> Name {
+        let Some(name) = name else {
+            return self.none.clone();
+        };
+        if let Some(n) = self.routes.get(name) {
+            return n.clone();
+        }
+        self.globs
+            .iter()
+            .find(|(p, _)| p.matches(name))
+            .map_or_else(|| self.other.clone(), |(_, n)| n.clone())
+    }
+
+    fn served(&self, name: Option<&str>) -> Name {
+        match name {
+            None => self.none.clone(),
+            Some(n) => self.served.get(n).unwrap_or(&self.other).clone(),
+        }
+    }
+
+    fn upstream(&self, name: &str) -> Name {
+        self.upstreams.get(name).unwrap_or(&self.other).clone()
+    }
+}

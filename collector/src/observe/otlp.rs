@@ -1,0 +1,431 @@
+//! OTLP export, off the request path: the opentelemetry-otlp exporters
+//! (HTTP/protobuf or gRPC) behind the SDK's batch span processor and
+//! periodic metric reader, each on its own thread. Two things are added:
+//!
+//! - a bound on spans waiting, checked before the SDK's queue, so every
+//!   span dropped (queue full, or its export failed) is counted on
+//!   `/metrics` rather than logged once;
+//! - a small Tokio runtime of its own that drives the exports: the SDK's
+//!   threads poll with a plain executor, while the HTTP and gRPC clients
+//!   need a Tokio reactor (open-telemetry/opentelemetry-rust#2539).
+//!
+//! The standard `OTEL_EXPORTER_OTLP_*`, `OTEL_BSP_*` and
+//! `OTEL_METRIC_EXPORT_*` variables are honoured by the SDK; a key in
+//! `[telemetry]` wins over its variable.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::Context;
+use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider, Temporality};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, Span, SpanData, SpanExporter,
+    SpanProcessor,
+};
+use prometheus_client::encoding::DescriptorEncoder;
+use tollgate_schemas::metrics::{Collector, counter};
+
+use crate::config::{OtlpProtocol, TelemetryConfig};
+
+/// Why OpenTelemetry export could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    #[error("telemetry: OTEL_EXPORTER_OTLP_PROTOCOL={0:?}: expected \"http/protobuf\" or \"grpc\"")]
+    Protocol(String),
+    #[error("telemetry: starting the export runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("telemetry: building the OTLP exporter: {0}")]
+    Build(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// Whether export is on: an endpoint in `[telemetry]` or in the
+/// environment, and not `OTEL_SDK_DISABLED=true`.
+pub fn enabled(config: &TelemetryConfig, env: impl Fn(&str) -> Option<String>) -> bool {
+    if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return false;
+    }
+    config.otlp_endpoint.is_some()
+        || [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        ]
+        .into_iter()
+        .any(|k| env(k).is_some_and(|v| !v.trim().is_empty()))
+}
+
+/// What export has done; on `/metrics`.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Spans handed to the SDK and not yet exported or failed.
+    waiting: AtomicU64,
+    pub spans_exported: AtomicU64,
+    pub spans_dropped_queue_full: AtomicU64,
+    pub spans_dropped_export_failed: AtomicU64,
+    pub metric_exports: AtomicU64,
+    pub metric_exports_failed: AtomicU64,
+}
+
+impl Collector for ExportStats {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        counter(
+            &mut e,
+            "tollgate_otlp_spans_exported",
+            "Spans the OTLP collector accepted.",
+            &self.spans_exported,
+        )?;
+        counter(
+            &mut e,
+            "tollgate_otlp_spans_dropped_queue_full",
+            "Spans dropped: the export queue was full.",
+            &self.spans_dropped_queue_full,
+        )?;
+        counter(
+            &mut e,
+            "tollgate_otlp_spans_dropped_export_failed",
+            "Spans dropped: their export failed (collector down, slow or refusing).",
+            &self.spans_dropped_export_failed,
+        )?;
+        counter(
+            &mut e,
+            "tollgate_otlp_metric_exports",
+            "Metric exports attempted.",
+            &self.metric_exports,
+        )?;
+        counter(
+            &mut e,
+            "tollgate_otlp_metric_exports_failed",
+            "Metric exports that failed; their data points are lost.",
+            &self.metric_exports_failed,
+        )
+    }
+}
+
+/// The running exporters. Dropping it stops them without waiting;
+/// [`Exporters::shutdown`] flushes first.
+pub struct Exporters {
+    // Field order is drop order: the providers stop before the runtime
+    // that drives their exports.
+    pub tracer_provider: SdkTracerProvider,
+    pub meter_provider: SdkMeterProvider,
+    pub stats: Arc<ExportStats>,
+    _runtime: Background,
+}
+
+impl Exporters {
+    /// Starts span and metric export as `config` and the environment say.
+    pub fn start(
+        config: &TelemetryConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, OtlpError> {
+        let protocol = match (config.otlp_protocol, env("OTEL_EXPORTER_OTLP_PROTOCOL")) {
+            (Some(p), _) => p,
+            (None, Some(v)) => OtlpProtocol::parse(&v).ok_or(OtlpError::Protocol(v))?,
+            (None, None) => OtlpProtocol::HttpProtobuf,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tollgate-otlp")
+            .enable_all()
+            .build()
+            .map_err(OtlpError::Runtime)?;
+        // The gRPC channel binds to the runtime it is built in.
+        let _entered = runtime.enter();
+        let handle = runtime.handle().clone();
+        let stats = Arc::new(ExportStats::default());
+        let service = config
+            .service_name
+            .clone()
+            .or_else(|| env("OTEL_SERVICE_NAME"))
+            .unwrap_or_else(|| "tollgate".to_string());
+        let resource = Resource::builder().with_service_name(service).build();
+        let endpoint = config.otlp_endpoint.as_deref();
+        let headers: HashMap<String, String> = config
+            .otlp_headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_string()))
+            .collect();
+
+        let spans = match protocol {
+            OtlpProtocol::HttpProtobuf => {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_headers(headers.clone());
+                if let Some(base) = endpoint {
+                    b = b.with_endpoint(format!("{base}/v1/traces"));
+                }
+                b.build()?
+            }
+            OtlpProtocol::Grpc => {
+                let mut b = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_metadata(metadata(&headers));
+                if let Some(base) = endpoint {
+                    b = b.with_endpoint(base);
+                }
+                b.build()?
+            }
+        };
+        let metrics = match protocol {
+            OtlpProtocol::HttpProtobuf => {
+                let mut b = opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_headers(headers.clone());
+                if let Some(base) = endpoint {
+                    b = b.with_endpoint(format!("{base}/v1/metrics"));
+                }
+                b.build()?
+            }
+            OtlpProtocol::Grpc => {
+                let mut b = opentelemetry_otlp::MetricExporter::builder()
+                    .with_tonic()
+                    .with_metadata(metadata(&headers));
+                if let Some(base) = endpoint {
+                    b = b.with_endpoint(base);
+                }
+                b.build()?
+            }
+        };
+
+        let queue = config.max_queue_spans;
+        let batch = BatchSpanProcessor::builder(CountedSpans {
+            inner: Arc::new(spans),
+            stats: stats.clone(),
+            runtime: handle.clone(),
+        })
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(queue)
+                .build(),
+        )
+        .build();
+        let tracer_provider = SdkTracerProvider::builder()
+            .with_span_processor(Bounded {
+                inner: batch,
+                stats: stats.clone(),
+                capacity: queue as u64,
+            })
+            .with_resource(resource.clone())
+            .build();
+        let reader = PeriodicReader::builder(CountedMetrics {
+            inner: metrics,
+            stats: stats.clone(),
+            runtime: handle,
+        })
+        .build();
+        let meter_provider = SdkMeterProvider::builder()
+            .with_reader(reader)
+            .with_resource(resource)
+            .build();
+        Ok(Self {
+            tracer_provider,
+            meter_provider,
+            stats,
+            _runtime: Background(Some(runtime)),
+        })
+    }
+
+    /// Exports what is waiting and stops; blocks up to the exporters'
+    /// timeouts, so call it off the async runtime.
+    pub fn shutdown(&self) {
+        let _ = self.tracer_provider.shutdown();
+        let _ = self.meter_provider.shutdown();
+    }
+}
+
+fn metadata(
+    headers: &HashMap<String, String>,
+) -> opentelemetry_otlp::tonic_types::metadata::MetadataMap {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in headers {
+        // Names and values were validated as HTTP headers with the config.
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
+            map.insert(k, v);
+        }
+    }
+    opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(map)
+}
+
+/// The export runtime, stopped without blocking wherever it is dropped
+/// (dropping a runtime inside another one would panic).
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Runs `f` to completion on the export runtime: awaited where a Tokio
+/// runtime is already current, else blocked on (the SDK's own threads).
+async fn on_runtime<F: Future>(runtime: &tokio::runtime::Handle, f: F) -> F::Output {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        f.await
+    } else {
+        runtime.block_on(f)
+    }
+}
+
+/// Counts spans as they leave: exported, or dropped with a failed batch.
+#[derive(Debug)]
+struct CountedSpans<E> {
+    inner: Arc<E>,
+    stats: Arc<ExportStats>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<E: SpanExporter + 'static> SpanExporter for CountedSpans<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        let result = on_runtime(&self.runtime, self.inner.export(batch)).await;
+        let s = &self.stats;
+        s.waiting.fetch_sub(n, Ordering::Relaxed);
+        match &result {
+            Ok(()) => s.spans_exported.fetch_add(n, Ordering::Relaxed),
+            Err(_) => s
+                .spans_dropped_export_failed
+                .fetch_add(n, Ordering::Relaxed),
+        };
+        result
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.shutdown_with_timeout(timeout),
+            None => Ok(()),
+        }
+    }
+
+    fn force_flush(&mut self) -> OTelSdkResult {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.force_flush(),
+            None => Ok(()),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
+}
+
+/// Refuses a span, counted, when `capacity` are already waiting, so the
+/// SDK's queue (of the same size) never drops one uncounted.
+#[derive(Debug)]
+struct Bounded<P> {
+    inner: P,
+    stats: Arc<ExportStats>,
+    capacity: u64,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Bounded<P> {
+    fn on_start(&self, span: &mut Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        let s = &self.stats;
+        if s.waiting.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+            s.waiting.fetch_sub(1, Ordering::Relaxed);
+            s.spans_dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Counts metric exports and their failures.
+struct CountedMetrics<E> {
+    inner: E,
+    stats: Arc<ExportStats>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<E: PushMetricExporter> PushMetricExporter for CountedMetrics<E> {
+    async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
+        let result = on_runtime(&self.runtime, self.inner.export(metrics)).await;
+        self.stats.metric_exports.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            self.stats
+                .metric_exports_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> Temporality {
+        self.inner.temporality()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn export_is_off_without_an_endpoint_and_on_with_one_from_config_or_env() {
+        let mut c = TelemetryConfig::default();
+        assert!(!enabled(&c, env(&[])));
+        assert!(enabled(
+            &c,
+            env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x:4318")])
+        ));
+        c.otlp_endpoint = Some("http://x:4318".into());
+        assert!(enabled(&c, env(&[])));
+        assert!(!enabled(&c, env(&[("OTEL_SDK_DISABLED", "true")])));
+    }
+
+    #[test]
+    fn an_unknown_protocol_in_the_environment_is_refused() {
+        let c = TelemetryConfig {
+            otlp_endpoint: Some("http://127.0.0.1:9".into()),
+            ..TelemetryConfig::default()
+        };
+        let err = Exporters::start(&c, env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]));
+        assert!(matches!(err, Err(OtlpError::Protocol(_))));
+    }
+}
