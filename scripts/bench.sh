@@ -9,7 +9,9 @@
 #                               tap CPU per event, freshness (BENCH_EVENTS)
 #   scripts/bench.sh query      the query service vs DuckDB on the same
 #                               generated lake (BENCH_EVENTS=10000000)
-#   scripts/bench.sh            all three
+#   scripts/bench.sh telemetry  the gateway with request metrics off, on, and
+#                               on with OpenTelemetry export, side by side
+#   scripts/bench.sh            all four
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
@@ -24,7 +26,7 @@ VENV="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb" 2>/dev/null; then
   python3 -m venv "$VENV" && "$VENV/bin/pip" install --quiet -r tests/python/requirements.txt
 fi
-if [ "$what" != gateway ] && [ "$what" != query ] && ! command -v tansu >/dev/null; then
+if [ "$what" != gateway ] && [ "$what" != query ] && [ "$what" != telemetry ] && ! command -v tansu >/dev/null; then
   echo "==> installing the tansu broker"
   env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
 fi
@@ -40,7 +42,8 @@ case "$what" in
   gateway) python3 scripts/bench.py "$BIN" ;;
   pipeline) python3 scripts/bench_pipeline.py "$BIN" ;;
   query) "$VENV/bin/python" scripts/bench_query.py "$BIN" ;;
+  telemetry) python3 scripts/bench_telemetry.py "$BIN" ;;
   all) python3 scripts/bench.py "$BIN" && python3 scripts/bench_pipeline.py "$BIN" \
-    && "$VENV/bin/python" scripts/bench_query.py "$BIN" ;;
-  *) echo "usage: scripts/bench.sh [gateway|pipeline|query|all]" >&2; exit 2 ;;
+    && "$VENV/bin/python" scripts/bench_query.py "$BIN" && python3 scripts/bench_telemetry.py "$BIN" ;;
+  *) echo "usage: scripts/bench.sh [gateway|pipeline|query|telemetry|all]" >&2; exit 2 ;;
 esac

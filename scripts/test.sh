@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and end-to-end tests (real processes on
 # 127.0.0.1, a real Kafka-protocol broker), then the Python clients (the
-# official openai SDK against the gateway; psql, psycopg, asyncpg, SQLAlchemy,
+# official openai SDK against the gateway; a real Prometheus and an OTLP
+# receiver against its telemetry; psql, psycopg, asyncpg, SQLAlchemy,
 # pandas and Grafana's queries against the ledger; Spark on the lake), then a
 # sweep of every log, event and response body the tests kept for the canary
 # secrets they used. Installs what it needs first; quick when already there.
@@ -38,6 +39,15 @@ if ! command -v psql >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null
+fi
+
+# Prometheus (scrapes the gateway in the observability test) and its promtool:
+# Debian's prometheus package.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  echo "==> installing prometheus"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 # PySpark 4 for the test that Spark reads the lake: Debian's Java runtime

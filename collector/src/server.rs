@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
@@ -114,14 +115,20 @@ impl Server {
     }
 }
 
-/// Exports the spans and metrics still waiting, for at most a few seconds:
-/// a collector that does not answer must not hold the gateway's exit.
+/// Exports the spans and metrics still waiting, for at most about 5 s: a
+/// collector that does not answer must not hold the gateway's exit.
 async fn flush_telemetry(t: Arc<crate::observe::Telemetry>) {
-    let flush = tokio::task::spawn_blocking(move || t.shutdown());
-    if tokio::time::timeout(std::time::Duration::from_secs(5), flush)
-        .await
-        .is_err()
-    {
-        tracing::warn!("telemetry export did not finish within 5 s; what was waiting is dropped");
+    let held = t.clone();
+    let flush = tokio::task::spawn_blocking(move || t.shutdown(Duration::from_secs(4)));
+    let clean = matches!(
+        tokio::time::timeout(Duration::from_secs(5), flush).await,
+        Ok(Ok(true))
+    );
+    if !clean {
+        tracing::warn!("telemetry export did not finish in time; what was waiting is dropped");
+        // An export thread may still wait on the collector: the exporters
+        // and their runtime stay until the process exits, rather than being
+        // torn down under it.
+        std::mem::forget(held);
     }
 }

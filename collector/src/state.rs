@@ -12,6 +12,7 @@ use crate::CollectorError;
 use crate::config::Config;
 use crate::ledger::tap::Tap;
 use crate::ledger::{Ledger, Pricing};
+use crate::observe::metrics::Names;
 use crate::observe::{Estimates, GatewayMetrics, Observe, Telemetry};
 use crate::proxy::auth::Keyring;
 use crate::proxy::routing::Routes;
@@ -51,14 +52,16 @@ impl Gateway {
         }
         let mut listed: Vec<Arc<Upstream>> = upstreams.values().cloned().collect();
         listed.sort_by(|a, b| a.name().cmp(b.name()));
-        let telemetry = Telemetry::start(&config.telemetry, |k| std::env::var(k).ok())?;
+        let names = Arc::new(Names::new(config));
+        let telemetry =
+            Telemetry::start(&config.telemetry, names.clone(), |k| std::env::var(k).ok())?;
         others.insert(0, Box::new(tap.counters().clone()));
         others.insert(1, Box::new(Estimates(listed)));
         if let Some(t) = &telemetry {
             others.push(Box::new(t.stats()));
         }
         let observe = Arc::new(Observe {
-            metrics: GatewayMetrics::new(config, others),
+            metrics: GatewayMetrics::new(config, names, others),
             telemetry: telemetry.map(Arc::new),
         });
         Ok(Self {

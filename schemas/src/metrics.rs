@@ -49,11 +49,31 @@ pub fn render(registry: &Registry, accept: Option<&str>) -> (&'static str, Strin
     // Writing to a String cannot fail; a collector's own error leaves what
     // was written so far, which is still a valid prefix for a scraper.
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
-    if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+    if accept.is_some_and(prefers_openmetrics) {
         (OPENMETRICS, out)
     } else {
         (TEXT_0_0_4, to_text_0_0_4(&out))
     }
+}
+
+/// Whether `accept` ranks OpenMetrics (with a quality above zero) at least
+/// as high as the plain text format.
+fn prefers_openmetrics(accept: &str) -> bool {
+    let (mut open, mut text) = (0.0f32, 0.0f32);
+    for entry in accept.split(',') {
+        let mut parts = entry.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            "application/openmetrics-text" => open = open.max(q),
+            "text/plain" => text = text.max(q),
+            _ => {}
+        }
+    }
+    open > 0.0 && open >= text
 }
 
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -127,6 +147,20 @@ mod tests {
         );
         assert!(text.contains("# TYPE x_held gauge\nx_held 2\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn the_format_follows_the_accept_headers_qualities() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(prefers_openmetrics(prometheus));
+        assert!(prefers_openmetrics("APPLICATION/OPENMETRICS-TEXT"));
+        assert!(!prefers_openmetrics(
+            "application/openmetrics-text;q=0, text/plain;q=1"
+        ));
+        assert!(!prefers_openmetrics(
+            "text/plain, application/openmetrics-text;q=0.5"
+        ));
+        assert!(!prefers_openmetrics("*/*"));
     }
 
     #[test]

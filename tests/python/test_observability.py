@@ -420,11 +420,54 @@ def test_a_collector_that_never_answers_costs_counted_spans_not_requests(artifac
     with SilentServer() as silent:
         r = Rig(artifacts, "collector-silent",
                 f'otlp_endpoint = "{silent.endpoint}"\nmax_queue_spans = 4',
-                env={"OTEL_EXPORTER_OTLP_TIMEOUT": "3000"})
+                env={"OTEL_EXPORTER_OTLP_TIMEOUT": "30000"})
         try:
             assert [r.chat(KEY, "qwq-32b")[0] for _ in range(20)] == [200] * 20
             assert r.metric("tollgate_otlp_spans_dropped_queue_full_total") > 0
             assert r.metric("tollgate_inflight_requests") == 0
             assert silent.connections >= 1
+            # Stopping waits for the export a bounded time, not the collector.
+            started = time.time()
+            r.gw.p.terminate()
+            assert r.gw.p.wait(timeout=20) == 0
+            took = time.time() - started
+            assert took < 9, took
+            log = (r.dir / "gateway.log").read_text()
+            assert "panicked" not in log and "telemetry export did not finish" in log, log
         finally:
             r.stop()
+
+
+def test_a_collector_that_answers_without_end_does_not_grow_the_gateway(artifacts):
+    class Endless(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            chunk = b"x" * 65536
+            try:
+                while True:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    r = Rig(artifacts, "collector-endless", f'otlp_endpoint = "http://127.0.0.1:{server.server_address[1]}"')
+    try:
+        for _ in range(10):
+            assert r.chat(KEY, "qwq-32b")[0] == 200
+        time.sleep(3)  # a few exports, each answered without end
+        rss_kb = int(next(line.split()[1] for line in open(f"/proc/{r.gw.p.pid}/status") if line.startswith("VmRSS:")))
+        assert rss_kb < 400 * 1024, rss_kb
+        assert r.chat(KEY, "qwq-32b")[0] == 200
+    finally:
+        r.stop()
+        server.shutdown()

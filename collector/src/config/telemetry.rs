@@ -29,7 +29,8 @@ pub struct TelemetryConfig {
     /// `gen_ai.output.messages`); off by default, as the conventions ask.
     pub capture_content: bool,
     /// Spans waiting for export; past it they are dropped and counted.
-    pub max_queue_spans: usize,
+    /// `None`: `OTEL_BSP_MAX_QUEUE_SIZE`, else 2048.
+    pub max_queue_spans: Option<usize>,
 }
 
 impl Default for TelemetryConfig {
@@ -41,7 +42,7 @@ impl Default for TelemetryConfig {
             otlp_headers: BTreeMap::new(),
             service_name: None,
             capture_content: false,
-            max_queue_spans: 2048,
+            max_queue_spans: None,
         }
     }
 }
@@ -133,7 +134,7 @@ pub fn validate(t: RawTelemetry) -> Result<TelemetryConfig, Invalid> {
         Some(s) => Some(s.into_inner()),
     };
     let max_queue_spans = match t.max_queue_spans {
-        None => d.max_queue_spans,
+        None => None,
         Some(n) if *n.get_ref() == 0 || *n.get_ref() > 1 << 20 => {
             return Err(Invalid::at(
                 n.span(),
@@ -141,8 +142,16 @@ pub fn validate(t: RawTelemetry) -> Result<TelemetryConfig, Invalid> {
                 "must be between 1 and 1048576",
             ));
         }
-        Some(n) => n.into_inner(),
+        Some(n) => Some(n.into_inner()),
     };
+    if let (Some(OtlpProtocol::Grpc), Some(url)) = (otlp_protocol, &otlp_endpoint)
+        && url.starts_with("https://")
+    {
+        return Err(Invalid::key(
+            "telemetry.otlp_endpoint",
+            "gRPC export is plaintext only: use an http:// collector, or otlp_protocol = \"http/protobuf\" for https://",
+        ));
+    }
     Ok(TelemetryConfig {
         prometheus: t.prometheus.unwrap_or(d.prometheus),
         otlp_endpoint,
@@ -202,6 +211,10 @@ otlp_headers = { "X-Api-Key" = "k" }"#,
                 "telemetry.otlp_headers.a",
             ),
             ("max_queue_spans = 0", "telemetry.max_queue_spans"),
+            (
+                "otlp_endpoint = \"https://c:4317\"\notlp_protocol = \"grpc\"",
+                "telemetry.otlp_endpoint",
+            ),
         ] {
             assert_eq!(parse(text).unwrap_err().path, key, "{text}");
         }

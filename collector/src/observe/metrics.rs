@@ -43,7 +43,8 @@ use tollgate_schemas::{UsageEvent, Usd};
 
 use crate::config::Config;
 
-type Name = Arc<str>;
+/// A label value: one of the configured names, allocated once.
+pub type Name = Arc<str>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct Request {
@@ -132,7 +133,7 @@ pub struct GatewayMetrics {
     registry: Registry,
     /// Request metrics on (`[telemetry] prometheus`).
     on: bool,
-    names: Names,
+    names: Arc<Names>,
     requests: Family<Request, Counter>,
     duration: Histograms<Timed>,
     ttft: Histograms<Models>,
@@ -169,11 +170,11 @@ impl GatewayMetrics {
     /// The metrics of a gateway built from `config`; `others` are the rest
     /// of the process's collectors (the tap, upstream estimates, the
     /// pipeline), shown on the same page.
-    pub fn new(config: &Config, others: Vec<Box<dyn Collector>>) -> Self {
+    pub fn new(config: &Config, names: Arc<Names>, others: Vec<Box<dyn Collector>>) -> Self {
         let m = Self {
             registry: Registry::default(),
             on: config.telemetry.prometheus,
-            names: Names::new(config),
+            names,
             requests: Family::default(),
             duration: Family::new_with_constructor(request_seconds),
             ttft: Family::new_with_constructor(first_token_seconds),
@@ -281,14 +282,15 @@ impl GatewayMetrics {
         tollgate_schemas::metrics::render(&self.registry, accept)
     }
 
-    /// A request arrived; the guard counts it until dropped.
+    /// A request arrived; the guard counts it until dropped (two atomic
+    /// adds: kept even with request metrics off).
     pub fn arrived(&self) -> InFlight {
-        InFlight::new(&self.inflight, self.on)
+        InFlight::new(&self.inflight)
     }
 
     /// A stream started relaying; the guard counts it until dropped.
     pub fn stream_opened(&self) -> InFlight {
-        InFlight::new(&self.open_streams, self.on)
+        InFlight::new(&self.open_streams)
     }
 
     /// One upstream attempt ended with `status` (`None`: no response).
@@ -381,22 +383,18 @@ impl GatewayMetrics {
 
 /// Counts one in-flight thing until dropped.
 #[derive(Debug)]
-pub struct InFlight(Option<Gauge>);
+pub struct InFlight(Gauge);
 
 impl InFlight {
-    fn new(g: &Gauge, on: bool) -> Self {
-        Self(on.then(|| {
-            g.inc();
-            g.clone()
-        }))
+    fn new(g: &Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(g) = &self.0 {
-            g.dec();
-        }
+        self.0.dec();
     }
 }
 
@@ -478,9 +476,11 @@ impl EncodeMetric for UsdCounter {
     }
 }
 
-/// The configured names label values may take, each allocated once.
+/// The configured names label values may take, each allocated once;
+/// shared with the OpenTelemetry metrics and span names, which are bounded
+/// the same way.
 #[derive(Debug)]
-struct Names {
+pub struct Names {
     consumers: HashMap<String, Name>,
     routes: HashMap<String, Name>,
     globs: Vec<(glob::Pattern, Name)>,
@@ -491,7 +491,7 @@ struct Names {
 }
 
 impl Names {
-    fn new(config: &Config) -> Self {
+    pub fn new(config: &Config) -> Self {
         let named = |names: &mut dyn Iterator<Item = &String>| -> HashMap<String, Name> {
             names.map(|n| (n.clone(), Name::from(n.as_str()))).collect()
         };
@@ -522,14 +522,16 @@ impl Names {
         }
     }
 
-    fn consumer(&self, name: Option<&str>) -> Name {
+    /// A configured consumer, else `-`.
+    pub fn consumer(&self, name: Option<&str>) -> Name {
         name.and_then(|n| self.consumers.get(n))
             .unwrap_or(&self.none)
             .clone()
     }
 
-    /// The route a requested model resolves to, by name or glob.
-    fn model(&self, name: Option<&str>) -> Name {
+    /// The route a requested model resolves to (its name or glob), else
+    /// `other`; `-` without a model.
+    pub fn model(&self, name: Option<&str>) -> Name {
         let Some(name) = name else {
             return self.none.clone();
         };
@@ -542,14 +544,17 @@ impl Names {
             .map_or_else(|| self.other.clone(), |(_, n)| n.clone())
     }
 
-    fn served(&self, name: Option<&str>) -> Name {
+    /// A configured target model or exact route, else `other`; `-` when
+    /// nothing served.
+    pub fn served(&self, name: Option<&str>) -> Name {
         match name {
             None => self.none.clone(),
             Some(n) => self.served.get(n).unwrap_or(&self.other).clone(),
         }
     }
 
-    fn upstream(&self, name: &str) -> Name {
+    /// A configured upstream, else `other`.
+    pub fn upstream(&self, name: &str) -> Name {
         self.upstreams.get(name).unwrap_or(&self.other).clone()
     }
 }

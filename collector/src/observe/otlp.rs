@@ -43,6 +43,12 @@ pub enum OtlpError {
     Runtime(std::io::Error),
     #[error("telemetry: building the OTLP exporter: {0}")]
     Build(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("telemetry: building the OTLP/HTTP client: {0}")]
+    Client(String),
+    #[error(
+        "telemetry: gRPC export is plaintext only; use an http:// collector, or http/protobuf for https://"
+    )]
+    GrpcTls,
 }
 
 /// Whether export is on: an endpoint in `[telemetry]` or in the
@@ -64,6 +70,9 @@ pub fn enabled(config: &TelemetryConfig, env: impl Fn(&str) -> Option<String>) -
 /// What export has done; on `/metrics`.
 #[derive(Debug, Default)]
 pub struct ExportStats {
+    /// Whether the last export failed: a failure is logged when it starts
+    /// and when it ends, not once per batch.
+    failing: std::sync::atomic::AtomicBool,
     /// Spans handed to the SDK and not yet exported or failed.
     waiting: AtomicU64,
     pub spans_exported: AtomicU64,
@@ -71,6 +80,23 @@ pub struct ExportStats {
     pub spans_dropped_export_failed: AtomicU64,
     pub metric_exports: AtomicU64,
     pub metric_exports_failed: AtomicU64,
+}
+
+impl ExportStats {
+    fn outcome(&self, signal: &str, result: &OTelSdkResult) {
+        match result {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(signal, "OTLP export works again");
+                }
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(signal, error = %e, "OTLP export failing; telemetry is dropped (counted in tollgate_otlp_*) while requests are served");
+                }
+            }
+        }
+    }
 }
 
 impl Collector for ExportStats {
@@ -125,11 +151,17 @@ impl Exporters {
         config: &TelemetryConfig,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, OtlpError> {
-        let protocol = match (config.otlp_protocol, env("OTEL_EXPORTER_OTLP_PROTOCOL")) {
-            (Some(p), _) => p,
-            (None, Some(v)) => OtlpProtocol::parse(&v).ok_or(OtlpError::Protocol(v))?,
-            (None, None) => OtlpProtocol::HttpProtobuf,
-        };
+        let traces_protocol = protocol(config, &env, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")?;
+        let metrics_protocol = protocol(config, &env, "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")?;
+        for (p, signal) in [(traces_protocol, "TRACES"), (metrics_protocol, "METRICS")] {
+            let url = config.otlp_endpoint.clone().or_else(|| {
+                env(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+                    .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            });
+            if p == OtlpProtocol::Grpc && url.is_some_and(|u| u.trim().starts_with("https://")) {
+                return Err(OtlpError::GrpcTls);
+            }
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tollgate-otlp")
@@ -153,11 +185,12 @@ impl Exporters {
             .map(|(k, v)| (k.clone(), v.expose().to_string()))
             .collect();
 
-        let spans = match protocol {
+        let spans = match traces_protocol {
             OtlpProtocol::HttpProtobuf => {
                 let mut b = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
                     .with_protocol(Protocol::HttpBinary)
+                    .with_http_client(Capped::new(timeout(&env, "TRACES"))?)
                     .with_headers(headers.clone());
                 if let Some(base) = endpoint {
                     b = b.with_endpoint(format!("{base}/v1/traces"));
@@ -174,11 +207,12 @@ impl Exporters {
                 b.build()?
             }
         };
-        let metrics = match protocol {
+        let metrics = match metrics_protocol {
             OtlpProtocol::HttpProtobuf => {
                 let mut b = opentelemetry_otlp::MetricExporter::builder()
                     .with_http()
                     .with_protocol(Protocol::HttpBinary)
+                    .with_http_client(Capped::new(timeout(&env, "METRICS"))?)
                     .with_headers(headers.clone());
                 if let Some(base) = endpoint {
                     b = b.with_endpoint(format!("{base}/v1/metrics"));
@@ -196,7 +230,14 @@ impl Exporters {
             }
         };
 
-        let queue = config.max_queue_spans;
+        let queue = config
+            .max_queue_spans
+            .or_else(|| {
+                env("OTEL_BSP_MAX_QUEUE_SIZE")
+                    .and_then(|v| v.trim().parse().ok())
+                    .filter(|n| (1..=1 << 20).contains(n))
+            })
+            .unwrap_or(2048);
         let batch = BatchSpanProcessor::builder(CountedSpans {
             inner: Arc::new(spans),
             stats: stats.clone(),
@@ -221,6 +262,7 @@ impl Exporters {
             stats: stats.clone(),
             runtime: handle,
         })
+        .with_interval(interval(&env))
         .build();
         let meter_provider = SdkMeterProvider::builder()
             .with_reader(reader)
@@ -234,11 +276,95 @@ impl Exporters {
         })
     }
 
-    /// Exports what is waiting and stops; blocks up to the exporters'
-    /// timeouts, so call it off the async runtime.
-    pub fn shutdown(&self) {
-        let _ = self.tracer_provider.shutdown();
-        let _ = self.meter_provider.shutdown();
+    /// Exports what is waiting and stops, traces and metrics at once, for
+    /// at most about `timeout`; blocking, so call it off the async runtime.
+    /// `false` when an export was still under way (a collector that does
+    /// not answer).
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        let meters = self.meter_provider.clone();
+        let metrics = std::thread::Builder::new()
+            .name("tollgate-otlp-stop".into())
+            .spawn(move || meters.shutdown_with_timeout(timeout).is_ok());
+        let traces = self.tracer_provider.shutdown_with_timeout(timeout).is_ok();
+        let metrics = metrics.is_ok_and(|t| t.join().unwrap_or(false));
+        traces && metrics
+    }
+}
+
+/// The protocol of one signal: `[telemetry]`, else the signal's variable,
+/// else `OTEL_EXPORTER_OTLP_PROTOCOL`, else HTTP/protobuf.
+fn protocol(
+    config: &TelemetryConfig,
+    env: &impl Fn(&str) -> Option<String>,
+    signal_var: &str,
+) -> Result<OtlpProtocol, OtlpError> {
+    if let Some(p) = config.otlp_protocol {
+        return Ok(p);
+    }
+    match env(signal_var).or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL")) {
+        Some(v) => OtlpProtocol::parse(&v).ok_or(OtlpError::Protocol(v)),
+        None => Ok(OtlpProtocol::HttpProtobuf),
+    }
+}
+
+/// The export timeout the variables give (milliseconds), else 10 s.
+fn timeout(env: &impl Fn(&str) -> Option<String>, signal: &str) -> Duration {
+    env(&format!("OTEL_EXPORTER_OTLP_{signal}_TIMEOUT"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT"))
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(Duration::from_secs(10), Duration::from_millis)
+}
+
+/// `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds, at least 100: a smaller
+/// one would keep a core busy exporting), else the SDK's 60 s.
+fn interval(env: &impl Fn(&str) -> Option<String>) -> Duration {
+    env("OTEL_METRIC_EXPORT_INTERVAL")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(60), |ms| {
+            Duration::from_millis(ms.max(100))
+        })
+}
+
+/// Largest collector response read; the rest is dropped unread (an answer
+/// is an empty or tiny protobuf message).
+const MAX_COLLECTOR_RESPONSE: usize = 64 * 1024;
+
+/// The OTLP/HTTP client: reqwest with the export timeout, reading at most
+/// [`MAX_COLLECTOR_RESPONSE`] of an answer, so a collector that streams
+/// without end cannot grow the gateway's memory.
+#[derive(Debug)]
+struct Capped(reqwest::Client);
+
+impl Capped {
+    fn new(timeout: Duration) -> Result<Self, OtlpError> {
+        reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map(Self)
+            .map_err(|e| OtlpError::Client(e.to_string()))
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for Capped {
+    async fn send_bytes(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        let request = reqwest::Request::try_from(request)?;
+        let mut response = self.0.execute(request).await?.error_for_status()?;
+        let status = response.status();
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = response.chunk().await? {
+            let room = MAX_COLLECTOR_RESPONSE - body.len();
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if body.len() == MAX_COLLECTOR_RESPONSE {
+                break;
+            }
+        }
+        Ok(http::Response::builder()
+            .status(status)
+            .body(body.freeze())?)
     }
 }
 
@@ -294,6 +420,7 @@ impl<E: SpanExporter + 'static> SpanExporter for CountedSpans<E> {
         let result = on_runtime(&self.runtime, self.inner.export(batch)).await;
         let s = &self.stats;
         s.waiting.fetch_sub(n, Ordering::Relaxed);
+        s.outcome("traces", &result);
         match &result {
             Ok(()) => s.spans_exported.fetch_add(n, Ordering::Relaxed),
             Err(_) => s
@@ -372,6 +499,7 @@ impl<E: PushMetricExporter> PushMetricExporter for CountedMetrics<E> {
     async fn export(&self, metrics: &ResourceMetrics) -> OTelSdkResult {
         let result = on_runtime(&self.runtime, self.inner.export(metrics)).await;
         self.stats.metric_exports.fetch_add(1, Ordering::Relaxed);
+        self.stats.outcome("metrics", &result);
         if result.is_err() {
             self.stats
                 .metric_exports_failed

@@ -20,7 +20,7 @@ use opentelemetry_sdk::trace::SdkTracer;
 use serde_json::{Map, Value as Json};
 use tollgate_schemas::{Outcome, Tokens, UsageEvent, Usd};
 
-use super::metrics::Timing;
+use super::metrics::{Names, Timing};
 use super::otlp::{ExportStats, Exporters, OtlpError};
 use crate::config::TelemetryConfig;
 use crate::ledger::tally::Answered;
@@ -34,8 +34,13 @@ pub struct Telemetry {
     ttft: Histogram<f64>,
     propagator: TraceContextPropagator,
     capture_content: bool,
+    names: Arc<Names>,
     exporters: Exporters,
 }
+
+/// Longest captured prompt or completion text per attribute, bytes; a
+/// span over an exporter's message limit would be dropped whole.
+const MAX_CONTENT_BYTES: usize = 32 * 1024;
 
 /// Bucket boundaries the GenAI metric conventions advise.
 const TOKEN_BUCKETS: [f64; 14] = [
@@ -54,6 +59,7 @@ impl Telemetry {
     /// `Ok(None)` when export is off.
     pub fn start(
         config: &TelemetryConfig,
+        names: Arc<Names>,
         env: impl Fn(&str) -> Option<String> + Copy,
     ) -> Result<Option<Self>, OtlpError> {
         if !super::otlp::enabled(config, env) {
@@ -90,6 +96,7 @@ impl Telemetry {
             ttft,
             propagator: TraceContextPropagator::new(),
             capture_content: config.capture_content,
+            names,
             exporters,
         }))
     }
@@ -99,9 +106,10 @@ impl Telemetry {
         self.exporters.stats.clone()
     }
 
-    /// Exports what is waiting and stops; blocking.
-    pub fn shutdown(&self) {
-        self.exporters.shutdown();
+    /// Exports what is waiting and stops, within about `timeout`;
+    /// blocking. `false` when an export was still under way.
+    pub fn shutdown(&self, timeout: std::time::Duration) -> bool {
+        self.exporters.shutdown(timeout)
     }
 
     /// The server span of a request that just arrived at `endpoint`.
@@ -157,7 +165,9 @@ impl RequestTrace {
     /// `capture_content`, its messages.
     pub fn request(&self, model: &str, body: &Map<String, Json>, max_tokens: Option<u64>) {
         let span = self.server.span();
-        span.update_name(format!("{} {model}", self.operation));
+        // Span names stay low-cardinality: the route, not the raw name.
+        let route = self.telemetry.names.model(Some(model));
+        span.update_name(format!("{} {route}", self.operation));
         let mut kv = vec![KeyValue::new("gen_ai.request.model", model.to_string())];
         if let Some(n) = max_tokens.and_then(|n| i64::try_from(n).ok()) {
             kv.push(KeyValue::new("gen_ai.request.max_tokens", n));
@@ -175,7 +185,10 @@ impl RequestTrace {
                 .into_iter()
                 .find_map(|k| body.get(k));
             if let Some(input) = input {
-                kv.push(KeyValue::new("gen_ai.input.messages", input.to_string()));
+                kv.push(KeyValue::new(
+                    "gen_ai.input.messages",
+                    capped(input.to_string()),
+                ));
             }
         }
         span.set_attributes(kv);
@@ -238,7 +251,7 @@ impl RequestTrace {
                 .collect();
             kv.push(KeyValue::new(
                 "gen_ai.output.messages",
-                Json::Array(choices).to_string(),
+                capped(Json::Array(choices).to_string()),
             ));
         }
         if let Some(cx) = &self.attempt {
@@ -317,12 +330,17 @@ impl RequestTrace {
     fn record_metrics(&self, e: &UsageEvent, t: Timing) {
         let tel = &self.telemetry;
         let mut attrs = vec![KeyValue::new("gen_ai.operation.name", self.operation)];
-        // Only names a route resolved: a refused request's model is
-        // whatever the client sent, which would make unbounded series.
-        if let (Some(served), Some(requested)) = (&e.served_model, &e.requested_model) {
-            attrs.push(KeyValue::new("gen_ai.request.model", requested.clone()));
-            attrs.push(KeyValue::new("gen_ai.response.model", served.clone()));
-        }
+        // Bounded as on /metrics: the route and the configured target, not
+        // whatever name the client or the upstream sent.
+        let n = &tel.names;
+        attrs.push(KeyValue::new(
+            "gen_ai.request.model",
+            n.model(e.requested_model.as_deref()),
+        ));
+        attrs.push(KeyValue::new(
+            "gen_ai.response.model",
+            n.served(e.served_model.as_deref()),
+        ));
         if let Some(p) = &e.provider {
             attrs.push(KeyValue::new("gen_ai.provider.name", p.clone()));
         }
@@ -371,6 +389,49 @@ fn cache(e: &UsageEvent) -> &'static str {
     }
 }
 
+/// A prompt or completion, cut at [`MAX_CONTENT_BYTES`] on a character
+/// boundary.
+fn capped(mut text: String) -> String {
+    if text.len() > MAX_CONTENT_BYTES {
+        let mut end = MAX_CONTENT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...[truncated]");
+    }
+    text
+}
+
+/// The client's `traceparent`, when it is valid W3C trace context
+/// (<https://www.w3.org/TR/trace-context/#traceparent-header>): lowercase
+/// hex, version not `ff` (version `00` exactly 55 characters, a later one
+/// at least that with a `-` after), trace and parent ids not all zero.
+/// Anything else starts a new trace, with or without export.
+pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get("traceparent")?.to_str().ok()?;
+    let b = v.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b.get(r)
+            .is_some_and(|s| s.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
+    };
+    let zero = |r: std::ops::Range<usize>| b[r].iter().all(|c| *c == b'0');
+    let shape = b.len() >= 55
+        && hex(0..2)
+        && b[2] == b'-'
+        && hex(3..35)
+        && b[35] == b'-'
+        && hex(36..52)
+        && b[52] == b'-'
+        && hex(53..55);
+    let version_ok = match &b[..2.min(b.len())] {
+        b"00" => b.len() == 55,
+        b"ff" => false,
+        _ => b.len() == 55 || b.get(55) == Some(&b'-'),
+    };
+    (shape && version_ok && !zero(3..35) && !zero(36..52)).then_some(v)
+}
+
 /// The `Host` header split into host and port.
 fn host(headers: &HeaderMap) -> Option<(String, Option<i64>)> {
     let h = headers.get(http::header::HOST)?.to_str().ok()?;
@@ -382,7 +443,15 @@ struct Headers<'a>(&'a HeaderMap);
 
 impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key)?.to_str().ok()
+        match key {
+            "traceparent" => traceparent(self.0),
+            // Context from a refused traceparent is not taken either.
+            "tracestate" => {
+                traceparent(self.0)?;
+                self.0.get(key)?.to_str().ok()
+            }
+            _ => None,
+        }
     }
 
     fn keys(&self) -> Vec<&str> {
@@ -399,8 +468,48 @@ impl Injector for Outgoing {
             "tracestate" => "tracestate",
             _ => return,
         };
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        if let Ok(v) = HeaderValue::from_str(&value)
+            && !value.is_empty()
+        {
             self.0.push((name, v));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parent(v: &str) -> Option<String> {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_str(v).unwrap());
+        traceparent(&h).map(str::to_string)
+    }
+
+    #[test]
+    fn only_valid_w3c_traceparents_are_taken() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(parent(ok).as_deref(), Some(ok));
+        assert!(parent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-later").is_some());
+        for bad in [
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-1-b7ad6b7169203331-01",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "",
+        ] {
+            assert_eq!(parent(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn captured_text_is_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_CONTENT_BYTES);
+        let cut = capped(long);
+        assert!(cut.len() <= MAX_CONTENT_BYTES + 16 && cut.ends_with("[truncated]"));
+        assert_eq!(capped("short".into()), "short");
     }
 }

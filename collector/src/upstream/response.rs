@@ -137,7 +137,10 @@ impl<'a> Document<'a> {
 
     /// The response's `id` and `model`, when they are strings (for traces).
     pub fn identity(&self) -> (Option<String>, Option<String>) {
-        let text = |v: Option<&RawValue>| serde_json::from_str::<String>(v?.get()).ok();
+        let text = |v: Option<&RawValue>| {
+            let raw = v.filter(|r| r.get().starts_with('"'))?;
+            serde_json::from_str::<String>(raw.get()).ok()
+        };
         (text(self.id), text(self.model))
     }
 
@@ -199,7 +202,9 @@ impl<'a> Document<'a> {
 impl Choice<'_> {
     /// Why the choice stopped (`stop`, `length`, ...), once it has.
     pub fn finish_reason(&self) -> Option<String> {
-        serde_json::from_str::<String>(self.finish_reason?.get()).ok()
+        // Most stream chunks say `null`: no parse (and no error) for those.
+        let raw = self.finish_reason.filter(|r| r.get() != "null")?;
+        serde_json::from_str::<String>(raw.get()).ok()
     }
 
     /// The choice's `index`, when it has a readable one.
@@ -633,5 +638,21 @@ mod tests {
         assert!(!open.finished());
         let usage = Document::parse(br#"{"choices":[],"usage":{"prompt_tokens":1}}"#).unwrap();
         assert!(usage.is_usage_only());
+    }
+
+    #[test]
+    fn the_answers_id_model_and_finish_reasons_are_read_when_they_are_strings() {
+        let doc = Document::parse(
+            br#"{"id":"chatcmpl-1","model":"qwq-32b","choices":[{"index":0,"delta":{},"finish_reason":"stop"},{"index":1,"finish_reason":null}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            doc.identity(),
+            (Some("chatcmpl-1".into()), Some("qwq-32b".into()))
+        );
+        let reasons: Vec<_> = doc.choices().filter_map(Choice::finish_reason).collect();
+        assert_eq!(reasons, ["stop"]);
+        let odd = Document::parse(br#"{"id":7,"model":null,"choices":[]}"#).unwrap();
+        assert_eq!(odd.identity(), (None, None));
     }
 }
