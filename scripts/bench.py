@@ -86,13 +86,13 @@ def gateway_config(name, sim_addr, slow_addr=None):
     return path
 
 
-def callgrind_per_request(binary, sim_addr, stream, n=300):
+def callgrind_per_request(binary, sim_addr, stream, n=300, config=None):
     """Instructions per request executed by the gateway's runtime workers
     (everything under tokio's `run_task`: the proxy, hyper and reqwest),
     counted by valgrind's callgrind: the same for the same build and load,
     whatever else the machine is doing."""
     name = f"cg-{'stream' if stream else 'json'}-{os.path.basename(binary)}-{time.time_ns()}"
-    config = gateway_config(name, sim_addr)
+    config = config or gateway_config(name, sim_addr)
     out_file = os.path.join(WORK, name + ".callgrind")
     log = open(os.path.join(WORK, name + ".out"), "w+")
     p = subprocess.Popen(["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=*Context*run_task*",

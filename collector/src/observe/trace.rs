@@ -375,10 +375,10 @@ fn usage(key: &'static str, n: u64) -> KeyValue {
     KeyValue::new(key, i64::try_from(n).unwrap_or(i64::MAX))
 }
 
-/// USD as a double: exact to the ledger for sums a trace shows (the lake
+/// USD as a double, the nearest to the ledger's exact decimal (the lake
 /// keeps the decimal).
 fn usd(c: Usd) -> f64 {
-    c.to_string().parse().unwrap_or(0.0)
+    rust_decimal::prelude::ToPrimitive::to_f64(&c.decimal()).unwrap_or(0.0)
 }
 
 fn cache(e: &UsageEvent) -> &'static str {
