@@ -182,14 +182,17 @@ models = ["qwq-*"]
         glob = f"{self.lake}/usage/**/*.parquet"
         while True:
             try:
-                rel = duckdb.sql(f"SELECT * FROM read_parquet('{glob}', hive_partitioning = true)")
-                rows = [dict(zip(rel.columns, r)) for r in rel.fetchall()]
+                # A connection per read: a failed read (no file yet) aborts
+                # its connection's transaction.
+                with duckdb.connect() as con:
+                    rel = con.sql(f"SELECT * FROM read_parquet('{glob}', hive_partitioning = true)")
+                    rows = [dict(zip(rel.columns, r)) for r in rel.fetchall()]
                 if len(rows) >= n:
                     assert len(rows) == n, rows
                     for r in rows:
                         r["event_id"] = str(uuid.UUID(bytes=bytes(r["event_id"])))
                     return rows
-            except duckdb.IOException:
+            except duckdb.Error:
                 pass
             assert time.time() < deadline, f"the lake has not got {n} rows"
             time.sleep(0.2)

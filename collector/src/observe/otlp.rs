@@ -37,8 +37,8 @@ use crate::config::{OtlpProtocol, TelemetryConfig};
 /// Why OpenTelemetry export could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum OtlpError {
-    #[error("telemetry: OTEL_EXPORTER_OTLP_PROTOCOL={0:?}: expected \"http/protobuf\" or \"grpc\"")]
-    Protocol(String),
+    #[error("telemetry: {0}={1:?}: expected \"http/protobuf\" or \"grpc\"")]
+    Protocol(String, String),
     #[error("telemetry: starting the export runtime: {0}")]
     Runtime(std::io::Error),
     #[error("telemetry: building the OTLP exporter: {0}")]
@@ -70,9 +70,9 @@ pub fn enabled(config: &TelemetryConfig, env: impl Fn(&str) -> Option<String>) -
 /// What export has done; on `/metrics`.
 #[derive(Debug, Default)]
 pub struct ExportStats {
-    /// Whether the last export failed: a failure is logged when it starts
-    /// and when it ends, not once per batch.
-    failing: std::sync::atomic::AtomicBool,
+    /// Whether each signal's last export failed (traces, metrics): a
+    /// failure is logged when it starts and when it ends, not per batch.
+    failing: [std::sync::atomic::AtomicBool; 2],
     /// Spans handed to the SDK and not yet exported or failed.
     waiting: AtomicU64,
     pub spans_exported: AtomicU64,
@@ -83,15 +83,16 @@ pub struct ExportStats {
 }
 
 impl ExportStats {
-    fn outcome(&self, signal: &str, result: &OTelSdkResult) {
+    fn outcome(&self, signal: &'static str, result: &OTelSdkResult) {
+        let failing = &self.failing[usize::from(signal == "metrics")];
         match result {
             Ok(()) => {
-                if self.failing.swap(false, Ordering::Relaxed) {
+                if failing.swap(false, Ordering::Relaxed) {
                     tracing::info!(signal, "OTLP export works again");
                 }
             }
             Err(e) => {
-                if !self.failing.swap(true, Ordering::Relaxed) {
+                if !failing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(signal, error = %e, "OTLP export failing; telemetry is dropped (counted in tollgate_otlp_*) while requests are served");
                 }
             }
@@ -158,7 +159,8 @@ impl Exporters {
                 env(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
                     .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
             });
-            if p == OtlpProtocol::Grpc && url.is_some_and(|u| u.trim().starts_with("https://")) {
+            let tls = |u: String| u.trim().to_ascii_lowercase().starts_with("https://");
+            if p == OtlpProtocol::Grpc && url.is_some_and(tls) {
                 return Err(OtlpError::GrpcTls);
             }
         }
@@ -301,8 +303,11 @@ fn protocol(
     if let Some(p) = config.otlp_protocol {
         return Ok(p);
     }
-    match env(signal_var).or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL")) {
-        Some(v) => OtlpProtocol::parse(&v).ok_or(OtlpError::Protocol(v)),
+    let var = [signal_var, "OTEL_EXPORTER_OTLP_PROTOCOL"]
+        .into_iter()
+        .find_map(|k| Some((k, env(k)?)));
+    match var {
+        Some((k, v)) => OtlpProtocol::parse(&v).ok_or(OtlpError::Protocol(k.into(), v)),
         None => Ok(OtlpProtocol::HttpProtobuf),
     }
 }
@@ -554,6 +559,6 @@ mod tests {
             ..TelemetryConfig::default()
         };
         let err = Exporters::start(&c, env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]));
-        assert!(matches!(err, Err(OtlpError::Protocol(_))));
+        assert!(matches!(err, Err(OtlpError::Protocol(..))));
     }
 }

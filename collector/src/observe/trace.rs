@@ -207,9 +207,12 @@ impl RequestTrace {
             attributes.push(KeyValue::new("server.address", host.to_string()));
             attributes.push(KeyValue::new("server.port", i64::from(port)));
         }
+        // The target's configured name; a glob route passing the client's
+        // name through is `other`, as on /metrics.
+        let target = t.names.served(Some(&c.model));
         let span = t
             .tracer
-            .span_builder(format!("{} {}", self.operation, c.model))
+            .span_builder(format!("{} {target}", self.operation))
             .with_kind(SpanKind::Client)
             .with_attributes(attributes)
             .start_with_context(&t.tracer, &self.server);
@@ -424,12 +427,16 @@ pub fn traceparent(headers: &HeaderMap) -> Option<&str> {
         && hex(36..52)
         && b[52] == b'-'
         && hex(53..55);
+    // Flags beyond sampled (01) and random (02) are refused, as the
+    // propagator refuses them, so a header means the same with export on
+    // or off.
+    let flags_ok = shape && u8::from_str_radix(&v[53..55], 16).is_ok_and(|f| f <= 2);
     let version_ok = match &b[..2.min(b.len())] {
         b"00" => b.len() == 55,
         b"ff" => false,
         _ => b.len() == 55 || b.get(55) == Some(&b'-'),
     };
-    (shape && version_ok && !zero(3..35) && !zero(36..52)).then_some(v)
+    (shape && flags_ok && version_ok && !zero(3..35) && !zero(36..52)).then_some(v)
 }
 
 /// The `Host` header split into host and port.
@@ -497,9 +504,12 @@ mod tests {
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03",
             "00-1-b7ad6b7169203331-01",
             "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-é",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7é",
         ] {
             assert_eq!(parent(bad), None, "{bad}");
         }

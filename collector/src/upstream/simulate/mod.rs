@@ -41,8 +41,14 @@ pub fn router(settings: SimSettings) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
+        // Takes what a gateway may send (its own limit is configurable),
+        // not axum's 2 MiB default.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(sim)
 }
+
+/// Largest request body the simulator reads, bytes.
+const MAX_REQUEST_BYTES: usize = 256 << 20;
 
 async fn models() -> Response {
     axum::Json(json!({"object": "list", "data": [{"id": "simulated", "object": "model", "owned_by": "tollgate"}]}))
