@@ -27,8 +27,8 @@
 //! units of 10^-10 USD, the ledger's scale).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -38,6 +38,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
+use rustc_hash::FxHashMap;
 use tollgate_schemas::metrics::Collector;
 use tollgate_schemas::{UsageEvent, Usd};
 
@@ -145,6 +146,8 @@ pub struct GatewayMetrics {
     upstream_duration: Histograms<UpstreamStatus>,
     inflight: Gauge,
     open_streams: Gauge,
+    /// Bounded by the configured names (their combinations).
+    cache: RwLock<FxHashMap<SeriesKey, Arc<Series>>>,
     /// Incremented by the quota, cache and content-screen steps.
     pub rate_limited: Family<Limited, Counter>,
     pub cache_lookups: Family<Lookup, Counter>,
@@ -186,6 +189,7 @@ impl GatewayMetrics {
             upstream_duration: Family::new_with_constructor(request_seconds),
             inflight: Gauge::default(),
             open_streams: Gauge::default(),
+            cache: RwLock::default(),
             rate_limited: Family::default(),
             cache_lookups: Family::default(),
             guard_blocks: Family::default(),
@@ -317,58 +321,45 @@ impl GatewayMetrics {
         let consumer = n.consumer(e.consumer.as_deref());
         let model = n.model(e.requested_model.as_deref());
         let served_model = n.served(e.served_model.as_deref());
-        self.requests
-            .get_or_create(&Request {
-                consumer: consumer.clone(),
-                model: model.clone(),
-                served_model: served_model.clone(),
-                outcome: e.outcome.as_str(),
-            })
-            .inc();
-        self.duration
-            .get_or_create(&Timed {
-                model: model.clone(),
-                served_model: served_model.clone(),
-                stream: if e.stream { "true" } else { "false" },
-            })
-            .observe(t.elapsed.as_secs_f64());
-        if let (true, Some(ttft)) = (e.stream, t.ttft) {
-            let models = Models {
-                model: model.clone(),
-                served_model: served_model.clone(),
-            };
-            self.ttft.get_or_create(&models).observe(ttft.as_secs_f64());
-            if e.output_tokens > 1 {
+        let series = self.series(&consumer, &model, &served_model, e);
+        series.requests.inc();
+        series.duration.observe(t.elapsed.as_secs_f64());
+        if let (Some(ttft), Some(h)) = (t.ttft, &series.ttft) {
+            h.observe(ttft.as_secs_f64());
+            if let (Some(tpot), true) = (&series.tpot, e.output_tokens > 1) {
                 let after = t.elapsed.saturating_sub(ttft).as_secs_f64();
-                let per = after / (e.output_tokens - 1) as f64;
-                let served = Served {
-                    served_model: served_model.clone(),
-                };
-                self.tpot.get_or_create(&served).observe(per);
+                tpot.observe(after / (e.output_tokens - 1) as f64);
             }
         }
-        for (kind, n) in [
-            ("input", e.input_tokens),
-            ("cached_input", e.cached_input_tokens),
-            ("output", e.output_tokens),
-            ("reasoning", e.reasoning_tokens),
-        ] {
-            if n > 0 {
-                let labels = TokenKind {
-                    consumer: consumer.clone(),
-                    model: model.clone(),
-                    served_model: served_model.clone(),
-                    r#type: kind,
-                };
-                self.tokens.get_or_create(&labels).inc_by(n);
+        for (i, count) in [
+            e.input_tokens,
+            e.cached_input_tokens,
+            e.output_tokens,
+            e.reasoning_tokens,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if count > 0 {
+                let c = series.tokens[i].get_or_init(|| {
+                    self.tokens.get_or_create_owned(&TokenKind {
+                        consumer: consumer.clone(),
+                        model: model.clone(),
+                        served_model: served_model.clone(),
+                        r#type: TOKEN_TYPES[i],
+                    })
+                });
+                c.inc_by(count);
             }
         }
         if let Some(cost) = e.cost_usd.filter(|c| *c != Usd::ZERO) {
-            let labels = Spend {
-                consumer,
-                served_model: served_model.clone(),
-            };
-            self.cost.get_or_create(&labels).add(cost);
+            let c = series.cost.get_or_init(|| {
+                self.cost.get_or_create_owned(&Spend {
+                    consumer: consumer.clone(),
+                    served_model: served_model.clone(),
+                })
+            });
+            c.add(cost);
         }
         if e.fallback {
             let labels = Fallback {
@@ -379,6 +370,73 @@ impl GatewayMetrics {
             self.fallbacks.get_or_create(&labels).inc();
         }
     }
+
+    /// The series of one combination of labels, found by the names'
+    /// addresses (they are interned), so a request hashes three pointers
+    /// once instead of its label strings once per metric.
+    fn series(&self, consumer: &Name, model: &Name, served: &Name, e: &UsageEvent) -> Arc<Series> {
+        let key = SeriesKey {
+            names: [consumer, model, served].map(|n| Arc::as_ptr(n).cast::<u8>() as usize),
+            outcome: e.outcome,
+            stream: e.stream,
+        };
+        if let Some(s) = self.cache.read().ok().and_then(|c| c.get(&key).cloned()) {
+            return s;
+        }
+        let models = Models {
+            model: model.clone(),
+            served_model: served.clone(),
+        };
+        let built = Arc::new(Series {
+            requests: self.requests.get_or_create_owned(&Request {
+                consumer: consumer.clone(),
+                model: model.clone(),
+                served_model: served.clone(),
+                outcome: e.outcome.as_str(),
+            }),
+            duration: self.duration.get_or_create_owned(&Timed {
+                model: model.clone(),
+                served_model: served.clone(),
+                stream: if e.stream { "true" } else { "false" },
+            }),
+            ttft: e.stream.then(|| self.ttft.get_or_create_owned(&models)),
+            tpot: e.stream.then(|| {
+                self.tpot.get_or_create_owned(&Served {
+                    served_model: served.clone(),
+                })
+            }),
+            tokens: Default::default(),
+            cost: OnceLock::new(),
+        });
+        match self.cache.write() {
+            Ok(mut c) => c.entry(key).or_insert(built).clone(),
+            Err(_) => built,
+        }
+    }
+}
+
+/// `tollgate_tokens_total`'s `type`s, in the event's field order.
+const TOKEN_TYPES: [&str; 4] = ["input", "cached_input", "output", "reasoning"];
+
+/// One combination of a request's labels; the names by address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    names: [usize; 3],
+    outcome: tollgate_schemas::Outcome,
+    stream: bool,
+}
+
+/// The metrics one combination of labels writes, each looked up once.
+/// Token and cost series are made on first use, so a type a model never
+/// bills shows no series.
+#[derive(Debug)]
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+    ttft: Option<Histogram>,
+    tpot: Option<Histogram>,
+    tokens: [OnceLock<Counter>; 4],
+    cost: OnceLock<UsdCounter>,
 }
 
 /// Counts one in-flight thing until dropped.
@@ -447,9 +505,9 @@ impl<M: EncodeMetric> EncodeMetric for Shown<M> {
 
 /// A USD counter kept exact: integer units of 10^-10 USD ([`Usd::SCALE`]),
 /// shown as the nearest `f64` (exact for totals below 2^53 units, about
-/// USD 900,000 per series).
-#[derive(Debug, Default)]
-pub struct UsdCounter(AtomicU64);
+/// USD 900,000 per series). Clones share the count.
+#[derive(Debug, Default, Clone)]
+pub struct UsdCounter(Arc<AtomicU64>);
 
 impl UsdCounter {
     pub fn add(&self, amount: Usd) {
