@@ -3,13 +3,15 @@
 //! spans and GenAI metrics, exported over OTLP by [`otlp`]; off by
 //! default). Both are fed by the request's [`crate::ledger::Record`]: as it
 //! opens, at each upstream attempt, and from its one event as it closes,
-//! so their tokens and costs are the ledger's own.
+//! so their tokens and costs are the ledger's own. Both take label values
+//! from [`names`], the configured names only.
 //!
 //! Neither waits on anything: Prometheus counters are atomics read at
 //! scrape time; spans go to a bounded queue that a background thread
 //! exports, and a span that finds it full is dropped and counted.
 
 pub mod metrics;
+pub mod names;
 pub mod otlp;
 pub mod trace;
 
