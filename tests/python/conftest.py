@@ -51,6 +51,52 @@ class Proc:
         self.p.wait()
 
 
+def simulators(directory):
+    """The three upstreams every gateway here routes to: an R1-like one
+    (DeepSeek usage shape, reasoning tokens), a QwQ-like one, and one that
+    always answers 503."""
+    env = {"TOLLGATE_SIM_API_KEY": UPSTREAM_KEY}
+    r1 = Proc(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "16", "--reasoning-tokens", "6",
+               "--usage-style", "deepseek"], directory / "sim-r1.log", env)
+    qwq = Proc(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "12"], directory / "sim-qwq.log", env)
+    down = Proc(["simulate", "--listen", "127.0.0.1:0", "--error-rate", "1", "--error-status", "503"],
+                directory / "sim-down.log", env)
+    return r1, qwq, down
+
+
+def upstream(name, addr):
+    return (f'[upstreams.{name}]\nkind = "openai"\nbase_url = "http://{addr}/v1"\n'
+            f'api_key = "${{UPSTREAM_KEY}}"\n\n')
+
+
+def routes_and_consumers(extra_routes=""):
+    """R1 falling back to QwQ, a route that always fails over to QwQ, QwQ
+    itself, `extra_routes`, and the two consumers."""
+    return f"""[[routes]]
+model = "deepseek-r1"
+targets = [{{ upstream = "r1", model = "deepseek-reasoner" }}]
+fallback = ["qwq-32b"]
+
+[[routes]]
+model = "flaky-r1"
+targets = [{{ upstream = "down", model = "deepseek-reasoner" }}]
+fallback = ["qwq-32b"]
+
+[[routes]]
+model = "qwq-32b"
+targets = [{{ upstream = "qwq" }}]
+
+{extra_routes}[[consumers]]
+name = "python-app"
+api_keys = ["{sha(KEY)}"]
+
+[[consumers]]
+name = "qwq-only"
+api_keys = ["{sha(LIMITED_KEY)}"]
+models = ["qwq-*"]
+"""
+
+
 @pytest.fixture(scope="session")
 def artifacts():
     d = pathlib.Path(os.environ.get("TOLLGATE_ARTIFACTS", "target/tmp/e2e/python"))
@@ -60,19 +106,10 @@ def artifacts():
 
 @pytest.fixture(scope="session")
 def gateway(artifacts):
-    sim_env = {"TOLLGATE_SIM_API_KEY": UPSTREAM_KEY}
-    r1 = Proc(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "16", "--reasoning-tokens", "6",
-               "--usage-style", "deepseek"], artifacts / "sim-r1.log", sim_env)
-    qwq = Proc(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "12"], artifacts / "sim-qwq.log", sim_env)
-    down = Proc(["simulate", "--listen", "127.0.0.1:0", "--error-rate", "1", "--error-status", "503"],
-                artifacts / "sim-down.log", sim_env)
+    r1, qwq, down = simulators(artifacts)
     lake = artifacts / "lake"
     shutil.rmtree(lake, ignore_errors=True)
     shutil.rmtree(artifacts / "spool", ignore_errors=True)
-
-    def upstream(name, sim):
-        return (f'[upstreams.{name}]\nkind = "openai"\nbase_url = "http://{sim.addr}/v1"\n'
-                f'api_key = "${{UPSTREAM_KEY}}"\n\n')
 
     config = f"""
 [gateway]
@@ -91,30 +128,8 @@ max_concurrent = 4
 max_rss_mb = 1536
 cors_origins = ["http://grafana.example:3000"]
 
-{upstream("r1", r1)}{upstream("qwq", qwq)}{upstream("down", down)}
-[[routes]]
-model = "deepseek-r1"
-targets = [{{ upstream = "r1", model = "deepseek-reasoner" }}]
-fallback = ["qwq-32b"]
-
-[[routes]]
-model = "flaky-r1"
-targets = [{{ upstream = "down", model = "deepseek-reasoner" }}]
-fallback = ["qwq-32b"]
-
-[[routes]]
-model = "qwq-32b"
-targets = [{{ upstream = "qwq" }}]
-
-[[consumers]]
-name = "python-app"
-api_keys = ["{sha(KEY)}"]
-
-[[consumers]]
-name = "qwq-only"
-api_keys = ["{sha(LIMITED_KEY)}"]
-models = ["qwq-*"]
-"""
+{upstream("r1", r1.addr)}{upstream("qwq", qwq.addr)}{upstream("down", down.addr)}
+{routes_and_consumers()}"""
     path = artifacts / "tollgate.toml"
     path.write_text(config)
     gw = Proc(["serve", "--config", str(path)], artifacts / "gateway.log", {"UPSTREAM_KEY": UPSTREAM_KEY, "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN})

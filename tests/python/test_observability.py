@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import duckdb
 import pytest
 
-from conftest import KEY, LIMITED_KEY, UPSTREAM_KEY, Proc, sha
+from conftest import KEY, LIMITED_KEY, UPSTREAM_KEY, Proc, routes_and_consumers, simulators, upstream
 from otlp_receiver import Receiver, SilentServer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -29,6 +29,16 @@ RULES = ROOT / "dashboards" / "prometheus" / "alerts.yml"
 # Export promptly so the test need not wait a minute for a batch.
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "200", "OTEL_METRIC_EXPORT_INTERVAL": "500"}
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+# A glob route (bounded to its pattern on /metrics) and one to the recorder.
+EXTRA_ROUTES = """[[routes]]
+model = "qwq-*"
+targets = [{ upstream = "qwq", model = "qwq-32b" }]
+
+[[routes]]
+model = "recorded"
+targets = [{ upstream = "rec" }]
+
+"""
 PARENT_ID = "00f067aa0ba902b7"
 
 
@@ -79,20 +89,10 @@ class Rig:
         self.dir = artifacts / name
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
-        sim_env = {"TOLLGATE_SIM_API_KEY": UPSTREAM_KEY}
-        self.procs = [
-            Proc(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "16", "--reasoning-tokens", "6",
-                  "--usage-style", "deepseek"], self.dir / "sim-r1.log", sim_env),
-            Proc(["simulate", "--listen", "127.0.0.1:0", "--output-tokens", "12"], self.dir / "sim-qwq.log", sim_env),
-            Proc(["simulate", "--listen", "127.0.0.1:0", "--error-rate", "1", "--error-status", "503"],
-                 self.dir / "sim-down.log", sim_env),
-        ]
+        self.procs = list(simulators(self.dir))
         self.recorder = Recorder()
         r1, qwq, down = self.procs
         self.lake = self.dir / "lake"
-
-        def upstream(n, addr):
-            return f'[upstreams.{n}]\nkind = "openai"\nbase_url = "http://{addr}/v1"\napi_key = "${{UPSTREAM_KEY}}"\n\n'
 
         config = f"""
 [gateway]
@@ -107,37 +107,7 @@ flush_ms = 100
 {telemetry}
 
 {upstream("r1", r1.addr)}{upstream("qwq", qwq.addr)}{upstream("down", down.addr)}{upstream("rec", self.recorder.addr)}
-[[routes]]
-model = "deepseek-r1"
-targets = [{{ upstream = "r1", model = "deepseek-reasoner" }}]
-fallback = ["qwq-32b"]
-
-[[routes]]
-model = "flaky-r1"
-targets = [{{ upstream = "down", model = "deepseek-reasoner" }}]
-fallback = ["qwq-32b"]
-
-[[routes]]
-model = "qwq-32b"
-targets = [{{ upstream = "qwq" }}]
-
-[[routes]]
-model = "qwq-*"
-targets = [{{ upstream = "qwq", model = "qwq-32b" }}]
-
-[[routes]]
-model = "recorded"
-targets = [{{ upstream = "rec" }}]
-
-[[consumers]]
-name = "python-app"
-api_keys = ["{sha(KEY)}"]
-
-[[consumers]]
-name = "qwq-only"
-api_keys = ["{sha(LIMITED_KEY)}"]
-models = ["qwq-*"]
-"""
+{routes_and_consumers(EXTRA_ROUTES)}"""
         path = self.dir / "tollgate.toml"
         path.write_text(config)
         self.gw = Proc(["serve", "--config", str(path)], self.dir / "gateway.log",

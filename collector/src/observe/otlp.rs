@@ -187,50 +187,46 @@ impl Exporters {
             .map(|(k, v)| (k.clone(), v.expose().to_string()))
             .collect();
 
-        let spans = match traces_protocol {
-            OtlpProtocol::HttpProtobuf => {
-                let mut b = opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(Protocol::HttpBinary)
-                    .with_http_client(Capped::new(timeout(&env, "TRACES"))?)
-                    .with_headers(headers.clone());
-                if let Some(base) = endpoint {
-                    b = b.with_endpoint(format!("{base}/v1/traces"));
+        // The span and metric builders are different types with the same
+        // steps: one macro, so the two signals cannot drift apart.
+        macro_rules! exporter {
+            ($builder:path, $protocol:expr, $signal:literal, $path:literal) => {
+                match $protocol {
+                    OtlpProtocol::HttpProtobuf => {
+                        let mut b = <$builder>::builder()
+                            .with_http()
+                            .with_protocol(Protocol::HttpBinary)
+                            .with_http_client(Capped::new(timeout(&env, $signal))?)
+                            .with_headers(headers.clone());
+                        if let Some(base) = endpoint {
+                            b = b.with_endpoint(format!("{base}{}", $path));
+                        }
+                        b.build()?
+                    }
+                    OtlpProtocol::Grpc => {
+                        let mut b = <$builder>::builder()
+                            .with_tonic()
+                            .with_metadata(metadata(&headers));
+                        if let Some(base) = endpoint {
+                            b = b.with_endpoint(base);
+                        }
+                        b.build()?
+                    }
                 }
-                b.build()?
-            }
-            OtlpProtocol::Grpc => {
-                let mut b = opentelemetry_otlp::SpanExporter::builder()
-                    .with_tonic()
-                    .with_metadata(metadata(&headers));
-                if let Some(base) = endpoint {
-                    b = b.with_endpoint(base);
-                }
-                b.build()?
-            }
-        };
-        let metrics = match metrics_protocol {
-            OtlpProtocol::HttpProtobuf => {
-                let mut b = opentelemetry_otlp::MetricExporter::builder()
-                    .with_http()
-                    .with_protocol(Protocol::HttpBinary)
-                    .with_http_client(Capped::new(timeout(&env, "METRICS"))?)
-                    .with_headers(headers.clone());
-                if let Some(base) = endpoint {
-                    b = b.with_endpoint(format!("{base}/v1/metrics"));
-                }
-                b.build()?
-            }
-            OtlpProtocol::Grpc => {
-                let mut b = opentelemetry_otlp::MetricExporter::builder()
-                    .with_tonic()
-                    .with_metadata(metadata(&headers));
-                if let Some(base) = endpoint {
-                    b = b.with_endpoint(base);
-                }
-                b.build()?
-            }
-        };
+            };
+        }
+        let spans = exporter!(
+            opentelemetry_otlp::SpanExporter,
+            traces_protocol,
+            "TRACES",
+            "/v1/traces"
+        );
+        let metrics = exporter!(
+            opentelemetry_otlp::MetricExporter,
+            metrics_protocol,
+            "METRICS",
+            "/v1/metrics"
+        );
 
         let queue = config
             .max_queue_spans
