@@ -2,7 +2,7 @@
 # Runs every test: Rust unit and end-to-end tests (real processes on
 # 127.0.0.1, a real Kafka-protocol broker), then the Python clients (the
 # official openai SDK against the gateway; a real Prometheus and an OTLP
-# receiver against its telemetry; psql, psycopg, asyncpg, SQLAlchemy,
+# receiver against its telemetry; two gateways sharing a real Redis; psql, psycopg, asyncpg, SQLAlchemy,
 # pandas and Grafana's queries against the ledger; Spark on the lake), then a
 # sweep of every log, event and response body the tests kept for the canary
 # secrets they used. Installs what it needs first; quick when already there.
@@ -48,6 +48,15 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+# Redis (shared limit counters across gateways; each test starts its own on a
+# loopback port): Debian's redis-server, without its system service.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "==> installing redis-server"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 fi
 
 # PySpark 4 for the test that Spark reads the lake: Debian's Java runtime

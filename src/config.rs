@@ -11,7 +11,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 use tollgate_collector::config::{
-    RawConsumer, RawGateway, RawRoute, RawTelemetry, RawUpstream, Sections,
+    RawBudget, RawConsumer, RawGateway, RawRateLimit, RawRedis, RawRoute, RawTelemetry,
+    RawUpstream, Sections,
 };
 use tollgate_ingest::config::{PipelineConfig, RawPipeline};
 use tollgate_query::QueryConfig;
@@ -59,6 +60,11 @@ struct File {
     consumers: Vec<Spanned<RawConsumer>>,
     #[serde(default)]
     telemetry: RawTelemetry,
+    redis: Option<RawRedis>,
+    #[serde(default)]
+    rate_limits: Vec<Spanned<RawRateLimit>>,
+    #[serde(default)]
+    budgets: Vec<Spanned<RawBudget>>,
 }
 
 impl Config {
@@ -86,12 +92,15 @@ impl Config {
         let text = interpolate(text, &env).map_err(invalid)?;
         let file: File = toml::from_str(&text).map_err(|e| invalid(parse_error(&e, &text)))?;
         let located = |e: Invalid| invalid(e.located(&text));
-        let collector = tollgate_collector::Config::from_sections(Sections {
+        let mut collector = tollgate_collector::Config::from_sections(Sections {
             gateway: file.gateway,
             upstreams: file.upstreams,
             routes: file.routes,
             consumers: file.consumers,
             telemetry: file.telemetry,
+            redis: file.redis,
+            rate_limits: file.rate_limits,
+            budgets: file.budgets,
         })
         .map_err(located)?;
         let pipeline = PipelineConfig::from_raw(file.pipeline).map_err(located)?;
@@ -100,7 +109,18 @@ impl Config {
             .map(QueryConfig::from_raw)
             .transpose()
             .map_err(located)?;
-        if let Some(token) = query.as_ref().and_then(|q| q.admin_token.as_ref()) {
+        let tokens = [
+            (
+                "query.admin_token",
+                query.as_ref().and_then(|q| q.admin_token.as_ref()),
+            ),
+            (
+                "gateway.admin_token",
+                collector.gateway.admin_token.as_ref(),
+            ),
+        ];
+        for (key, token) in tokens {
+            let Some(token) = token else { continue };
             let digest = tollgate_collector::proxy::auth::hash_key(token.expose());
             let digest = digest.strip_prefix("sha256:").unwrap_or(&digest);
             let taken = collector
@@ -108,10 +128,13 @@ impl Config {
                 .iter()
                 .any(|c| c.key_hashes.iter().any(|h| hex_of(h) == digest));
             if taken {
-                return Err(invalid(
-                    "query.admin_token: is also a consumer's API key; the admin token must be a secret of its own".into(),
-                ));
+                return Err(invalid(format!(
+                    "{key}: is also a consumer's API key; the admin token must be a secret of its own"
+                )));
             }
+        }
+        if collector.gateway.admin_token.is_none() {
+            collector.gateway.admin_token = query.as_ref().and_then(|q| q.admin_token.clone());
         }
         Ok(Self {
             collector,

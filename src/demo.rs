@@ -92,6 +92,26 @@ targets = [{{ upstream = "sim-qwq", model = "qwq-32b" }}]
 name = "demo-app"
 team = "demo"
 api_keys = ["{key_line}"]
+
+# R1 needs far more GPUs than QwQ: cap it per consumer; past the cap the
+# request is served by QwQ-32B instead of failing.
+[[rate_limits]]
+name = "r1-tokens"
+model = "deepseek-r1"
+key = "consumer"
+tokens_per_minute = 2400
+default_output_tokens = 512
+on_limit = {{ fallback = "qwq-32b" }}
+
+# A small daily R1 budget for the team; once spent, R1 requests downgrade.
+[[budgets]]
+name = "demo-r1-daily"
+team = "demo"
+model = "deepseek-r1"
+usd = "0.05"
+period = "day"
+alert_at = [0.5, 0.8, 1.0]
+on_exhausted = {{ downgrade = "qwq-32b" }}
 "#,
         listen = args.listen,
         query_listen = args.query_listen,
@@ -115,6 +135,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         pipeline.metrics(),
     )
     .await?;
+    crate::budgets::rebuild(&config, server.gateway()).await?;
     let addr = server.local_addr()?;
     let lake = Lake::open(args.data.join("lake"))?;
     let already: HashSet<PathBuf> = lake.files()?.into_iter().collect();
@@ -125,6 +146,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.error_rate * 100.0
     );
     println!("          qwq-32b     -> sim-qwq");
+    println!(
+        "  limits: deepseek-r1 2400 tokens/min per consumer, then qwq-32b; R1 budget $0.05/day for team demo, then qwq-32b"
+    );
+    println!("          state: curl -s http://{addr}/v1/limits -H 'Authorization: Bearer {key}'");
     println!("  demo consumer key: {key}");
     println!(
         "  try it:  curl -s http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' \\"
@@ -272,7 +297,14 @@ async fn tail(
 }
 
 fn print_event(e: &UsageEvent) {
-    let note = if e.fallback {
+    let note = if e.rate_limited {
+        format!(
+            "{} -> served by {} ({})",
+            e.fallback_reason.as_deref().unwrap_or("refused"),
+            e.served_model.as_deref().unwrap_or("-"),
+            e.limit_key.as_deref().unwrap_or("?")
+        )
+    } else if e.fallback {
         format!(
             "fallback from {} ({})",
             e.fallback_from.as_deref().unwrap_or("?"),

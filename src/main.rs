@@ -7,6 +7,7 @@
 //! settings.
 
 mod bench;
+mod budgets;
 mod config;
 mod demo;
 mod pipeline;
@@ -217,6 +218,7 @@ async fn serve(
         pipeline.metrics(),
     )
     .await?;
+    budgets::rebuild(&config, server.gateway()).await?;
     let addr = server.local_addr()?;
     println!("tollgate gateway listening on http://{addr}");
     println!("usage lake -> {}", config.pipeline.lake);

@@ -30,6 +30,7 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/v1/completions", post(proxy::completions))
         .route("/v1/embeddings", post(proxy::embeddings))
         .route("/v1/models", get(models))
+        .route("/v1/limits", get(limits))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -48,6 +49,29 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
         .map(|m| serde_json::json!({"id": m, "object": "model", "created": 0, "owned_by": "tollgate"}))
         .collect();
     axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/limits`: the admin token sees every counter, a consumer's key
+/// its own (see `crate::policy::quota::view`).
+async fn limits(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    use crate::policy::quota::view::Viewer;
+    let admin = gw
+        .admin_token
+        .as_ref()
+        .is_some_and(|t| proxy::auth::presents(&headers, t.expose()));
+    let body = if admin {
+        gw.quota.view(&Viewer::Admin).await
+    } else {
+        let Some(caller) = gw.keyring.authenticate(&headers) else {
+            return GatewayError::Unauthorized.into_response();
+        };
+        let viewer = Viewer::Consumer {
+            name: &caller.consumer.name,
+            team: caller.consumer.team.as_deref(),
+        };
+        gw.quota.view(&viewer).await
+    };
+    axum::Json(body).into_response()
 }
 
 async fn not_found(

@@ -29,6 +29,12 @@ pub enum GatewayError {
     NotFound { path: String },
     #[error("Method not allowed on this path.")]
     MethodNotAllowed,
+    /// A `[[rate_limits]]` rule would go over.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
+    /// A `[[budgets]]` entry is spent.
+    #[error("{message}")]
+    BudgetExceeded { message: String, retry_after: u64 },
     #[error("Upstream rate limit reached: {message}")]
     UpstreamRateLimited { message: String },
     /// The upstream refused the request itself (a 4xx other than 429).
@@ -51,7 +57,9 @@ impl GatewayError {
             }
             GatewayError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::UpstreamRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::UpstreamRateLimited { .. }
+            | GatewayError::RateLimited { .. }
+            | GatewayError::BudgetExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::UpstreamRejected { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
             }
@@ -71,7 +79,10 @@ impl GatewayError {
             | GatewayError::UpstreamRejected { .. } => "invalid_request_error",
             GatewayError::Unauthorized => "authentication_error",
             GatewayError::ModelNotAllowed { .. } => "permission_error",
-            GatewayError::UpstreamRateLimited { .. } => "rate_limit_error",
+            GatewayError::UpstreamRateLimited { .. } | GatewayError::RateLimited { .. } => {
+                "rate_limit_error"
+            }
+            GatewayError::BudgetExceeded { .. } => "insufficient_quota",
             GatewayError::Upstream { .. } | GatewayError::UpstreamTimeout { .. } => {
                 "upstream_error"
             }
@@ -85,6 +96,8 @@ impl GatewayError {
             GatewayError::ModelNotFound { .. } => Some("model_not_found"),
             GatewayError::BodyTooLarge { .. } => Some("request_too_large"),
             GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
+            GatewayError::RateLimited { .. } => Some("rate_limit_exceeded"),
+            GatewayError::BudgetExceeded { .. } => Some("budget_exceeded"),
             _ => None,
         }
     }
@@ -113,6 +126,8 @@ impl GatewayError {
             GatewayError::UpstreamRateLimited { .. }
             | GatewayError::Upstream { .. }
             | GatewayError::UpstreamTimeout { .. } => Outcome::UpstreamError,
+            GatewayError::RateLimited { .. } => Outcome::RateLimited,
+            GatewayError::BudgetExceeded { .. } => Outcome::BudgetExceeded,
         }
     }
 
@@ -128,7 +143,14 @@ impl GatewayError {
 
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body())).into_response()
+        let mut resp = (self.status(), Json(self.body())).into_response();
+        if let GatewayError::RateLimited { retry_after, .. }
+        | GatewayError::BudgetExceeded { retry_after, .. } = self
+        {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, retry_after.into());
+        }
+        resp
     }
 }
 

@@ -65,6 +65,11 @@ impl Server {
         })
     }
 
+    /// The state requests will read (to seed it before serving).
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
     pub fn local_addr(&self) -> Result<SocketAddr, CollectorError> {
         self.listener
             .local_addr()

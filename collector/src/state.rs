@@ -14,6 +14,7 @@ use crate::ledger::tap::Tap;
 use crate::ledger::{Ledger, Pricing};
 use crate::observe::metrics::Names;
 use crate::observe::{Estimates, GatewayMetrics, Observe, Telemetry};
+use crate::policy::quota::Quota;
 use crate::proxy::auth::Keyring;
 use crate::proxy::routing::Routes;
 use crate::upstream::Upstream;
@@ -26,6 +27,10 @@ pub struct Gateway {
     pub max_response_bytes: usize,
     /// `/metrics` and OpenTelemetry, shared with the ledger.
     pub observe: Arc<Observe>,
+    /// Rate limits and budgets.
+    pub quota: Arc<Quota>,
+    /// Reads every rule's state on `GET /v1/limits`.
+    pub admin_token: Option<tollgate_schemas::config::Secret>,
 }
 
 impl Gateway {
@@ -55,6 +60,15 @@ impl Gateway {
         let names = Arc::new(Names::new(config));
         let telemetry =
             Telemetry::start(&config.telemetry, names.clone(), |k| std::env::var(k).ok())?;
+        let quota = Quota::new(
+            &config.limits,
+            config.gateway.client_ip_header.clone(),
+            Arc::new(chrono::Utc::now),
+        )
+        .map_err(|e| CollectorError::Limits(e.to_string()))?;
+        if let Some(s) = quota.shared() {
+            others.push(Box::new(s.stats.clone()));
+        }
         others.insert(0, Box::new(tap.counters().clone()));
         others.insert(1, Box::new(Estimates(listed)));
         if let Some(t) = &telemetry {
@@ -77,6 +91,8 @@ impl Gateway {
             max_body_bytes: config.gateway.max_body_bytes,
             max_response_bytes: config.gateway.max_response_bytes,
             observe,
+            quota: Arc::new(quota),
+            admin_token: config.gateway.admin_token.clone(),
         })
     }
 }

@@ -25,8 +25,9 @@ use tollgate_schemas::UsageEvent;
 
 use crate::IngestError;
 use crate::columns;
+use chrono::{DateTime, Utc};
 use tollgate_lake::Store;
-use tollgate_lake::layout::{DEAD_LETTERS, PARQUET, PartName, USAGE, hour_dir, usage_key};
+use tollgate_lake::layout::{self, DEAD_LETTERS, PARQUET, PartName, USAGE, hour_dir, usage_key};
 
 #[derive(Debug, Clone)]
 pub struct Lake {
@@ -291,6 +292,28 @@ impl Lake {
             out.extend(self.read_file(&f)?);
         }
         Ok(out)
+    }
+
+    /// Calls `each` with every event of the hours that end after `since`,
+    /// one file at a time; returns how many (budgets rebuilt from the
+    /// ledger read the current period this way).
+    pub fn each_event_since(
+        &self,
+        since: DateTime<Utc>,
+        mut each: impl FnMut(&UsageEvent),
+    ) -> Result<usize, IngestError> {
+        let mut n = 0;
+        for f in self.files()? {
+            let hour = layout::hour_of(&self.key_of(&f));
+            if hour.is_some_and(|(_, start)| layout::hour_end(start) <= since) {
+                continue;
+            }
+            for e in self.read_file(&f)? {
+                each(&e);
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Reads one lake file back into events.

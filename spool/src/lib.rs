@@ -16,12 +16,13 @@
 //! Its parts, in the order a record meets them: `writer` (append, group
 //! commit) -> [`frame`] (length, CRC-32C, payload) -> `dir` (segments and
 //! the cursor on disk) -> `reader` (drain, acknowledge); `recovery` cuts a
-//! damaged tail on open.
+//! damaged tail on open, and [`scan`] reads every record without draining.
 
 mod dir;
 pub mod frame;
 mod reader;
 mod recovery;
+mod scan;
 mod writer;
 
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ use std::time::Duration;
 
 pub use reader::{Batch, SpoolReader};
 pub use recovery::{Damage, Recovery};
+pub use scan::scan;
 pub use writer::{Append, SpoolWriter};
 
 /// A place in the spool: a segment and a byte offset within it. Positions

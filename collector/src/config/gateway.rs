@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tollgate_schemas::config::Invalid;
+use tollgate_schemas::config::{Invalid, Secret};
 use toml::Spanned;
 
 #[derive(Debug, Clone)]
@@ -21,6 +21,13 @@ pub struct GatewayConfig {
     /// A price catalog file; `None` = the catalog shipped in the binary.
     pub prices: Option<PathBuf>,
     pub client_ip: ClientIp,
+    /// Where the client's address comes from for `key = "ip"` limits: the
+    /// TCP peer (`None`), or this header set by a trusted proxy in front
+    /// (`x-forwarded-for`: its last entry, the one that proxy appended).
+    pub client_ip_header: Option<String>,
+    /// Reads every rule's state on `GET /v1/limits`; `None`: the binary
+    /// uses `[query] admin_token`, else only consumers see their own.
+    pub admin_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -44,6 +51,8 @@ pub struct RawGateway {
     instance: Option<String>,
     prices: Option<PathBuf>,
     client_ip: Option<ClientIp>,
+    client_ip_header: Option<String>,
+    admin_token: Option<String>,
 }
 
 pub fn validate(g: RawGateway) -> Result<GatewayConfig, Invalid> {
@@ -64,6 +73,16 @@ pub fn validate(g: RawGateway) -> Result<GatewayConfig, Invalid> {
         instance: g.instance.unwrap_or_else(default_instance),
         prices: g.prices,
         client_ip: g.client_ip.unwrap_or(ClientIp::Plain),
+        client_ip_header: match g.client_ip_header {
+            Some(h) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                return Err(Invalid::key(
+                    "gateway.client_ip_header",
+                    format!("{h:?} is not a header name"),
+                ));
+            }
+            h => h.map(|h| h.to_ascii_lowercase()),
+        },
+        admin_token: g.admin_token.and_then(Secret::new),
     })
 }
 

@@ -5,7 +5,8 @@
 //! validated beside the transports in `crate::upstream::config`),
 //! [`routes`] (`[[routes]]`, which name upstreams) and [`consumers`]
 //! (`[[consumers]]`), then [`telemetry`] (`[telemetry]`: Prometheus and
-//! OpenTelemetry). They are validated in that order.
+//! OpenTelemetry) and [`limits`] (`[redis]`, `[[rate_limits]]`,
+//! `[[budgets]]`). They are validated in that order.
 //!
 //! The binary's loader reads the file, interpolates `${ENV}` and hands
 //! these sections over as [`Sections`]; every refusal is a
@@ -14,6 +15,7 @@
 
 pub mod consumers;
 pub mod gateway;
+pub mod limits;
 pub mod routes;
 pub mod telemetry;
 
@@ -28,6 +30,7 @@ pub use crate::upstream::config::{
 };
 pub use consumers::{ConsumerConfig, RawConsumer};
 pub use gateway::{ClientIp, GatewayConfig, RawGateway};
+pub use limits::{BudgetConfig, LimitsConfig, RateLimitConfig, RawBudget, RawRateLimit, RawRedis};
 pub use routes::{DEFAULT_FALLBACK_ON, FallbackTrigger, RawRoute, RouteConfig, TargetConfig};
 pub use telemetry::{OtlpProtocol, RawTelemetry, TelemetryConfig};
 pub use tollgate_schemas::config::Secret;
@@ -40,6 +43,7 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub consumers: Vec<ConsumerConfig>,
     pub telemetry: TelemetryConfig,
+    pub limits: LimitsConfig,
 }
 
 /// The gateway's sections as the file wrote them. Spans are byte offsets
@@ -57,6 +61,11 @@ pub struct Sections {
     pub consumers: Vec<Spanned<RawConsumer>>,
     #[serde(default)]
     pub telemetry: RawTelemetry,
+    pub redis: Option<RawRedis>,
+    #[serde(default)]
+    pub rate_limits: Vec<Spanned<RawRateLimit>>,
+    #[serde(default)]
+    pub budgets: Vec<Spanned<RawBudget>>,
 }
 
 /// A TOML text holding only the gateway's sections could not be used.
@@ -73,12 +82,25 @@ impl Config {
         let routes = routes::validate(&s.routes, &upstreams)?;
         let consumers = consumers::validate(&s.consumers)?;
         let telemetry = telemetry::validate(s.telemetry)?;
+        let limits = limits::validate(s.redis, &s.rate_limits, &s.budgets)?;
+        for (path, model) in limits.fallback_models() {
+            let routed = routes.iter().any(|r| {
+                r.model == model || glob::Pattern::new(&r.model).is_ok_and(|g| g.matches(model))
+            });
+            if !routed {
+                return Err(Invalid::key(
+                    path,
+                    format!("{model:?} has no route to serve it"),
+                ));
+            }
+        }
         Ok(Self {
             gateway,
             upstreams,
             routes,
             consumers,
             telemetry,
+            limits,
         })
     }
 

@@ -25,6 +25,7 @@ use crate::ledger::tally::{Tally, Usage};
 use crate::ledger::tap::Tap;
 use crate::ledger::tokens::{self, Prompt};
 use crate::observe::{InFlight, Observe, RequestTrace, Timing};
+use crate::policy::quota::{Grant, Kind, Spent, Trip};
 use crate::proxy::auth::Caller;
 use crate::proxy::request::ClientRequest;
 use crate::proxy::routing::Candidate;
@@ -53,6 +54,8 @@ pub struct Record {
     first_token: Option<Instant>,
     /// `None` when OpenTelemetry export is off.
     trace: Option<RequestTrace>,
+    /// The request's limit reservations, settled when the record closes.
+    grant: Option<Grant>,
     _counted: InFlight,
 }
 
@@ -134,6 +137,7 @@ impl Record {
             in_flight: None,
             first_token: None,
             trace,
+            grant: None,
             _counted: ledger.observe.metrics.arrived(),
         }
     }
@@ -148,6 +152,17 @@ impl Record {
                 http::HeaderValue::from_str(e.event_id.hyphenated().encode_lower(&mut buf)).ok()
             }
         }
+    }
+
+    /// The request's `x-tollgate-tags`.
+    pub fn tags(&self) -> &BTreeMap<String, String> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        self.event.as_ref().map_or(&NONE, |e| &e.tags)
+    }
+
+    /// When the request arrived (the catalog entry in force then prices it).
+    pub fn started_at(&self) -> chrono::DateTime<Utc> {
+        self.event.as_ref().map_or_else(Utc::now, |e| e.ts_start)
     }
 
     pub fn since_start(&self) -> Duration {
@@ -182,6 +197,36 @@ impl Record {
             body: req.raw.clone(),
             max_tokens: req.max_tokens,
         });
+    }
+
+    /// A limit tripped: the event says which rule and key; with
+    /// `fallback`, the request goes on as a fallback for that reason.
+    pub fn limited(&mut self, trip: &Trip, fallback: bool) {
+        let consumer = self.event.as_ref().and_then(|e| e.consumer.clone());
+        self.ledger
+            .observe
+            .metrics
+            .limited(consumer.as_deref(), &trip.rule);
+        if let Some(e) = self.event() {
+            e.rate_limited = true;
+            e.limit_key = Some(trip.limit_key.clone());
+            if fallback {
+                e.fallback = true;
+                e.fallback_from = e.requested_model.clone();
+                e.fallback_reason = Some(
+                    match trip.kind {
+                        Kind::RateLimit => "rate_limited",
+                        Kind::Budget => "budget_exhausted",
+                    }
+                    .into(),
+                );
+            }
+        }
+    }
+
+    /// The limit reservations to settle to the request's usage at its end.
+    pub fn hold(&mut self, grant: Grant) {
+        self.grant = Some(grant);
     }
 
     /// An attempt is about to be sent.
@@ -373,7 +418,15 @@ impl Record {
         e.reasoning_tokens = total.reasoning;
         e.token_source = source;
         e.cost_usd = cost;
+        if let Some(grant) = self.grant.take() {
+            grant.settle(&Spent {
+                input: total.input,
+                output: total.output,
+                cost,
+            });
+        }
         if e.attempts.len() > 1
+            && !e.fallback
             && let Some(first) = e.attempts.first()
         {
             e.fallback = true;

@@ -294,6 +294,15 @@ impl GatewayMetrics {
         InFlight::new(&self.open_streams)
     }
 
+    /// A request tripped `rule` (a rate limit or a budget).
+    pub fn limited(&self, consumer: Option<&str>, rule: &Name) {
+        let labels = Limited {
+            consumer: self.names.consumer(consumer),
+            rule: rule.clone(),
+        };
+        self.rate_limited.get_or_create(&labels).inc();
+    }
+
     /// One upstream attempt ended with `status` (`None`: no response).
     pub fn attempt(&self, upstream: &str, status: Option<u16>, latency: Duration) {
         if !self.on {

@@ -99,6 +99,17 @@ impl Keyring {
 }
 
 /// The key from `Authorization: Bearer` or `x-api-key`, as raw bytes.
+/// Whether the request presents `token` (the admin token), compared by
+/// digest in constant time.
+pub fn presents(headers: &HeaderMap, token: &str) -> bool {
+    let Some(key) = presented_key(headers) else {
+        return false;
+    };
+    let given: [u8; 32] = Sha256::digest(key).into();
+    let want: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    given.ct_eq(&want).into()
+}
+
 fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
     let authorization = headers.get(AUTHORIZATION).map(HeaderValue::as_bytes);
     // `Authorization` decides when present: no second lookup then.

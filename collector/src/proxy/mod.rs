@@ -6,15 +6,18 @@
 //!    ([`request`], 400)
 //! 4. check the consumer may use the model (403) and find its route
 //!    ([`routing`], 404)
-//! 5. try the planned attempts in order, each judged by [`attempt`] (a
+//! 5. the limits and budgets reserve the request's estimate, send it to a
+//!    cheaper model, or refuse it ([`admission`], 429)
+//! 6. try the planned attempts in order, each judged by [`attempt`] (a
 //!    [`failure`] says how it is recorded); fall back on the route's
 //!    triggers, only while nothing has been sent to the client
-//! 6. answer: a complete JSON body, or a streamed relay that owns the
-//!    record from here on
+//! 7. answer: a complete JSON body, or a streamed relay that owns the
+//!    record from here on (the record settles the reservations at its end)
 //!
-//! The policy steps (content screen, quota, cache, search) will sit
-//! between 4 and 5; see [`crate::policy`].
+//! The other policy steps (content screen, cache, search) will sit beside
+//! 5; see [`crate::policy`].
 
+pub mod admission;
 pub mod attempt;
 pub mod auth;
 pub mod failure;
@@ -28,55 +31,67 @@ use std::time::Instant;
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::error::{GatewayError, shown};
 use crate::ledger::Record;
+use crate::policy::quota::RateHeaders;
 use crate::proxy::request::{ClientRequest, Endpoint};
 use crate::proxy::routing::Candidate;
 use crate::relay::{Primed, Relay};
 use crate::state::Gateway;
+use admission::{Admitted, Arrival};
 use attempt::Answer;
 
 pub async fn chat_completions(
     state: State<Arc<Gateway>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, peer, headers, body, Endpoint::ChatCompletions).await
+    handle(state, peer, uri, headers, body, Endpoint::ChatCompletions).await
 }
 
 pub async fn completions(
     state: State<Arc<Gateway>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, peer, headers, body, Endpoint::Completions).await
+    handle(state, peer, uri, headers, body, Endpoint::Completions).await
 }
 
 pub async fn embeddings(
     state: State<Arc<Gateway>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    handle(state, peer, headers, body, Endpoint::Embeddings).await
+    handle(state, peer, uri, headers, body, Endpoint::Embeddings).await
 }
 
 async fn handle(
     State(gw): State<Arc<Gateway>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
     endpoint: Endpoint,
 ) -> Response {
-    let record = Record::open(&gw.ledger, endpoint.path(), &headers, peer.map(|c| c.0.0));
+    let peer = peer.map(|c| c.0.0);
+    let record = Record::open(&gw.ledger, endpoint.path(), &headers, peer);
     let request_id = record.request_id_header();
-    let mut resp = respond(&gw, endpoint, &headers, body, record).await;
+    let arrival = Arrival {
+        headers: &headers,
+        uri: &uri,
+        peer,
+    };
+    let mut resp = respond(&gw, endpoint, &arrival, body, record).await;
     if let Some(id) = request_id {
         resp.headers_mut().insert("x-request-id", id);
     }
@@ -86,11 +101,11 @@ async fn handle(
 async fn respond(
     gw: &Gateway,
     endpoint: Endpoint,
-    headers: &HeaderMap,
+    arrival: &Arrival<'_>,
     body: Body,
     mut rec: Record,
 ) -> Response {
-    let Some(caller) = gw.keyring.authenticate(headers) else {
+    let Some(caller) = gw.keyring.authenticate(arrival.headers) else {
         return rec.fail(GatewayError::Unauthorized);
     };
     rec.caller(&caller);
@@ -113,7 +128,15 @@ async fn respond(
             model: shown(&req.model),
         });
     };
-    let plan = gw.routes.plan(route, &req.model);
+    let Admitted { plan, headers } =
+        match admission::admit(gw, &mut rec, &caller, &req, arrival, route).await {
+            Ok(admitted) => admitted,
+            Err((error, headers)) => {
+                let mut resp = rec.fail(error);
+                admission::set_headers(resp.headers_mut(), &headers);
+                return resp;
+            }
+        };
     let mut last_error = GatewayError::Upstream {
         message: "the route has no usable upstream".into(),
     };
@@ -124,9 +147,11 @@ async fn respond(
         match result {
             Ok(Answer::Complete { body, usage }) => {
                 rec.attempt(candidate, Some(200), None, sent_at.elapsed(), Some(usage));
-                return complete(rec, candidate, body);
+                return complete(rec, candidate, body, &headers);
             }
-            Ok(Answer::Stream(primed)) => return stream(rec, candidate, *primed, sent_at),
+            Ok(Answer::Stream(primed)) => {
+                return stream(rec, candidate, *primed, sent_at, &headers);
+            }
             Err(failure) => {
                 tracing::warn!(
                     upstream = candidate.upstream.name(),
@@ -151,11 +176,13 @@ async fn respond(
             }
         }
     }
-    rec.fail(last_error)
+    let mut resp = rec.fail(last_error);
+    admission::set_headers(resp.headers_mut(), &headers);
+    resp
 }
 
 /// A complete (non-streamed) answer, its model name already restored.
-fn complete(mut rec: Record, candidate: &Candidate, body: Bytes) -> Response {
+fn complete(mut rec: Record, candidate: &Candidate, body: Bytes, limits: &RateHeaders) -> Response {
     rec.served_by(candidate);
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
@@ -166,12 +193,19 @@ fn complete(mut rec: Record, candidate: &Candidate, body: Bytes) -> Response {
     if let Ok(v) = HeaderValue::from_str(&candidate.model) {
         h.insert("x-tollgate-served-model", v);
     }
+    admission::set_headers(h, limits);
     rec.responded();
     rec.finish(200);
     resp
 }
 
-fn stream(mut rec: Record, candidate: &Candidate, primed: Primed, sent_at: Instant) -> Response {
+fn stream(
+    mut rec: Record,
+    candidate: &Candidate,
+    primed: Primed,
+    sent_at: Instant,
+    limits: &RateHeaders,
+) -> Response {
     rec.served_by(candidate);
     rec.responded();
     let relay = Relay::new(rec, candidate.clone(), primed, sent_at);
@@ -185,6 +219,7 @@ fn stream(mut rec: Record, candidate: &Candidate, primed: Primed, sent_at: Insta
     if let Ok(v) = HeaderValue::from_str(&candidate.model) {
         h.insert("x-tollgate-served-model", v);
     }
+    admission::set_headers(h, limits);
     resp
 }
 

@@ -10,4 +10,5 @@ mod cancel;
 mod errors;
 mod fallback;
 mod harness;
+mod limits;
 mod observe;

@@ -12,12 +12,11 @@ use serde_json::{Value, json};
 
 use super::plan::{Sim, WORDS, error};
 use super::stream::{Kind, stream_response};
+use crate::ledger::tokens;
 
 #[derive(Deserialize)]
 struct ChatBody {
     model: Option<String>,
-    #[serde(default)]
-    messages: Vec<Message>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -29,17 +28,9 @@ struct ChatBody {
 struct CompletionBody {
     model: Option<String>,
     #[serde(default)]
-    prompt: Value,
-    #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
     max_tokens: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Message {
-    #[serde(default)]
-    content: Value,
 }
 
 #[derive(Deserialize)]
@@ -53,16 +44,6 @@ struct EmbeddingBody {
     model: Option<String>,
     input: Value,
     dimensions: Option<usize>,
-}
-
-/// A cheap, deterministic prompt-size estimate: a token per 4 bytes of text.
-fn text_tokens(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => (s.len() as u64).div_ceil(4),
-        Value::Array(items) => items.iter().map(text_tokens).sum(),
-        Value::Object(o) => o.get("text").map(text_tokens).unwrap_or(0),
-        _ => 0,
-    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
@@ -87,12 +68,9 @@ pub(super) async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: 
         sim.wait_first_byte().await;
         return r;
     }
-    let prompt: u64 = req
-        .messages
-        .iter()
-        .map(|m| text_tokens(&m.content) + 4)
-        .sum::<u64>()
-        + 3;
+    // Counted as OpenAI counts (tiktoken and its chat framing), so that an
+    // estimate made before the call can equal what the upstream reports.
+    let prompt = tokens::input(&body);
     let max = req.max_completion_tokens.or(req.max_tokens);
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let report = sim.settings.usage && (!req.stream || include_usage);
@@ -152,7 +130,7 @@ pub(super) async fn completions(
     let report = sim.settings.usage && (!req.stream || include_usage);
     let mut plan = sim.plan(
         req.model.as_deref(),
-        text_tokens(&req.prompt),
+        tokens::input(&body),
         req.max_tokens,
         report,
     );
@@ -207,14 +185,11 @@ pub(super) async fn embeddings(
         other => vec![other.to_string()],
     };
     let dims = req.dimensions.unwrap_or(64).clamp(1, 4096);
-    let mut prompt = 0u64;
+    let prompt = tokens::input(&body).max(1);
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
-        .map(|(i, text)| {
-            prompt += (text.len() as u64).div_ceil(4).max(1);
-            json!({"object": "embedding", "index": i, "embedding": embed(text, dims)})
-        })
+        .map(|(i, text)| json!({"object": "embedding", "index": i, "embedding": embed(text, dims)}))
         .collect();
     let mut out = json!({
         "object": "list",
