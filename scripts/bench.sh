@@ -11,7 +11,9 @@
 #                               generated lake (BENCH_EVENTS=10000000)
 #   scripts/bench.sh telemetry  the gateway with request metrics off, on, and
 #                               on with OpenTelemetry export, side by side
-#   scripts/bench.sh            all four
+#   scripts/bench.sh limits     the gateway with no rules, five rules in
+#                               process and five rules shared through Redis
+#   scripts/bench.sh            all five
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
@@ -26,7 +28,11 @@ VENV="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb" 2>/dev/null; then
   python3 -m venv "$VENV" && "$VENV/bin/pip" install --quiet -r tests/python/requirements.txt
 fi
-if [ "$what" != gateway ] && [ "$what" != query ] && [ "$what" != telemetry ] && ! command -v tansu >/dev/null; then
+if { [ "$what" = limits ] || [ "$what" = all ]; } && ! command -v redis-server >/dev/null; then
+  echo "==> installing redis-server"
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server
+fi
+if [ "$what" != gateway ] && [ "$what" != query ] && [ "$what" != telemetry ] && [ "$what" != limits ] && ! command -v tansu >/dev/null; then
   echo "==> installing the tansu broker"
   env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
 fi
@@ -43,7 +49,9 @@ case "$what" in
   pipeline) python3 scripts/bench_pipeline.py "$BIN" ;;
   query) "$VENV/bin/python" scripts/bench_query.py "$BIN" ;;
   telemetry) python3 scripts/bench_telemetry.py "$BIN" ;;
+  limits) python3 scripts/bench_limits.py "$BIN" ;;
   all) python3 scripts/bench.py "$BIN" && python3 scripts/bench_pipeline.py "$BIN" \
-    && "$VENV/bin/python" scripts/bench_query.py "$BIN" && python3 scripts/bench_telemetry.py "$BIN" ;;
-  *) echo "usage: scripts/bench.sh [gateway|pipeline|query|telemetry|all]" >&2; exit 2 ;;
+    && "$VENV/bin/python" scripts/bench_query.py "$BIN" && python3 scripts/bench_telemetry.py "$BIN" \
+    && python3 scripts/bench_limits.py "$BIN" ;;
+  *) echo "usage: scripts/bench.sh [gateway|pipeline|query|telemetry|limits|all]" >&2; exit 2 ;;
 esac

@@ -99,7 +99,7 @@ api_keys = ["{key_line}"]
 name = "r1-tokens"
 model = "deepseek-r1"
 key = "consumer"
-tokens_per_minute = 2400
+tokens_per_minute = 1500
 default_output_tokens = 512
 on_limit = {{ fallback = "qwq-32b" }}
 
@@ -147,7 +147,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("          qwq-32b     -> sim-qwq");
     println!(
-        "  limits: deepseek-r1 2400 tokens/min per consumer, then qwq-32b; R1 budget $0.05/day for team demo, then qwq-32b"
+        "  limits: deepseek-r1 1500 tokens/min per consumer, then qwq-32b; R1 budget $0.05/day for team demo, then qwq-32b"
     );
     println!("          state: curl -s http://{addr}/v1/limits -H 'Authorization: Bearer {key}'");
     println!("  demo consumer key: {key}");

@@ -2,10 +2,15 @@
 
 use anyhow::Context;
 use chrono::{DateTime, Duration as Days, Utc};
+use rust_decimal::Decimal;
+use tollgate_collector::config::LimitsConfig;
+use tollgate_collector::config::limits::{Scope, Unit};
 use tollgate_ingest::Lake;
 use tollgate_ingest::synth::Synth;
+use tollgate_query::rules::{BudgetSpec, LimitRules, RateLimitSpec, RuleScope};
 use tollgate_query::{QueryService, QuerySettings, Tenant};
 use tollgate_schemas::PriceCatalog;
+use tollgate_schemas::Usd;
 
 use crate::config::Config;
 
@@ -35,12 +40,74 @@ pub fn settings(config: &Config) -> anyhow::Result<Option<(QuerySettings, usize)
         .map(|c| Tenant {
             name: c.name.clone(),
             key_hashes: c.key_hashes.clone(),
+            team: c.team.clone(),
         })
         .collect();
     let p = &config.pipeline;
     let lake_options = p.lake_options.clone().into_iter().collect();
-    let settings = q.settings(p.lake.clone(), lake_options, tenants, catalogs);
+    let rules = limit_rules(&gateway.limits);
+    let settings = q.settings(p.lake.clone(), lake_options, tenants, catalogs, rules);
     Ok(Some((settings, q.threads)))
+}
+
+/// The gateway's `[[rate_limits]]` and `[[budgets]]` as the query
+/// service's `rate_limits` and `budgets` tables describe them.
+fn limit_rules(limits: &LimitsConfig) -> LimitRules {
+    let scope = |s: &Scope| RuleScope {
+        model: s.model.as_ref().map(|p| p.as_str().to_string()),
+        consumer: s.consumer.as_ref().map(|p| p.as_str().to_string()),
+        team: s.team.as_ref().map(|p| p.as_str().to_string()),
+        tag: s.tag.as_ref().map(|(k, p)| format!("{k}={}", p.as_str())),
+        exempt: s.exempt.clone(),
+    };
+    let mut rules = LimitRules::default();
+    for r in &limits.rate_limits {
+        if let Some(m) = r.on_limit.fallback() {
+            rules.fallbacks.push((r.name.clone(), m.to_string()));
+        }
+        for l in &r.limits {
+            let limit = match l.unit {
+                Unit::Usd => Usd::from_scaled(i128::from(l.limit))
+                    .unwrap_or_default()
+                    .decimal(),
+                _ => Decimal::from(l.limit),
+            };
+            rules.rate_limits.push(RateLimitSpec {
+                name: r.name.clone(),
+                scope: scope(&r.scope),
+                key: r.key.as_config(),
+                matches: r.matches.iter().map(|m| m.as_config()).collect(),
+                unit: l.unit.as_str().into(),
+                window: l.window.as_str().into(),
+                limit,
+                count: r.count.as_str().into(),
+                default_output_tokens: r.default_output_tokens,
+                on_limit: if r.on_limit.fallback().is_some() {
+                    "fallback"
+                } else {
+                    "reject"
+                }
+                .into(),
+                fallback: r.on_limit.fallback().map(str::to_string),
+            });
+        }
+    }
+    for b in &limits.budgets {
+        if let Some(m) = b.on_exhausted.fallback() {
+            rules.fallbacks.push((b.name.clone(), m.to_string()));
+        }
+        rules.budgets.push(BudgetSpec {
+            name: b.name.clone(),
+            scope: scope(&b.scope),
+            usd: b.usd,
+            period: b.period,
+            timezone: b.timezone,
+            alert_at: b.alert_at.clone(),
+            on_exhausted: b.on_exhausted.as_str().into(),
+            downgrade: b.on_exhausted.fallback().map(str::to_string),
+        });
+    }
+    rules
 }
 
 pub async fn start(config: &Config) -> anyhow::Result<Option<QueryService>> {

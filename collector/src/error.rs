@@ -31,10 +31,17 @@ pub enum GatewayError {
     MethodNotAllowed,
     /// A `[[rate_limits]]` rule would go over.
     #[error("{message}")]
-    RateLimited { message: String, retry_after: u64 },
+    /// `retry_after`: seconds until a retry can fit; `None` when none can.
+    RateLimited {
+        message: String,
+        retry_after: Option<u64>,
+    },
     /// A `[[budgets]]` entry is spent.
     #[error("{message}")]
-    BudgetExceeded { message: String, retry_after: u64 },
+    BudgetExceeded {
+        message: String,
+        retry_after: Option<u64>,
+    },
     #[error("Upstream rate limit reached: {message}")]
     UpstreamRateLimited { message: String },
     /// The upstream refused the request itself (a 4xx other than 429).
@@ -144,8 +151,14 @@ impl GatewayError {
 impl IntoResponse for GatewayError {
     fn into_response(self) -> Response {
         let mut resp = (self.status(), Json(self.body())).into_response();
-        if let GatewayError::RateLimited { retry_after, .. }
-        | GatewayError::BudgetExceeded { retry_after, .. } = self
+        if let GatewayError::RateLimited {
+            retry_after: Some(retry_after),
+            ..
+        }
+        | GatewayError::BudgetExceeded {
+            retry_after: Some(retry_after),
+            ..
+        } = self
         {
             resp.headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, retry_after.into());

@@ -60,14 +60,17 @@ impl Gateway {
         let names = Arc::new(Names::new(config));
         let telemetry =
             Telemetry::start(&config.telemetry, names.clone(), |k| std::env::var(k).ok())?;
-        let quota = Quota::new(
-            &config.limits,
-            config.gateway.client_ip_header.clone(),
-            Arc::new(chrono::Utc::now),
-        )
-        .map_err(|e| CollectorError::Limits(e.to_string()))?;
+        let quota = Arc::new(
+            Quota::new(
+                &config.limits,
+                config.gateway.client_ip_header.clone(),
+                Arc::new(chrono::Utc::now),
+            )
+            .map_err(|e| CollectorError::Limits(e.to_string()))?,
+        );
         if let Some(s) = quota.shared() {
             others.push(Box::new(s.stats.clone()));
+            others.push(Box::new(quota.drift().clone()));
         }
         others.insert(0, Box::new(tap.counters().clone()));
         others.insert(1, Box::new(Estimates(listed)));
@@ -91,7 +94,7 @@ impl Gateway {
             max_body_bytes: config.gateway.max_body_bytes,
             max_response_bytes: config.gateway.max_response_bytes,
             observe,
-            quota: Arc::new(quota),
+            quota,
             admin_token: config.gateway.admin_token.clone(),
         })
     }

@@ -42,6 +42,14 @@ impl Access {
         }
     }
 
+    /// The team of consumer `name`, if it has one.
+    pub fn team_of(&self, name: &str) -> Option<&str> {
+        self.tenants
+            .iter()
+            .find(|t| t.name == name)
+            .and_then(|t| t.team.as_deref())
+    }
+
     /// The principal a bearer token stands for.
     pub fn bearer(&self, token: &str) -> Result<Principal, QueryError> {
         let d = digest(token);
@@ -86,6 +94,7 @@ mod tests {
             vec![Tenant {
                 name: "team-a".into(),
                 key_hashes: vec![digest("key-a")],
+                team: None,
             }],
         )
     }

@@ -58,6 +58,7 @@ pub struct Engine {
     partitions: usize,
     sessions: Mutex<HashMap<(Principal, Surface), Arc<SessionContext>>>,
     metrics: crate::metrics::QueryMetrics,
+    rules: crate::rules::LimitRules,
 }
 
 fn df(e: datafusion::error::DataFusionError) -> QueryError {
@@ -120,6 +121,7 @@ impl Engine {
             partitions: settings.partitions.max(1),
             sessions: Mutex::new(HashMap::new()),
             metrics: crate::metrics::QueryMetrics::new(),
+            rules: settings.rules.clone(),
         }))
     }
 
@@ -201,6 +203,20 @@ impl Engine {
         };
         ctx.register_table("usage", usage).map_err(df)?;
         ctx.register_table("prices", self.prices.clone())
+            .map_err(df)?;
+        let rules = match who {
+            Principal::Admin => self.rules.clone(),
+            Principal::Consumer(name) => self
+                .rules
+                .visible_to(Some((name, self.access.team_of(name)))),
+        };
+        ctx.register_table(
+            "rate_limits",
+            crate::rules::rate_limits_table(&rules.rate_limits).map_err(df)?,
+        )
+        .map_err(df)?;
+        let budgets = crate::rules::BudgetsTable::new(self.lake.clone(), rules);
+        ctx.register_table("budgets", Arc::new(budgets))
             .map_err(df)?;
         for (name, sql) in tables::VIEWS {
             ctx.sql(&format!("CREATE VIEW {name} AS {sql}"))

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod pg;
 pub mod reports;
+pub mod rules;
 pub mod service;
 pub mod settings;
 pub mod tables;

@@ -39,6 +39,9 @@ pub struct QuerySettings {
     /// Browser origins allowed to call the HTTP API (a dashboard, a BI
     /// tool's web page); empty sends no CORS headers, `*` allows any.
     pub cors_origins: Vec<String>,
+    /// The gateway's rate limits and budgets, for the `rate_limits` and
+    /// `budgets` tables.
+    pub rules: crate::rules::LimitRules,
 }
 
 /// A consumer: its name in the ledger and the SHA-256 of each of its keys.
@@ -46,6 +49,8 @@ pub struct QuerySettings {
 pub struct Tenant {
     pub name: String,
     pub key_hashes: Vec<[u8; 32]>,
+    /// Decides which team budgets and rules the consumer sees.
+    pub team: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +193,7 @@ impl QueryConfig {
         lake_options: Vec<(String, String)>,
         tenants: Vec<Tenant>,
         catalogs: Vec<PriceCatalog>,
+        rules: crate::rules::LimitRules,
     ) -> QuerySettings {
         QuerySettings {
             listen: self.listen,
@@ -201,6 +207,7 @@ impl QueryConfig {
             cache_bytes: self.cache_bytes,
             partitions: self.threads * 2,
             cors_origins: self.cors_origins.clone(),
+            rules,
         }
     }
 }

@@ -2,8 +2,9 @@
 //! client request), token counts with one documented meaning ([`Tokens`]),
 //! exact money ([`Usd`]), the price catalog ([`PriceCatalog`]), the one
 //! reading of a presented API key ([`credential`]), how a part's
-//! atomic counters reach `/metrics` ([`metrics`]) and what every part's config
-//! section shares ([`config`]: a refused setting, a secret).
+//! atomic counters reach `/metrics` ([`metrics`]), what every part's config
+//! section shares ([`config`]: a refused setting, a secret) and budgets'
+//! calendar periods in a time zone ([`period`]).
 //!
 //! Token semantics, fixed here once for the whole ledger (OpenAI's meaning):
 //! `input_tokens` includes `cached_input_tokens`, and `output_tokens`
@@ -23,6 +24,7 @@ pub mod credential;
 pub mod event;
 pub mod metrics;
 pub mod money;
+pub mod period;
 pub mod prices;
 pub mod tokens;
 

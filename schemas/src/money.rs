@@ -25,8 +25,14 @@ impl Usd {
 
     /// `tokens` at `per_million` dollars per 1M tokens.
     pub fn for_tokens(tokens: u64, per_million: Decimal) -> Usd {
-        let amount =
-            Decimal::from(tokens) * per_million / Decimal::ONE_THOUSAND / Decimal::ONE_THOUSAND;
+        let mut amount = Decimal::from(tokens) * per_million;
+        // Dividing by 10^6 is moving the decimal point: exact, and no
+        // division on the request path. Past Decimal's 28 places, divide.
+        if amount.scale() + 6 <= 28 {
+            amount.set_scale(amount.scale() + 6).unwrap_or_default();
+        } else {
+            amount = amount / Decimal::ONE_THOUSAND / Decimal::ONE_THOUSAND;
+        }
         Usd(amount.round_dp(Self::SCALE).normalize())
     }
 

@@ -52,7 +52,7 @@ fn the_demo_runs_traffic_and_prints_the_ledger() {
             "--listen",
             "127.0.0.1:0",
             "--requests",
-            "8",
+            "30",
             "--interval-ms",
             "20",
             "--error-rate",
@@ -73,13 +73,25 @@ fn the_demo_runs_traffic_and_prints_the_ledger() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("demo consumer key: tg-"), "{stdout}");
-    assert!(stdout.contains("8 events spooled, 0 dropped"), "{stdout}");
+    assert!(stdout.contains("30 events spooled, 0 dropped"), "{stdout}");
     let written = read_events(&dir.join("lake"));
-    assert_eq!(written.len(), 8);
+    assert_eq!(written.len(), 30);
     assert!(
         written
             .iter()
             .all(|e| e.status == 200 && e.cost_usd.is_some())
+    );
+    // The demo's R1 token limit trips within its traffic: QwQ serves on.
+    let limited: Vec<_> = written.iter().filter(|e| e.rate_limited).collect();
+    assert!(!limited.is_empty(), "{stdout}");
+    for e in limited {
+        assert_eq!(e.fallback_reason.as_deref(), Some("rate_limited"));
+        assert_eq!(e.limit_key.as_deref(), Some("r1-tokens:demo-app"));
+        assert_eq!(e.served_model.as_deref(), Some("qwq-32b"));
+    }
+    assert!(
+        stdout.contains("rate_limited -> served by qwq-32b (r1-tokens:demo-app)"),
+        "{stdout}"
     );
 }
 

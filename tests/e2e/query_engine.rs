@@ -36,6 +36,7 @@ fn tenant(name: &str) -> Tenant {
     Tenant {
         name: name.into(),
         key_hashes: vec![Sha256::digest(format!("key-{name}").as_bytes()).into()],
+        team: None,
     }
 }
 
@@ -56,6 +57,7 @@ async fn engine(dir: &std::path::Path, limits: Limits) -> Arc<Engine> {
         cache_bytes: 64 << 20,
         partitions: 4,
         cors_origins: vec![],
+        rules: tollgate_query::rules::LimitRules::default(),
     };
     Engine::open(&settings).await.unwrap()
 }

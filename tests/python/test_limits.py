@@ -25,6 +25,7 @@ import pytest
 from conftest import ADMIN_TOKEN, KEY, UPSTREAM_KEY, Proc, sha, upstream
 
 ENV = {"UPSTREAM_KEY": UPSTREAM_KEY, "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN}
+BILLING_KEY = "tg-canary-python-billing-5e4d3c2b"
 
 
 def free_port():
@@ -71,12 +72,15 @@ class Redis:
     stop = kill
 
 
-def gateway(directory, name, sim, rules, redis=None):
+def gateway(directory, name, sim, rules, redis=None, query=False):
     """A `tollgate serve` with one R1-like upstream, R1 and QwQ routes, the
     python-app consumer (team search) and `rules`."""
     d = directory / name
     d.mkdir(parents=True, exist_ok=True)
     shared = f'[redis]\nurl = "{redis.url}"\ntimeout_ms = 200\n\n' if redis else ""
+    if query:
+        shared += ('[query]\nlisten = "127.0.0.1:0"\npg_listen = "127.0.0.1:0"\n'
+                   'admin_token = "${TOLLGATE_ADMIN_TOKEN}"\n\n')
     config = f"""
 [gateway]
 listen = "127.0.0.1:0"
@@ -102,6 +106,11 @@ name = "python-app"
 team = "search"
 api_keys = ["{sha(KEY)}"]
 
+[[consumers]]
+name = "billing-app"
+team = "billing"
+api_keys = ["{sha(BILLING_KEY)}"]
+
 {rules}
 """
     path = d / "tollgate.toml"
@@ -117,7 +126,7 @@ def simulator(directory, *extra, output=16):
                  "--usage-style", "deepseek", *extra], directory / "sim.log", {"TOLLGATE_SIM_API_KEY": UPSTREAM_KEY})
 
 
-def chat(addr, model="deepseek-r1", max_tokens=None, stream=False):
+def chat(addr, model="deepseek-r1", max_tokens=None, stream=False, tags=None):
     body = {"model": model, "messages": [{"role": "user", "content": "How much did search spend?"}]}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -125,6 +134,8 @@ def chat(addr, model="deepseek-r1", max_tokens=None, stream=False):
         body["stream"] = True
     req = urllib.request.Request(f"http://{addr}/v1/chat/completions", data=json.dumps(body).encode(),
                                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    if tags:
+        req.add_header("x-tollgate-tags", tags)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
@@ -316,8 +327,12 @@ on_exhausted = "block"
     assert spent <= float(budget)
 
 
-def test_a_gateway_killed_with_sigkill_comes_back_with_the_same_budget_spend(rig):
+@pytest.mark.parametrize("shared", [False, True], ids=["in process", "redis flushed meanwhile"])
+def test_a_gateway_killed_with_sigkill_comes_back_with_the_same_budget_spend(rig, shared):
     d, procs = rig
+    redis = Redis(d / "redis") if shared else None
+    if redis:
+        procs.append(redis)
     sim = simulator(d)
     procs.append(sim)
     rules = """[[budgets]]
@@ -327,16 +342,24 @@ usd = "0.0003"
 period = "month"
 on_exhausted = "block"
 """
-    gw = gateway(d, "gw", sim, rules)
+    gw = gateway(d, "gw", sim, rules, redis)
     procs.append(gw)
+    if redis:
+        wait_for(lambda: metric(gw.addr, "tollgate_limits_redis_up") == 1, "Redis in use")
     statuses = [chat(gw.addr, max_tokens=16)[0] for _ in range(8)]
     assert 429 in statuses and statuses[0] == 200, statuses
+    wait_for(lambda: limit_row(gw.addr, "search-monthly", "*", "usd")["reserved"] == "0", "settlements")
     before = limit_row(gw.addr, "search-monthly", "*", "usd")
     time.sleep(0.5)  # the spool's group commit
     gw.p.send_signal(signal.SIGKILL)
     gw.p.wait()
+    if redis:
+        # Redis loses its data too: the ledger is the truth.
+        subprocess.run(["redis-cli", "-p", str(redis.port), "FLUSHALL"], check=True, capture_output=True)
     again = Proc(["serve", "--config", str(gw.config)], d / "gw" / "gateway-2.log", ENV)
     procs.append(again)
+    if redis:
+        wait_for(lambda: metric(again.addr, "tollgate_limits_redis_up") == 1, "Redis in use")
     after = limit_row(again.addr, "search-monthly", "*", "usd")
     assert after["used"] == before["used"], (before, after)
     assert chat(again.addr, max_tokens=16)[0] == 429, "the spent budget still blocks"
@@ -415,3 +438,74 @@ tokens_per_hour = 100000000
     row = limit_row(gws[0].addr, "hourly", "python-app", "tokens")
     assert row["used"] == sum(tokens_of(b) for _, _, b in results), ("the totals are reconciled", row, len(results))
     print("after the outage:", row, len(results))
+
+
+def sql(gw, query, token=ADMIN_TOKEN):
+    req = urllib.request.Request(f"http://{gw.query}/v1/sql", data=json.dumps({"query": query}).encode(),
+                                 headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"{query}: {e.code} {e.read()}") from None
+
+
+def test_sql_shows_spend_against_budget_as_the_gateway_counts_it(rig):
+    d, procs = rig
+    sim = simulator(d)
+    procs.append(sim)
+    rules = """[[rate_limits]]
+name = "r1-tokens"
+model = "deepseek-r1"
+key = "consumer"
+tokens_per_minute = 90
+on_limit = { fallback = "qwq-32b" }
+
+[[budgets]]
+name = "search-qwq"
+team = "search"
+model = "qwq-*"
+usd = "1.00"
+period = "month"
+timezone = "Asia/Shanghai"
+alert_at = [0.5, 1.0]
+on_exhausted = { downgrade = "qwq-32b" }
+
+[[budgets]]
+name = "other-team"
+team = "billing"
+usd = "5"
+
+[[budgets]]
+name = "search-feature"
+tag = "feature=sea*"
+usd = "5"
+on_exhausted = "alert_only"
+"""
+    gw = gateway(d, "gw", sim, rules, query=True)
+    procs.append(gw)
+    served = [chat(gw.addr, max_tokens=16, tags=f"feature={f}")[1]["x-tollgate-served-model"]
+              for f in ["search", "chat"] * 3]
+    assert "qwq-32b" in served and "deepseek-reasoner" in served, served
+    wait_for(lambda: len(lake_rows(gw.lake)) == 6, "the ledger", timeout=30)
+    rows = {r["name"]: r for r in sql(gw, "SELECT * FROM budgets")}
+    qwq_cost = sum(float(c) for _, c, _, _ in lake_rows(gw.lake, where="served_model = 'qwq-32b'"))
+    assert qwq_cost > 0
+    assert abs(float(rows["search-qwq"]["spent_usd"]) - qwq_cost) < 1e-12, rows
+    gateway_used = float(limit_row(gw.addr, "search-qwq", "*", "usd")["used"])
+    assert abs(gateway_used - qwq_cost) < 1e-12, "the gateway's counter and the lake agree"
+    assert rows["search-qwq"]["period"] == "month" and rows["search-qwq"]["timezone"] == "Asia/Shanghai"
+    assert float(rows["other-team"]["spent_usd"]) == 0
+    tagged = sum(float(c) for _, c, _, _ in lake_rows(gw.lake, where="tags['feature'] = 'search'"))
+    assert abs(float(rows["search-feature"]["spent_usd"]) - tagged) < 1e-12 and tagged > 0
+    limits = sql(gw, "SELECT name, unit, \"window\", \"limit\", on_limit, fallback FROM rate_limits")
+    assert limits == [{"name": "r1-tokens", "unit": "tokens", "window": "minute", "limit": limits[0]["limit"],
+                       "on_limit": "fallback", "fallback": "qwq-32b"}]
+    assert float(limits[0]["limit"]) == 90
+    own = sql(gw, "SELECT name FROM budgets", token=KEY)
+    assert sorted(r["name"] for r in own) == ["search-feature", "search-qwq"], "its team's and everyone's"
+    import psycopg
+    host, port = gw.pg.rsplit(":", 1)
+    with psycopg.connect(host=host, port=int(port), user="admin", password=ADMIN_TOKEN, dbname="tollgate") as conn:
+        got = conn.execute("SELECT name, spent_usd, usd FROM budgets ORDER BY name").fetchall()
+    assert [g[0] for g in got] == ["other-team", "search-feature", "search-qwq"]

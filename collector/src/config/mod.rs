@@ -83,6 +83,7 @@ impl Config {
         let consumers = consumers::validate(&s.consumers)?;
         let telemetry = telemetry::validate(s.telemetry)?;
         let limits = limits::validate(s.redis, &s.rate_limits, &s.budgets)?;
+        limits::check_references(&limits, &routes, &consumers)?;
         for (path, model) in limits.fallback_models() {
             let routed = routes.iter().any(|r| {
                 r.model == model || glob::Pattern::new(&r.model).is_ok_and(|g| g.matches(model))

@@ -7,8 +7,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderValue, Uri};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Uri};
 
+use crate::config::limits::Unit;
 use crate::error::GatewayError;
 use crate::ledger::Record;
 use crate::policy::quota::{Action, Admission, Ask, Estimate, Kind, RateHeaders, Trip};
@@ -92,7 +93,7 @@ async fn admit_on(
     let at = rec.started_at();
     let pricing = &gw.ledger.pricing;
     let estimate = Estimate {
-        input: &|| crate::ledger::tokens::input(&req.raw),
+        input: &|| crate::ledger::tokens::input_of(&req.body),
         max_tokens: req.max_tokens,
         price: &|input, output| {
             pricing.cost(
@@ -113,23 +114,55 @@ async fn admit_on(
 }
 
 fn refusal(trip: &Trip) -> (GatewayError, RateHeaders) {
-    let retry_after = trip.retry_after.as_secs().max(1);
+    // Whole seconds, rounded up, in the header and the message alike.
+    let secs = trip.retry_after.as_secs() + u64::from(trip.retry_after.subsec_nanos() > 0);
+    let again = duration_text(Duration::from_secs(secs.max(1)));
+    let amount = |v: i64| match trip.unit {
+        Unit::Usd => format!(
+            "${}",
+            tollgate_schemas::Usd::from_scaled(i128::from(v)).unwrap_or_default()
+        ),
+        unit => format!("{v} {}", unit.as_str()),
+    };
+    let (needed, limit) = (amount(trip.needed), amount(trip.limit));
+    let window = trip.window;
+    let (message, retry_after) = match (trip.kind, trip.never) {
+        (Kind::RateLimit, true) => (
+            format!(
+                "Request too large for rate limit {}: it needs {needed}, over the limit of {limit} per {window}. Lower max_tokens or the prompt.",
+                trip.rule
+            ),
+            None,
+        ),
+        (Kind::RateLimit, false) => (
+            format!(
+                "Rate limit {} reached for {} ({limit} per {window}). Please try again in {again}.",
+                trip.rule, trip.limit_key
+            ),
+            Some(secs.max(1)),
+        ),
+        (Kind::Budget, true) => (
+            format!(
+                "Request too large for budget {}: its estimate of {needed} is over the whole budget of {limit} per {window}. Lower max_tokens or the prompt.",
+                trip.rule
+            ),
+            None,
+        ),
+        (Kind::Budget, false) => (
+            format!(
+                "Budget {} ({limit} per {window}) cannot cover this request's estimate of {needed} in this period; it renews in {again}.",
+                trip.rule
+            ),
+            Some(secs.max(1)),
+        ),
+    };
     let error = match trip.kind {
         Kind::RateLimit => GatewayError::RateLimited {
-            message: format!(
-                "Rate limit {} reached for {}. Please try again in {}.",
-                trip.rule,
-                trip.limit_key,
-                duration_text(trip.retry_after)
-            ),
+            message,
             retry_after,
         },
         Kind::Budget => GatewayError::BudgetExceeded {
-            message: format!(
-                "Budget {} is spent for this period; it renews in {}.",
-                trip.rule,
-                duration_text(trip.retry_after)
-            ),
+            message,
             retry_after,
         },
     };
@@ -139,25 +172,17 @@ fn refusal(trip: &Trip) -> (GatewayError, RateHeaders) {
 /// OpenAI's `x-ratelimit-*` headers for the tightest token and request
 /// limits (<https://platform.openai.com/docs/guides/rate-limits>).
 pub fn set_headers(h: &mut HeaderMap, r: &RateHeaders) {
-    let pairs = [
-        (
-            r.tokens,
-            [
-                "x-ratelimit-limit-tokens",
-                "x-ratelimit-remaining-tokens",
-                "x-ratelimit-reset-tokens",
-            ],
-        ),
-        (
-            r.requests,
-            [
-                "x-ratelimit-limit-requests",
-                "x-ratelimit-remaining-requests",
-                "x-ratelimit-reset-requests",
-            ],
-        ),
+    const TOKENS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
     ];
-    for (figure, [limit, remaining, reset]) in pairs {
+    const REQUESTS: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ];
+    for (figure, [limit, remaining, reset]) in [(r.tokens, TOKENS), (r.requests, REQUESTS)] {
         let Some(f) = figure else { continue };
         h.insert(limit, HeaderValue::from(f.limit));
         h.insert(remaining, HeaderValue::from(f.remaining));

@@ -398,3 +398,46 @@ async fn consumer_and_team_keys_count_their_own_requests() {
         assert_eq!(post(OTHER_KEY).await.0, again, "{key}");
     }
 }
+
+#[tokio::test]
+async fn an_enormous_max_tokens_is_refused_and_leaves_the_counters_whole() {
+    let gw = TestGateway::start(&sections(
+        "[[rate_limits]]\nname = \"tpm\"\nkey = \"consumer\"\ntokens_per_minute = 20000\n\n\
+         [[budgets]]\nname = \"daily\"\nteam = \"search\"\nusd = \"1\"\nperiod = \"day\"\n",
+    ));
+    let (status, _, _) = gw
+        .post(
+            "/v1/chat/completions",
+            Some(CLIENT_KEY),
+            &chat_max("qwq-32b", false, 5),
+        )
+        .await;
+    assert_eq!(status, 200);
+    for max in [u64::MAX, i64::MAX as u64, 420_000_000_000, 30_000] {
+        let (status, headers, body) = gw
+            .post(
+                "/v1/chat/completions",
+                Some(CLIENT_KEY),
+                &chat_max("qwq-32b", false, max),
+            )
+            .await;
+        assert_eq!(status, 429, "{max}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("Request too large"), "{message}");
+        assert!(!headers.contains_key("retry-after"), "no retry can fit");
+    }
+    let (_, view) = limits(&gw, Some(ADMIN)).await;
+    let tpm = row(&view, "tpm", "app", "tokens");
+    assert_eq!(tpm["reserved"], 0);
+    let events = gw.exactly(5).await;
+    assert_eq!(
+        tpm["used"],
+        events[0].input_tokens + events[0].output_tokens
+    );
+    assert!(
+        events[1..]
+            .iter()
+            .all(|e| e.outcome == Outcome::RateLimited)
+    );
+}

@@ -9,10 +9,11 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use tollgate_schemas::Usd;
 use tollgate_schemas::config::Secret;
+pub use tollgate_schemas::period::Period;
 
 mod validate;
 
-pub use validate::{RawBudget, RawRateLimit, RawRedis, validate};
+pub use validate::{RawBudget, RawRateLimit, RawRedis, check_references, validate};
 
 /// Every limit section, validated.
 #[derive(Debug, Clone, Default)]
@@ -52,6 +53,9 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Prefix of every key Tollgate writes (default `tollgate`).
     pub prefix: String,
+    /// How often budgets' shared counters are compared with the ledger
+    /// (default 300 s).
+    pub reconcile: Duration,
 }
 
 /// Which requests a rule or budget applies to; `None` matches everything.
@@ -86,6 +90,20 @@ pub enum KeySource {
 }
 
 impl KeySource {
+    /// The key as the config writes it (`header:x-user`).
+    pub fn as_config(&self) -> String {
+        match self {
+            Self::Consumer => "consumer".into(),
+            Self::Team => "team".into(),
+            Self::Global => "global".into(),
+            Self::Ip => "ip".into(),
+            Self::Header(n) => format!("header:{n}"),
+            Self::Query(n) => format!("query:{n}"),
+            Self::Cookie(n) => format!("cookie:{n}"),
+            Self::Tag(n) => format!("tag:{n}"),
+        }
+    }
+
     pub(crate) fn parse(s: &str) -> Option<Self> {
         let named = |rest: &str| (!rest.is_empty()).then(|| rest.to_string());
         Some(match s {
@@ -113,6 +131,17 @@ pub enum ValueMatch {
     Regex(regex::Regex),
     /// For `key = "ip"`: an address range.
     Cidr(ipnet::IpNet),
+}
+
+impl ValueMatch {
+    /// The pattern as the config writes it.
+    pub fn as_config(&self) -> String {
+        match self {
+            Self::Glob(g) => g.as_str().to_string(),
+            Self::Regex(r) => format!("regexp:{}", r.as_str()),
+            Self::Cidr(n) => n.to_string(),
+        }
+    }
 }
 
 /// What a limit counts.
@@ -182,6 +211,16 @@ pub enum Count {
     Output,
 }
 
+impl Count {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Count::Total => "total",
+            Count::Input => "input",
+            Count::Output => "output",
+        }
+    }
+}
+
 /// What a tripped rate limit does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OnLimit {
@@ -215,24 +254,6 @@ pub struct RateLimitConfig {
     /// Output reserved for a request without `max_tokens` (tokens).
     pub default_output_tokens: u64,
     pub on_limit: OnLimit,
-}
-
-/// A budget's calendar period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Period {
-    Day,
-    Week,
-    Month,
-}
-
-impl Period {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Period::Day => "day",
-            Period::Week => "week",
-            Period::Month => "month",
-        }
-    }
 }
 
 /// What a spent budget does.
@@ -306,7 +327,8 @@ mod tests {
     "#;
 
     fn parse(extra: &str) -> Result<Config, String> {
-        Config::from_toml(&format!("{BASE}\n{extra}")).map_err(|e| e.0)
+        let consumers = crate::policy::quota::tests::CONSUMERS;
+        Config::from_toml(&format!("{BASE}\n{consumers}\n{extra}")).map_err(|e| e.0)
     }
 
     #[test]
@@ -388,6 +410,37 @@ mod tests {
                 "bad regexp",
             ),
             ("[redis]\nurl = \"http://x\"", "redis.url"),
+            ("[redis]\nurl = \"rediss://x:1\"", "TLS"),
+            ("[redis]\nurl = \"redis://127.0.0.1:notaport/0\"", "usable"),
+            (
+                "[[rate_limits]]\nname = \"a\"\nconsumer = \"alcie\"\nrequests_per_day = 1",
+                "matches no configured consumer",
+            ),
+            (
+                "[[budgets]]\nname = \"b\"\nusd = 1\nteam = \"serch\"",
+                "team",
+            ),
+            (
+                "[[budgets]]\nname = \"b\"\nusd = 1\nexempt = [\"nobody\"]",
+                "not a configured consumer",
+            ),
+            (
+                "[[budgets]]\nname = \"b\"\nusd = 1\nmodel = \"deepseek-r2\"",
+                "matches no route",
+            ),
+            (
+                "[[rate_limits]]\nname = \"a\"\nrequests_per_day = 1\non_limit = { fallback = \"qwq-32b\", extra = 1 }",
+                "on_limit",
+            ),
+            (
+                "[[rate_limits]]\nname = \"a\"\nkey = \"header:x user\"\nrequests_per_day = 1",
+                "key",
+            ),
+            (
+                "[[budgets]]\nname = \"b\"\nusd = \"0.000000000001\"",
+                "decimal places",
+            ),
+            ("[[budgets]]\nname = \"b\"\nusd = \"1000000\"", "at most"),
         ];
         for (text, needle) in cases {
             let e = parse(text).unwrap_err();

@@ -18,6 +18,7 @@ pub struct RawRedis {
     url: Spanned<String>,
     timeout_ms: Option<u64>,
     prefix: Option<String>,
+    reconcile_s: Option<u64>,
 }
 
 /// `on_limit` / `on_exhausted`: a word or `{ fallback = "m" }`.
@@ -25,8 +26,20 @@ pub struct RawRedis {
 #[serde(untagged)]
 enum RawAction {
     Word(String),
-    Fallback { fallback: String },
-    Downgrade { downgrade: String },
+    Fallback(FallbackTo),
+    Downgrade(DowngradeTo),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FallbackTo {
+    fallback: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DowngradeTo {
+    downgrade: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,6 +70,15 @@ impl RawUsd {
             .map_err(|e| format!("bad dollar amount {text:?}: {e}"))?;
         if usd < Usd::ZERO {
             return Err("must not be negative".into());
+        }
+        if usd.decimal().scale() > Usd::SCALE {
+            return Err(format!(
+                "{text:?} has more than {} decimal places",
+                Usd::SCALE
+            ));
+        }
+        if scaled(usd).is_none() {
+            return Err(format!("is too large (at most {})", max_usd()));
         }
         Ok(usd)
     }
@@ -171,15 +193,18 @@ pub fn validate(
 
 fn validate_redis(r: RawRedis) -> Result<RedisConfig, Invalid> {
     let url = r.url.get_ref().trim();
-    let scheme_ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+    let refuse = |m: &str| Err(Invalid::at(r.url.span(), "redis.url", m));
+    if url.starts_with("rediss://") {
+        return refuse("TLS (rediss://) is not supported; use redis:// on a trusted network");
+    }
+    if !["redis://", "redis+unix://", "unix://"]
         .iter()
-        .any(|s| url.starts_with(s));
-    if !scheme_ok {
-        return Err(Invalid::at(
-            r.url.span(),
-            "redis.url",
-            "must be a redis:// URL",
-        ));
+        .any(|s| url.starts_with(s))
+    {
+        return refuse("must be a redis:// URL");
+    }
+    if redis::Client::open(url).is_err() {
+        return refuse("is not a usable Redis URL (redis://[user:password@]host:port/db)");
     }
     let timeout_ms = r.timeout_ms.unwrap_or(100);
     if !(1..=60_000).contains(&timeout_ms) {
@@ -195,7 +220,15 @@ fn validate_redis(r: RawRedis) -> Result<RedisConfig, Invalid> {
             "must be 1 to 64 characters without spaces",
         ));
     }
+    let reconcile_s = r.reconcile_s.unwrap_or(300);
+    if !(1..=86_400).contains(&reconcile_s) {
+        return Err(Invalid::key(
+            "redis.reconcile_s",
+            "must be 1 to 86400 seconds",
+        ));
+    }
     Ok(RedisConfig {
+        reconcile: Duration::from_secs(reconcile_s),
         url: Secret::new(url.to_string())
             .ok_or_else(|| Invalid::key("redis.url", "must not be empty"))?,
         timeout: Duration::from_millis(timeout_ms),
@@ -262,6 +295,11 @@ fn rate_limit(r: &RawRateLimit, at: At) -> Result<RateLimitConfig, Invalid> {
             ),
         )
     })?;
+    if let KeySource::Header(name) = &key
+        && http::HeaderName::from_bytes(name.as_bytes()).is_err()
+    {
+        return Err(at(".key", format!("{name:?} is not a header name")));
+    }
     let patterns = match &r.matches {
         None => Vec::new(),
         Some(OneOrMany::One(p)) => vec![p.clone()],
@@ -328,7 +366,8 @@ fn rate_limit(r: &RawRateLimit, at: At) -> Result<RateLimitConfig, Invalid> {
             limits.push(RateLimit {
                 unit: Unit::Usd,
                 window,
-                limit: scaled(usd).ok_or_else(|| at(&field, "is too large".into()))?,
+                limit: scaled(usd)
+                    .ok_or_else(|| at(&field, format!("is too large (at most {})", max_usd())))?,
             });
         }
     }
@@ -341,7 +380,7 @@ fn rate_limit(r: &RawRateLimit, at: At) -> Result<RateLimitConfig, Invalid> {
     let on_limit = match &r.on_limit {
         None => OnLimit::Reject,
         Some(RawAction::Word(w)) if w == "reject" => OnLimit::Reject,
-        Some(RawAction::Fallback { fallback }) if !fallback.is_empty() => {
+        Some(RawAction::Fallback(FallbackTo { fallback })) if !fallback.is_empty() => {
             OnLimit::Fallback(fallback.clone())
         }
         _ => {
@@ -367,19 +406,10 @@ fn rate_limit(r: &RawRateLimit, at: At) -> Result<RateLimitConfig, Invalid> {
 fn budget(b: &RawBudget, at: At) -> Result<BudgetConfig, Invalid> {
     let scope = scope(&b.model, &b.consumer, &b.team, &b.tag, &b.exempt, at)?;
     let usd = b.usd.parse().map_err(|m| at(".usd", m))?;
-    if scaled(usd).is_none() {
-        return Err(at(".usd", "is too large".into()));
-    }
     let period = match b.period.as_deref() {
-        None | Some("month") => Period::Month,
-        Some("week") => Period::Week,
-        Some("day") => Period::Day,
-        Some(other) => {
-            return Err(at(
-                ".period",
-                format!("{other:?} is not one of day, week, month"),
-            ));
-        }
+        None => Period::Month,
+        Some(p) => Period::parse(p)
+            .ok_or_else(|| at(".period", format!("{p:?} is not one of day, week, month")))?,
     };
     let timezone = match b.timezone.as_deref() {
         None => Tz::UTC,
@@ -404,7 +434,7 @@ fn budget(b: &RawBudget, at: At) -> Result<BudgetConfig, Invalid> {
         None => OnExhausted::Block,
         Some(RawAction::Word(w)) if w == "block" => OnExhausted::Block,
         Some(RawAction::Word(w)) if w == "alert_only" => OnExhausted::AlertOnly,
-        Some(RawAction::Downgrade { downgrade }) if !downgrade.is_empty() => {
+        Some(RawAction::Downgrade(DowngradeTo { downgrade })) if !downgrade.is_empty() => {
             OnExhausted::Downgrade(downgrade.clone())
         }
         _ => {
@@ -424,4 +454,62 @@ fn budget(b: &RawBudget, at: At) -> Result<BudgetConfig, Invalid> {
         on_exhausted,
         default_output_tokens: b.default_output_tokens.unwrap_or(DEFAULT_OUTPUT_TOKENS),
     })
+}
+
+/// Every name a rule or budget filters on must exist: a typo would
+/// otherwise leave the rule taking nothing, silently.
+pub fn check_references(
+    limits: &LimitsConfig,
+    routes: &[crate::config::RouteConfig],
+    consumers: &[crate::config::ConsumerConfig],
+) -> Result<(), Invalid> {
+    let scopes = (limits.rate_limits.iter().enumerate())
+        .map(|(i, r)| (format!("rate_limits[{i}]"), &r.scope))
+        .chain(
+            (limits.budgets.iter().enumerate()).map(|(i, b)| (format!("budgets[{i}]"), &b.scope)),
+        );
+    for (path, s) in scopes {
+        let none = |field: &str, what: String| Err(Invalid::key(format!("{path}.{field}"), what));
+        if let Some(g) = &s.consumer
+            && !consumers.iter().any(|c| g.matches(&c.name))
+        {
+            return none(
+                "consumer",
+                format!("{:?} matches no configured consumer", g.as_str()),
+            );
+        }
+        if let Some(g) = &s.team
+            && !consumers
+                .iter()
+                .any(|c| c.team.as_deref().is_some_and(|t| g.matches(t)))
+        {
+            return none(
+                "team",
+                format!("{:?} matches no configured consumer's team", g.as_str()),
+            );
+        }
+        if let Some(e) = s
+            .exempt
+            .iter()
+            .find(|e| !consumers.iter().any(|c| c.name == **e))
+        {
+            return none("exempt", format!("{e:?} is not a configured consumer"));
+        }
+        if let Some(g) = &s.model {
+            let routed = routes.iter().any(|r| {
+                g.matches(&r.model)
+                    || r.model == g.as_str()
+                    || glob::Pattern::new(&r.model).is_ok_and(|p| p.matches(g.as_str()))
+            });
+            if !routed {
+                return none("model", format!("{:?} matches no route", g.as_str()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest dollar amount a limit or budget may be (see [`scaled`]).
+fn max_usd() -> Usd {
+    Usd::from_scaled(1 << 53).unwrap_or(Usd::ZERO)
 }

@@ -53,30 +53,37 @@ pub struct Over {
 struct Counter {
     /// (bucket, used incl. reserved, reserved), oldest first.
     buckets: Vec<(i64, i64, i64)>,
+    /// Sums over `buckets`, kept as they change.
+    used: i64,
+    reserved: i64,
 }
 
 impl Counter {
     fn prune(&mut self, oldest_live: i64) {
-        self.buckets.retain(|b| b.0 >= oldest_live);
+        if self.buckets.first().is_some_and(|b| b.0 < oldest_live) {
+            let gone = self.buckets.partition_point(|b| b.0 < oldest_live);
+            for (_, used, reserved) in self.buckets.drain(..gone) {
+                self.used -= used;
+                self.reserved -= reserved;
+            }
+        }
     }
 
     fn figures(&self) -> Figures {
-        let mut f = Figures::default();
-        for &(idx, used, reserved) in &self.buckets {
-            f.used += used;
-            f.reserved += reserved;
-            if used > 0 {
-                f.newest = Some(idx);
-            }
+        Figures {
+            used: self.used,
+            reserved: self.reserved,
+            newest: self.buckets.iter().rev().find(|b| b.1 > 0).map(|b| b.0),
         }
-        f
     }
 
     fn add(&mut self, bucket: i64, used: i64, reserved: i64) {
-        match self.buckets.iter_mut().find(|b| b.0 == bucket) {
+        self.used = self.used.saturating_add(used);
+        self.reserved = self.reserved.saturating_add(reserved);
+        match self.buckets.iter_mut().rev().find(|b| b.0 == bucket) {
             Some(b) => {
-                b.1 += used;
-                b.2 += reserved;
+                b.1 = b.1.saturating_add(used);
+                b.2 = b.2.saturating_add(reserved);
             }
             None => {
                 let at = self.buckets.partition_point(|b| b.0 < bucket);
@@ -93,7 +100,7 @@ impl Counter {
         let mut used = self.figures().used;
         for &(idx, u, _) in &self.buckets {
             used -= u;
-            if used + amount <= ceiling {
+            if used.saturating_add(amount) <= ceiling {
                 return Some(idx);
             }
         }
@@ -113,14 +120,18 @@ impl Local {
         }
     }
 
+    /// The counters; a lock poisoned by a panic elsewhere is taken anyway
+    /// (every change here is one step, so the counters stay whole), never
+    /// a reason to stop counting.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<FxHashMap<Box<str>, Counter>>> {
+        self.counters.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Takes every amount, or none when one would go over its ceiling
     /// (`force`: takes them regardless, to mirror what Redis granted).
     /// The figures are each counter's after the take.
     pub fn take(&self, takes: &[Take], force: bool) -> Result<Vec<Figures>, Over> {
-        let Ok(mut all) = self.counters.lock() else {
-            // A panic elsewhere poisoned the lock: refuse nothing.
-            return Ok(vec![Figures::default(); takes.len()]);
-        };
+        let mut all = self.lock();
         if !force {
             for (index, t) in takes.iter().enumerate() {
                 let Some(map) = all.get_mut(t.limit) else {
@@ -136,7 +147,7 @@ impl Local {
                     continue;
                 };
                 c.prune(t.frame.oldest_live);
-                if t.enforce && c.figures().used + t.amount > t.ceiling {
+                if t.enforce && c.figures().used.saturating_add(t.amount) > t.ceiling {
                     return Err(Over {
                         index,
                         frees_at: c.frees_at(t.amount, t.ceiling),
@@ -162,24 +173,23 @@ impl Local {
     /// actual minus reserved, and minus reserved). A bucket that left the
     /// window is gone, and with it the need to settle it.
     pub fn settle(&self, limit: usize, key: &str, bucket: i64, used: i64, reserved: i64) {
-        let Ok(mut all) = self.counters.lock() else {
-            return;
-        };
+        let mut all = self.lock();
         let Some(c) = all.get_mut(limit).and_then(|m| m.get_mut(key)) else {
             return;
         };
-        if let Some(b) = c.buckets.iter_mut().find(|b| b.0 == bucket) {
-            b.1 = (b.1 + used).max(0);
-            b.2 = (b.2 + reserved).max(0);
+        if let Some(b) = c.buckets.iter_mut().rev().find(|b| b.0 == bucket) {
+            let u = b.1.saturating_add(used).max(0);
+            let r = b.2.saturating_add(reserved).max(0);
+            c.used = c.used.saturating_add(u - b.1);
+            c.reserved = c.reserved.saturating_add(r - b.2);
+            (b.1, b.2) = (u, r);
         }
     }
 
     /// Adds `used` to a counter's bucket outright (a budget's spend rebuilt
     /// from the ledger).
     pub fn add(&self, limit: usize, key: &str, frame: Frame, used: i64) {
-        let Ok(mut all) = self.counters.lock() else {
-            return;
-        };
+        let mut all = self.lock();
         if let Some(map) = all.get_mut(limit) {
             let c = counter(map, key, frame.oldest_live);
             c.prune(frame.oldest_live);
@@ -189,9 +199,7 @@ impl Local {
 
     /// Every counter with a figure in its window: (limit, key, figures).
     pub fn snapshot(&self, frames: &[Frame]) -> Vec<(usize, String, Figures)> {
-        let Ok(mut all) = self.counters.lock() else {
-            return Vec::new();
-        };
+        let mut all = self.lock();
         let mut out = Vec::new();
         for (limit, map) in all.iter_mut().enumerate() {
             let Some(frame) = frames.get(limit) else {
@@ -211,9 +219,7 @@ impl Local {
 
     /// One counter's figures now (zero when it has none).
     pub fn figures(&self, limit: usize, key: &str, frame: Frame) -> Figures {
-        let Ok(mut all) = self.counters.lock() else {
-            return Figures::default();
-        };
+        let mut all = self.lock();
         match all.get_mut(limit).and_then(|m| m.get_mut(key)) {
             Some(c) => {
                 c.prune(frame.oldest_live);
@@ -301,6 +307,8 @@ mod tests {
                 i.to_string().into(),
                 Counter {
                     buckets: vec![(100, 1, 0)],
+                    used: 1,
+                    reserved: 0,
                 },
             );
         }

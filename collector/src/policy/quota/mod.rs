@@ -13,12 +13,14 @@
 //! Its parts: [`rules`] (which requests a rule takes and which counter they
 //! land in), [`span`] (rolling windows and calendar periods), [`local`]
 //! (counters in this process) and [`shared`] (counters in Redis, for
-//! several gateways), then [`view`] (`GET /v1/limits`) and [`rebuild`]
-//! (budgets' spend from the ledger on start).
+//! several gateways, kept by [`scripts`]), then [`view`] (`GET
+//! /v1/limits`) and [`rebuild`] (budgets' spend from the ledger on start,
+//! and their reconciliation with Redis).
 
 pub mod local;
 pub mod rebuild;
 pub mod rules;
+pub mod scripts;
 pub mod shared;
 pub mod span;
 pub mod view;
@@ -36,6 +38,12 @@ pub use local::{Figures, Local, Over, Take};
 pub use rules::{Action, Ask, Kind, Rule};
 pub use shared::{Op, Shared, SharedError};
 use span::Span;
+
+/// The largest amount one request reserves (tokens, requests or 10^-10
+/// USD): the largest limit a config can write ([`scaled`]'s bound), so an
+/// estimate capped here is still over every limit, and counters that add
+/// such amounts saturate instead of wrapping.
+pub const MAX_AMOUNT: i64 = 1 << 53;
 
 /// The engine's clock; tests move it across period boundaries.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -106,6 +114,14 @@ pub struct Trip {
     pub action: Action,
     /// When a retry can fit (the window's length if it never can).
     pub retry_after: Duration,
+    /// The request's estimate alone is over the limit: no retry fits.
+    pub never: bool,
+    /// What the request needed and the limit, in the limit's unit.
+    pub needed: i64,
+    pub limit: i64,
+    pub unit: Unit,
+    /// `minute`, `month`, ...
+    pub window: &'static str,
     pub headers: RateHeaders,
 }
 
@@ -122,6 +138,18 @@ pub struct Quota {
     shared: Option<Arc<Shared>>,
     ip_header: Option<String>,
     clock: Clock,
+    drift: rebuild::Drift,
+    /// With Redis: each limit's key up to its value.
+    redis_prefixes: Vec<String>,
+}
+
+impl std::fmt::Debug for Quota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quota")
+            .field("rules", &self.rules.len())
+            .field("shared", &self.shared.is_some())
+            .finish()
+    }
 }
 
 impl Quota {
@@ -139,8 +167,20 @@ impl Quota {
             .flat_map(|(r, rule)| (0..rule.limits.len()).map(move |l| (r, l)))
             .collect();
         let shared = match &config.redis {
-            Some(r) if !rules.is_empty() => Some(Shared::start(r)?),
+            Some(r) if !rules.is_empty() => {
+                let budgets = rules.iter().any(|r| r.kind == Kind::Budget);
+                Some(Shared::start(r, budgets)?)
+            }
             _ => None,
+        };
+        let redis_prefixes = match &shared {
+            Some(s) => (limits.iter())
+                .map(|&(r, l)| {
+                    let (rule, lim) = (&rules[r], &rules[r].limits[l]);
+                    s.key(&rule.name, lim.unit.as_str(), lim.span.name(), "")
+                })
+                .collect(),
+            None => Vec::new(),
         };
         Ok(Self {
             local: Local::new(limits.len()),
@@ -149,6 +189,8 @@ impl Quota {
             shared,
             ip_header,
             clock,
+            drift: rebuild::Drift::default(),
+            redis_prefixes,
         })
     }
 
@@ -184,6 +226,8 @@ impl Quota {
         let now = self.now();
         let input = OnceLock::new();
         let input = || *input.get_or_init(|| (estimate.input)());
+        // (output tokens, price): rules with the same output estimate share one.
+        let mut priced: Option<(u64, i64)> = None;
         let mut keys: Vec<std::borrow::Cow<str>> = Vec::new();
         let mut takes: Vec<Take> = Vec::new();
         let mut id = 0;
@@ -206,12 +250,22 @@ impl Quota {
                             Count::Input => input(),
                             Count::Output => output,
                         };
-                        i64::try_from(n).unwrap_or(i64::MAX)
+                        i64::try_from(n).unwrap_or(MAX_AMOUNT)
                     }
-                    Unit::Usd => (estimate.price)(input(), output)
-                        .and_then(scaled)
-                        .unwrap_or(0),
-                };
+                    Unit::Usd => match priced {
+                        Some((o, usd)) if o == output => usd,
+                        _ => {
+                            // No price: the model is free to the rules (the
+                            // ledger says null); a price too large to count
+                            // is over every limit.
+                            let usd = (estimate.price)(input(), output)
+                                .map_or(0, |u| scaled(u).unwrap_or(MAX_AMOUNT));
+                            priced = Some((output, usd));
+                            usd
+                        }
+                    },
+                }
+                .min(MAX_AMOUNT);
                 takes.push(Take {
                     limit: first + i,
                     key: "",
@@ -238,7 +292,7 @@ impl Quota {
         if let Some(s) = self.shared.as_ref().filter(|s| s.is_up()) {
             let names: Vec<String> = takes
                 .iter()
-                .map(|t| self.redis_key(s, t.limit, t.key))
+                .map(|t| self.redis_key(t.limit, t.key))
                 .collect();
             if let Ok(r) = s.admit(&names, &takes, &keep).await {
                 if r.is_ok() {
@@ -289,11 +343,12 @@ impl Quota {
         )
     }
 
-    fn redis_key(&self, s: &Shared, limit: usize, key: &str) -> String {
-        match self.limit(limit) {
-            Some((rule, l)) => s.key(&rule.name, l.unit.as_str(), l.span.name(), key),
-            None => s.key("?", "?", "?", key),
-        }
+    fn redis_key(&self, limit: usize, key: &str) -> String {
+        let prefix = self.redis_prefixes.get(limit).map_or("", String::as_str);
+        let mut out = String::with_capacity(prefix.len() + key.len());
+        out.push_str(prefix);
+        out.push_str(key);
+        out
     }
 
     fn tripped(&self, takes: &[Take], over: Over, now: DateTime<Utc>) -> Admission {
@@ -327,6 +382,11 @@ impl Quota {
             limit_key: format!("{}:{}", rule.name, t.key),
             action: rule.action.clone(),
             retry_after: retry_after.max(Duration::from_secs(1)),
+            never: t.amount > t.ceiling,
+            needed: t.amount,
+            limit: t.ceiling,
+            unit: l.unit,
+            window: l.span.name(),
             headers,
         })
     }
@@ -363,7 +423,8 @@ impl Quota {
     /// Adds spend found in the ledger to each budget's current period (on
     /// start): `spend` gives a budget rule's name, the spend in 10^-10
     /// USD. With Redis, a counter some gateway already keeps is left as it
-    /// is.
+    /// is, and the shared counters are used only from here on when there
+    /// are budgets (the process calls this once, before serving).
     pub async fn seed_budgets(&self, spend: &std::collections::BTreeMap<String, i64>) {
         let now = self.now();
         for (id, &(r, l)) in self.limits.iter().enumerate() {
@@ -375,20 +436,25 @@ impl Quota {
             let frame = lim.span.frame(now);
             self.local.add(id, "*", frame, amount);
             if let Some(s) = &self.shared {
-                let key = self.redis_key(s, id, "*");
-                s.seed(
-                    &key,
-                    frame.current,
-                    amount,
-                    lim.span.keep_ms(frame.current, now),
-                )
-                .await;
+                s.seed(shared::Seed {
+                    key: self.redis_key(id, "*"),
+                    bucket: frame.current,
+                    from: frame.oldest_live,
+                    used: amount,
+                    keep_ms: lim.span.keep_ms(frame.current, now),
+                    until: lim.span.expiry(frame.current),
+                });
             }
+        }
+        if let Some(s) = &self.shared {
+            s.seeded();
         }
     }
 
     fn settle(&self, holds: &mut Vec<Hold>, spent: &Spent) {
-        let cost = spent.cost.and_then(scaled).unwrap_or(0);
+        let cost = spent.cost.map_or(0, |u| scaled(u).unwrap_or(MAX_AMOUNT));
+        let now = self.now();
+        let mut ops = Vec::new();
         for h in holds.drain(..) {
             let Some((rule, l)) = self.limit(h.limit) else {
                 continue;
@@ -402,30 +468,34 @@ impl Quota {
                         Count::Input => spent.input,
                         Count::Output => spent.output,
                     };
-                    i64::try_from(n).unwrap_or(i64::MAX)
+                    i64::try_from(n).unwrap_or(MAX_AMOUNT)
                 }
             };
             self.local
                 .settle(h.limit, &h.key, h.bucket, actual - h.amount, -h.amount);
-            if let Some(s) = &self.shared {
+            if self.shared.is_some() {
                 let (key, used, reserved) = match h.shared {
                     Some(key) => (key, actual - h.amount, -h.amount),
                     // Admitted locally while Redis was away: merge the
                     // actual figure.
                     None => (
-                        Arc::from(self.redis_key(s, h.limit, &h.key).as_str()),
+                        Arc::from(self.redis_key(h.limit, &h.key).as_str()),
                         actual,
                         0,
                     ),
                 };
-                s.send(Op {
+                ops.push(Op {
                     key,
                     bucket: h.bucket,
+                    from: l.span.frame(now).oldest_live,
                     used,
                     reserved,
                     keep_ms: h.keep_ms,
                 });
             }
+        }
+        if let Some(s) = &self.shared {
+            s.send(ops);
         }
     }
 }
@@ -457,4 +527,4 @@ impl Drop for Grant {
 
 /// Tests drive the engine directly: config in, admissions out.
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,7 +1,8 @@
 //! Budgets rebuilt from the ledger on start: the spend of each budget's
 //! current period, summed from the events (the lake, plus the spool not
 //! yet in it) the way admission would have counted them, so a restarted
-//! gateway enforces the same spend. The lake is the truth.
+//! gateway enforces the same spend. The lake is the truth: with Redis,
+//! [`Quota::reconcile`] compares the shared counters with it periodically.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,7 @@ use axum::http::HeaderMap;
 use chrono::{DateTime, Utc};
 use tollgate_schemas::UsageEvent;
 
-use super::{Action, Ask, Kind, Quota};
+use super::{Action, Ask, Kind, Quota, shared};
 use crate::config::limits::scaled;
 
 /// Spend being summed, one figure per budget.
@@ -102,5 +103,98 @@ impl Rebuild<'_> {
             .iter()
             .map(|(rule, _, spend)| (self.quota.rules[*rule].name.to_string(), *spend))
             .collect()
+    }
+}
+
+/// What the last reconciliation found per budget: the shared counter's
+/// settled spend minus the ledger's, in 10^-10 USD (positive: spend not in
+/// the lake yet, or counted twice; negative: spend the counter lost).
+#[derive(Debug, Default, Clone)]
+pub struct Drift(std::sync::Arc<std::sync::Mutex<BTreeMap<String, i64>>>);
+
+impl Quota {
+    /// Compares each budget's shared (Redis) counter with `ledger` (its
+    /// spend by name, from [`Rebuild::spend`]); a counter below the ledger
+    /// lost spend (a Redis restarted without persistence) and is raised to
+    /// it, a counter above it is left (events still on their way to the
+    /// lake). Logs and records the drift. No-op without Redis or while it
+    /// is away.
+    pub async fn reconcile(&self, ledger: &BTreeMap<String, i64>) {
+        let Some(s) = self.shared.as_ref().filter(|s| s.is_up()) else {
+            return;
+        };
+        let now = self.now();
+        for (id, &(r, l)) in self.limits.iter().enumerate() {
+            let rule = &self.rules[r];
+            let Some(&truth) = ledger.get(&*rule.name) else {
+                continue;
+            };
+            let span = rule.limits[l].span;
+            let frame = span.frame(now);
+            let key = self.redis_key(id, "*");
+            let Ok(figures) = s.read(&[(key.clone(), frame.oldest_live)]).await else {
+                return;
+            };
+            let Some(f) = figures.first() else { continue };
+            let counted = f.used - f.reserved;
+            let drift = counted - truth;
+            if let Ok(mut d) = self.drift.0.lock() {
+                d.insert(rule.name.to_string(), drift);
+            }
+            if drift != 0 {
+                tracing::warn!(
+                    budget = &*rule.name,
+                    counted_usd = %usd(counted),
+                    ledger_usd = %usd(truth),
+                    "budget counter and ledger differ"
+                );
+            }
+            if drift < 0 {
+                s.send(vec![shared::Op {
+                    key: key.into(),
+                    bucket: frame.current,
+                    from: frame.oldest_live,
+                    used: -drift,
+                    reserved: 0,
+                    keep_ms: span.keep_ms(frame.current, now),
+                }]);
+            }
+        }
+    }
+
+    /// The drift the last reconciliation found, for `/metrics`.
+    pub fn drift(&self) -> &Drift {
+        &self.drift
+    }
+}
+
+fn usd(units: i64) -> tollgate_schemas::Usd {
+    tollgate_schemas::Usd::from_scaled(i128::from(units)).unwrap_or_default()
+}
+
+impl tollgate_schemas::metrics::Collector for Drift {
+    fn encode(
+        &self,
+        mut e: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let Ok(drift) = self.0.lock() else {
+            return Ok(());
+        };
+        if drift.is_empty() {
+            return Ok(());
+        }
+        let mut family = e.encode_descriptor(
+            "tollgate_budget_drift_usd",
+            "Shared budget counter minus the ledger's spend at the last reconciliation (USD).",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (name, units) in drift.iter() {
+            let value = *units as f64 / 1e10;
+            prometheus_client::metrics::gauge::ConstGauge::new(value)
+                .encode(family.encode_family(&[("budget", name.as_str())])?)?;
+        }
+        Ok(())
     }
 }

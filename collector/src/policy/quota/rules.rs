@@ -146,7 +146,7 @@ impl Rule {
             && fits(&s.team, ask.team)
             && s.tag
                 .as_ref()
-                .is_none_or(|(k, p)| ask.tags.get(k).is_some_and(|v| p.matches(v)))
+                .is_none_or(|(k, p)| tag(ask, k).is_some_and(|v| p.matches(&v)))
     }
 
     /// One counter for every request it takes (budgets and `key = "global"`).
@@ -182,8 +182,10 @@ impl Rule {
             KeySource::Global => return Some(Cow::Borrowed("*")),
             KeySource::Consumer => Cow::Borrowed(ask.consumer?),
             KeySource::Team => Cow::Borrowed(ask.team?),
-            KeySource::Tag(k) => Cow::Owned(ask.tags.get(k)?.clone()),
-            KeySource::Header(h) => Cow::Borrowed(ask.headers.get(h)?.to_str().ok()?.trim()),
+            KeySource::Tag(k) => tag(ask, k)?,
+            KeySource::Header(h) => {
+                trimmed(String::from_utf8_lossy(ask.headers.get(h)?.as_bytes()))
+            }
             KeySource::Cookie(name) => Cow::Borrowed(cookie(ask.headers, name)?),
             KeySource::Query(p) => query_param(ask.query?, p)?,
             KeySource::Ip => Cow::Owned(client_ip(ask, ip_header)?.to_string()),
@@ -220,15 +222,49 @@ fn bounded(v: Cow<'_, str>) -> Cow<'_, str> {
 }
 
 /// The client's address: the configured header's (for `x-forwarded-for`
-/// the last entry, the one the trusted proxy appended), else the peer's.
+/// the last entry, the one the trusted proxy appended; with or without a
+/// port), else the peer's; an IPv4-mapped IPv6 address as the IPv4 one.
 pub fn client_ip(ask: &Ask, ip_header: Option<&str>) -> Option<IpAddr> {
-    match ip_header {
-        None => ask.peer,
-        Some(h) => {
-            let v = ask.headers.get_all(h).iter().next_back()?.to_str().ok()?;
-            let last = v.rsplit(',').next()?.trim();
-            last.parse().ok()
-        }
+    let from_header = ip_header.and_then(|h| {
+        let v = ask.headers.get_all(h).iter().next_back()?;
+        let v = String::from_utf8_lossy(v.as_bytes());
+        let last = v.rsplit(',').next()?.trim();
+        last.parse::<IpAddr>()
+            .ok()
+            .or_else(|| last.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+            .or_else(|| {
+                last.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .ok()
+            })
+    });
+    from_header.or(ask.peer).map(|ip| ip.to_canonical())
+}
+
+/// A tag of the request's `x-tollgate-tags`, read from the header itself
+/// (the ledger keeps short tags only, a limit must count long ones too),
+/// else from `tags` (an event's, when budgets are rebuilt).
+fn tag<'a>(ask: &Ask<'a>, key: &str) -> Option<Cow<'a, str>> {
+    let from_header = ask
+        .headers
+        .get_all("x-tollgate-tags")
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .find_map(|pair| {
+            let at = pair.iter().position(|b| *b == b'=')?;
+            let (k, v) = (&pair[..at], &pair[at + 1..]);
+            (String::from_utf8_lossy(k).trim() == key).then(|| trimmed(String::from_utf8_lossy(v)))
+        });
+    from_header
+        .filter(|v| !v.is_empty())
+        .or_else(|| ask.tags.get(key).map(|v| Cow::Borrowed(v.as_str())))
+}
+
+fn trimmed(v: Cow<'_, str>) -> Cow<'_, str> {
+    match v {
+        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+        Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
     }
 }
 
@@ -271,13 +307,20 @@ mod tests {
 
     fn rules(extra: &str) -> Vec<Rule> {
         let text = format!(
-            "[upstreams.s]\nkind = \"simulated\"\n[[routes]]\nmodel = \"*\"\ntargets = [{{ upstream = \"s\" }}]\n{extra}"
+            "[upstreams.s]\nkind = \"simulated\"\n[[routes]]\nmodel = \"*\"\ntargets = [{{ upstream = \"s\" }}]\n{}{extra}",
+            crate::policy::quota::tests::CONSUMERS
         );
         compile(&Config::from_toml(&text).unwrap().limits)
     }
 
     fn key_of(rule: &Rule, headers: &HeaderMap, query: Option<&str>, peer: &str) -> Option<String> {
-        let tags = BTreeMap::from([("feature".to_string(), "search".to_string())]);
+        let mut headers = headers.clone();
+        headers.insert(
+            "x-tollgate-tags",
+            HeaderValue::from_static("feature=search"),
+        );
+        let headers = &headers;
+        let tags = BTreeMap::new();
         let ask = Ask {
             model: "m",
             consumer: Some("alice"),
@@ -391,8 +434,12 @@ mod tests {
         let r = &rules(
             "[[rate_limits]]\nname = \"r\"\nmodel = \"deepseek-*\"\ntag = \"feature=sea*\"\nexempt = [\"ops\"]\nrequests_per_minute = 1",
         )[0];
-        let h = HeaderMap::new();
-        let tags = BTreeMap::from([("feature".to_string(), "search".to_string())]);
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-tollgate-tags",
+            HeaderValue::from_static("feature=search"),
+        );
+        let tags = BTreeMap::new();
         let ask = |model, consumer| Ask {
             model,
             consumer: Some(consumer),

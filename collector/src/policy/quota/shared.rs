@@ -1,100 +1,40 @@
 //! Counters shared by several gateways through Redis.
 //!
-//! An admission is one `EVALSHA` of [`ADMIT`]: every counter the request
+//! An admission is one `EVALSHA` of [`super::scripts::ADMIT`]: every counter the request
 //! lands in is checked and, only if none would go over, reserved, in one
 //! atomic step and one round trip. Settlements are not on the request
-//! path: they go through a bounded queue to a task that pipelines them.
-//! When Redis is unreachable the gateway admits with its local counters
-//! (logged once per outage, counted in `/metrics`) and keeps the
-//! settlements in a bounded backlog, merged into Redis when it is back.
+//! path: they are summed per counter and bucket in memory and a task sends
+//! the sums every [`FLUSH_EVERY`] (one `EVALSHA` of [`super::scripts::SETTLE`] per 64
+//! counters, pipelined), so Redis sees a few commands per interval, not
+//! several per request. When Redis is unreachable the gateway admits with
+//! its local counters (logged once per outage, counted in `/metrics`) and
+//! the sums wait, bounded, to be merged into Redis when it is back.
 //!
-//! A counter is a hash: field `<bucket>` = used (reservations included),
-//! field `r<bucket>` = reserved; buckets that left the window are deleted
-//! by the next admission that reads them.
+//! How a counter is kept in Redis, and the scripts that keep it, are in
+//! [`super::scripts`].
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::DescriptorEncoder;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::mpsc;
+use rustc_hash::FxHashMap;
 use tollgate_schemas::metrics::{Collector, counter, gauge};
 
 use super::local::{Figures, Over, Take};
+use super::scripts::Scripts;
 use crate::config::limits::RedisConfig;
 
-/// Check every counter, then reserve in all or none. KEYS: the counters;
-/// ARGV, six per key: bucket now, oldest live bucket, ceiling, amount,
-/// enforce (1/0), milliseconds to keep the key. Returns `{0, used,
-/// reserved, newest, ...}` per key after the reservation, or `{i, frees}`
-/// for the first key that would go over (`frees`: the bucket whose expiry
-/// leaves room, -1 if none will).
-const ADMIT: &str = r"
-local figs = {}
-for i = 1, #KEYS do
-  local b = (i - 1) * 6
-  local from = tonumber(ARGV[b + 2])
-  local ceiling = tonumber(ARGV[b + 3])
-  local amount = tonumber(ARGV[b + 4])
-  local h = redis.call('HGETALL', KEYS[i])
-  local used, reserved, newest = 0, 0, -1
-  local buckets = {}
-  for j = 1, #h, 2 do
-    local f = h[j]
-    local v = tonumber(h[j + 1]) or 0
-    local isr = string.sub(f, 1, 1) == 'r'
-    local idx = tonumber(isr and string.sub(f, 2) or f)
-    if idx == nil or idx < from then
-      redis.call('HDEL', KEYS[i], f)
-    elseif isr then
-      reserved = reserved + v
-    else
-      used = used + v
-      if v > 0 and idx > newest then newest = idx end
-      buckets[#buckets + 1] = {idx, v}
-    end
-  end
-  if ARGV[b + 5] == '1' and used + amount > ceiling then
-    local frees = -1
-    if amount <= ceiling then
-      table.sort(buckets, function(x, y) return x[1] < y[1] end)
-      local left = used
-      for _, bk in ipairs(buckets) do
-        left = left - bk[2]
-        if left + amount <= ceiling then frees = bk[1] break end
-      end
-    end
-    return {i, frees}
-  end
-  figs[i] = {used + amount, reserved + amount, newest}
-end
-local out = {0}
-for i = 1, #KEYS do
-  local b = (i - 1) * 6
-  local amount = tonumber(ARGV[b + 4])
-  local cur = tonumber(ARGV[b + 1])
-  redis.call('HINCRBY', KEYS[i], ARGV[b + 1], amount)
-  redis.call('HINCRBY', KEYS[i], 'r' .. ARGV[b + 1], amount)
-  redis.call('PEXPIRE', KEYS[i], ARGV[b + 6])
-  local f = figs[i]
-  if amount > 0 and cur > f[3] then f[3] = cur end
-  out[#out + 1] = f[1]
-  out[#out + 1] = f[2]
-  out[#out + 1] = f[3]
-end
-return out
-";
-
-/// Settlements waiting for the flusher; past it they are dropped and
-/// counted (the counters then over-count by the reservation until its
-/// window passes, never under-count).
-const QUEUE: usize = 65_536;
-/// Settlements kept while Redis is away, merged when it is back.
-const BACKLOG: usize = 200_000;
-/// Settlements per pipelined round trip.
-const BATCH: usize = 512;
+/// How long settlements are summed before they are sent: a reservation
+/// stays counted at most this much longer than its request.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
+/// Counter buckets with settlements waiting (while Redis is away, say);
+/// past it a new one is dropped and counted (its counter then over-counts
+/// by the reservation until its window passes, never under-counts).
+const BACKLOG: usize = 100_000;
+/// Counters per `EVALSHA` of the settlement script.
+const PER_CALL: usize = 64;
 
 /// One change to a counter's bucket: a settlement (actual minus reserved,
 /// and minus reserved) or, after local admission, what to merge.
@@ -102,6 +42,8 @@ const BATCH: usize = 512;
 pub struct Op {
     pub key: Arc<str>,
     pub bucket: i64,
+    /// The oldest bucket still in the window when the op was made.
+    pub from: i64,
     pub used: i64,
     pub reserved: i64,
     pub keep_ms: i64,
@@ -118,13 +60,48 @@ pub struct SharedStats {
     pub merged: AtomicU64,
 }
 
+/// The settlements of one counter bucket, summed.
+#[derive(Debug, Clone, Copy)]
+struct Sum {
+    from: i64,
+    used: i64,
+    reserved: i64,
+    keep_ms: i64,
+}
+
+type Pending = FxHashMap<(Arc<str>, i64), Sum>;
+
+/// A budget's spend from the ledger, set in Redis on every (re)connect
+/// unless some gateway keeps the counter already (so a Redis that lost its
+/// data, or was away when this gateway started, gets it back).
+#[derive(Debug, Clone)]
+pub struct Seed {
+    pub key: String,
+    pub bucket: i64,
+    pub from: i64,
+    /// 10^-10 USD.
+    pub used: i64,
+    pub keep_ms: i64,
+    /// The period's end: a seed is stale past it.
+    pub until: chrono::DateTime<chrono::Utc>,
+}
+
 pub struct Shared {
     prefix: String,
     timeout: Duration,
     conn: RwLock<Option<ConnectionManager>>,
     up: AtomicBool,
-    admit: redis::Script,
-    ops: mpsc::Sender<Op>,
+    /// Whether an outage was logged (so one at start is, too).
+    told: AtomicBool,
+    scripts: Arc<Scripts>,
+    pending: Arc<Mutex<Pending>>,
+    seeds: Mutex<Vec<Seed>>,
+    /// A seed came since the last (re)connect: set it at the next flush.
+    reseed: AtomicBool,
+    /// Budgets' ledger spend is known (or there are no budgets): until
+    /// then the shared counters are not used, so that no request is
+    /// admitted against a budget Redis lost.
+    ready: AtomicBool,
     pub stats: Arc<SharedStats>,
 }
 
@@ -135,23 +112,33 @@ pub struct SharedError(String);
 
 impl Shared {
     /// Starts the connection and the settlement task on the current Tokio
-    /// runtime; an unreachable Redis is retried in the background.
-    pub fn start(config: &RedisConfig) -> Result<Arc<Self>, SharedError> {
+    /// runtime; an unreachable Redis is retried in the background. With
+    /// `seeded_later`, the shared counters wait for [`Shared::seeded`].
+    pub fn start(config: &RedisConfig, seeded_later: bool) -> Result<Arc<Self>, SharedError> {
         let client = redis::Client::open(config.url.expose())
             .map_err(|_| SharedError("redis.url is not a usable Redis URL".into()))?;
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let scripts = Arc::new(Scripts::default());
         let shared = Arc::new(Self {
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
-            admit: redis::Script::new(ADMIT),
-            ops: tx,
+            told: AtomicBool::new(false),
+            scripts: scripts.clone(),
+            pending: Arc::default(),
+            seeds: Mutex::default(),
+            reseed: AtomicBool::new(false),
+            ready: AtomicBool::new(!seeded_later),
             stats: Arc::default(),
         });
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| SharedError("[redis] needs a Tokio runtime".into()))?;
-        handle.spawn(flush(Arc::downgrade(&shared), client, rx, config.timeout));
+        handle.spawn(flush(
+            Arc::downgrade(&shared),
+            client,
+            config.timeout,
+            scripts,
+        ));
         Ok(shared)
     }
 
@@ -168,6 +155,31 @@ impl Shared {
         self.conn.read().ok()?.clone()
     }
 
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        call: redis::ScriptInvocation<'_>,
+        timeout: Duration,
+    ) -> Result<T, SharedError> {
+        let Some(mut conn) = self.connection() else {
+            return Err(SharedError("not connected".into()));
+        };
+        match tokio::time::timeout(timeout, call.invoke_async(&mut conn)).await {
+            Ok(Ok(r)) => Ok(r),
+            // Redis answered, with an error: it is there; this request
+            // goes on with the local counters.
+            Ok(Err(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+                    || e.kind() == redis::ErrorKind::Extension =>
+            {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "a limits script failed");
+                Err(SharedError(e.to_string()))
+            }
+            Ok(Err(e)) => Err(self.failed(&e.to_string())),
+            Err(_) => Err(self.failed("no answer in time")),
+        }
+    }
+
     /// One atomic check-and-reserve over `takes` (keyed by `keys`).
     pub async fn admit(
         &self,
@@ -175,10 +187,7 @@ impl Shared {
         takes: &[Take<'_>],
         keep_ms: &[i64],
     ) -> Result<Result<Vec<Figures>, Over>, SharedError> {
-        let Some(mut conn) = self.connection() else {
-            return Err(SharedError("not connected".into()));
-        };
-        let mut call = self.admit.prepare_invoke();
+        let mut call = self.scripts.admit.prepare_invoke();
         for ((k, t), keep) in keys.iter().zip(takes).zip(keep_ms) {
             call.key(k);
             call.arg(t.frame.current)
@@ -188,21 +197,9 @@ impl Shared {
                 .arg(if t.enforce { 1 } else { 0 })
                 .arg(*keep);
         }
-        let reply: Vec<i64> =
-            match tokio::time::timeout(self.timeout, call.invoke_async(&mut conn)).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => return Err(self.failed(&e.to_string())),
-                Err(_) => return Err(self.failed("no answer in time")),
-            };
+        let reply: Vec<i64> = self.call(call, self.timeout).await?;
         match reply.as_slice() {
-            [0, rest @ ..] if rest.len() == 3 * takes.len() => Ok(Ok(rest
-                .chunks(3)
-                .map(|c| Figures {
-                    used: c[0],
-                    reserved: c[1],
-                    newest: (c[2] >= 0).then_some(c[2]),
-                })
-                .collect())),
+            [0, rest @ ..] if rest.len() == 3 * takes.len() => Ok(Ok(figures(rest))),
             [i, frees] if *i >= 1 => Ok(Err(Over {
                 index: (*i - 1) as usize,
                 frees_at: (*frees >= 0).then_some(*frees),
@@ -211,82 +208,64 @@ impl Shared {
         }
     }
 
-    /// Reads counters (for `/v1/limits`): each key's figures at `from`
-    /// (the oldest live bucket).
+    /// Reads counters (for `/v1/limits`): each key's figures with `from`
+    /// its oldest live bucket.
     pub async fn read(&self, keys: &[(String, i64)]) -> Result<Vec<Figures>, SharedError> {
-        let Some(mut conn) = self.connection() else {
-            return Err(SharedError("not connected".into()));
-        };
-        let mut pipe = redis::pipe();
-        for (k, _) in keys {
-            pipe.cmd("HGETALL").arg(k);
+        let mut call = self.scripts.read.prepare_invoke();
+        for (k, from) in keys {
+            call.key(k);
+            call.arg(*from);
         }
-        let maps: Vec<Vec<(String, i64)>> =
-            match tokio::time::timeout(self.timeout * 4, pipe.query_async(&mut conn)).await {
-                Ok(Ok(m)) => m,
-                Ok(Err(e)) => return Err(self.failed(&e.to_string())),
-                Err(_) => return Err(self.failed("no answer in time")),
-            };
-        Ok(maps
-            .iter()
-            .zip(keys)
-            .map(|(fields, (_, from))| {
-                let mut f = Figures::default();
-                for (name, v) in fields {
-                    let (reserved, idx) = match name.strip_prefix('r') {
-                        Some(rest) => (true, rest.parse::<i64>()),
-                        None => (false, name.parse::<i64>()),
-                    };
-                    let Ok(idx) = idx else { continue };
-                    if idx < *from {
-                        continue;
-                    }
-                    if reserved {
-                        f.reserved += v;
-                    } else {
-                        f.used += v;
-                        if *v > 0 && f.newest.is_none_or(|n| idx > n) {
-                            f.newest = Some(idx);
-                        }
-                    }
-                }
-                f
-            })
-            .collect())
+        let reply: Vec<i64> = self.call(call, self.timeout * 4).await?;
+        if reply.len() != 3 * keys.len() {
+            return Err(self.failed("unexpected answer from the read script"));
+        }
+        Ok(figures(&reply))
     }
 
-    /// Sets a counter's bucket unless some gateway already has (a budget's
-    /// spend rebuilt from the ledger).
-    pub async fn seed(&self, key: &str, bucket: i64, used: i64, keep_ms: i64) -> bool {
-        let Some(mut conn) = self.connection() else {
-            return false;
+    /// Every budget's ledger spend is given: the shared counters may be used.
+    pub fn seeded(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps a budget's ledger spend to set in Redis on every (re)connect.
+    pub fn seed(&self, seed: Seed) {
+        if let Ok(mut seeds) = self.seeds.lock() {
+            seeds.retain(|s| s.key != seed.key);
+            seeds.push(seed);
+        }
+        self.reseed.store(true, Ordering::Relaxed);
+    }
+
+    /// Adds one request's settlement to the sums the flusher sends.
+    pub fn send(&self, ops: Vec<Op>) {
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
         };
-        let mut pipe = redis::pipe();
-        pipe.cmd("HSETNX")
-            .arg(key)
-            .arg(bucket)
-            .arg(used)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(key)
-            .arg(keep_ms)
-            .arg("NX")
-            .ignore();
-        let sent = tokio::time::timeout(self.timeout * 10, pipe.query_async::<()>(&mut conn));
-        matches!(sent.await, Ok(Ok(())))
-    }
-
-    /// Queues a settlement without waiting; a full queue drops and counts.
-    pub fn send(&self, op: Op) {
-        if self.ops.try_send(op).is_err() {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        for op in ops {
+            let slot = (op.key, op.bucket);
+            if pending.len() >= BACKLOG && !pending.contains_key(&slot) {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let sum = pending.entry(slot).or_insert(Sum {
+                from: op.from,
+                used: 0,
+                reserved: 0,
+                keep_ms: op.keep_ms,
+            });
+            sum.from = sum.from.max(op.from);
+            sum.used += op.used;
+            sum.reserved += op.reserved;
+            sum.keep_ms = sum.keep_ms.max(op.keep_ms);
         }
     }
 
-    /// Marks Redis as away (logged once per outage).
+    /// Marks Redis as away (logged once per outage, and at start).
     fn failed(&self, why: &str) -> SharedError {
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        if self.up.swap(false, Ordering::Relaxed) {
+        let was_up = self.up.swap(false, Ordering::Relaxed);
+        if was_up || !self.told.swap(true, Ordering::Relaxed) {
             self.stats.up.store(0, Ordering::Relaxed);
             tracing::warn!(
                 error = why,
@@ -297,6 +276,7 @@ impl Shared {
     }
 
     fn back(&self, merged: usize) {
+        self.told.store(false, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::Relaxed) {
             self.stats.up.store(1, Ordering::Relaxed);
             tracing::info!(
@@ -307,36 +287,48 @@ impl Shared {
     }
 }
 
-/// The settlement task: connects (and reconnects), pipelines queued
-/// settlements, keeps them while Redis is away and merges them when it is
-/// back. Ends when the gateway drops its [`Shared`].
+fn figures(flat: &[i64]) -> Vec<Figures> {
+    flat.chunks(3)
+        .map(|c| Figures {
+            used: c[0],
+            reserved: c[1],
+            newest: (c[2] >= 0).then_some(c[2]),
+        })
+        .collect()
+}
+
+/// The settlement task: connects (and reconnects), sends the summed
+/// settlements every [`FLUSH_EVERY`], keeps them while Redis is away and
+/// merges them when it is back. Ends when the gateway drops its [`Shared`].
 async fn flush(
     shared: std::sync::Weak<Shared>,
     client: redis::Client,
-    mut rx: mpsc::Receiver<Op>,
     timeout: Duration,
+    scripts: Arc<Scripts>,
 ) {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
         .set_response_timeout(Some(timeout.max(Duration::from_millis(500))))
         .set_number_of_retries(1);
-    let mut backlog: VecDeque<Op> = VecDeque::new();
     let mut conn: Option<ConnectionManager> = None;
     loop {
-        let waited = tokio::time::timeout(Duration::from_millis(250), rx.recv()).await;
+        tokio::time::sleep(FLUSH_EVERY).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        match waited {
-            Ok(Some(op)) => keep(&mut backlog, op, &shared.stats),
-            Ok(None) => return,
-            Err(_) => {}
-        }
-        while let Ok(op) = rx.try_recv() {
-            keep(&mut backlog, op, &shared.stats);
+        if !shared.ready.load(Ordering::Relaxed) {
+            continue;
         }
         if conn.is_none() {
-            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+            let connect = ConnectionManager::new_with_config(client.clone(), config.clone());
+            let connected =
+                tokio::time::timeout(timeout.max(Duration::from_secs(2)), connect).await;
+            let connected = connected.unwrap_or_else(|_| {
+                Err(redis::RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))
+            });
+            match connected {
                 Ok(c) => {
                     if let Ok(mut slot) = shared.conn.write() {
                         *slot = Some(c.clone());
@@ -352,78 +344,114 @@ async fn flush(
         }
         let Some(c) = conn.as_mut() else { continue };
         let merging = !shared.is_up();
-        if merging {
-            let ping = redis::cmd("PING");
-            let pong = tokio::time::timeout(timeout * 4, ping.query_async::<()>(c)).await;
-            if !matches!(pong, Ok(Ok(()))) {
+        let reseed = shared.reseed.swap(false, Ordering::Relaxed);
+        if merging || reseed {
+            // (Re)load the scripts: a restarted Redis has none, and the
+            // pipelined settlements call them by hash.
+            let mut load = redis::pipe();
+            for code in &scripts.code {
+                load.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
+            }
+            let now = chrono::Utc::now();
+            let seeds: Vec<Seed> = (shared.seeds.lock().map(|s| s.clone()))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|s| s.until > now)
+                .collect();
+            for s in &seeds {
+                load.cmd("EVALSHA")
+                    .arg(scripts.seed.get_hash())
+                    .arg(1)
+                    .arg(&s.key)
+                    .arg(s.bucket)
+                    .arg(s.from)
+                    .arg(s.used)
+                    .arg(s.keep_ms)
+                    .ignore();
+            }
+            let loaded = tokio::time::timeout(timeout * 4, load.query_async::<()>(c)).await;
+            if !matches!(loaded, Ok(Ok(()))) {
+                shared.reseed.store(true, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
         }
-        let mut sent = 0;
-        while !backlog.is_empty() {
-            let n = backlog.len().min(BATCH);
+        let batch = match shared.pending.lock() {
+            Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
+            _ => Pending::default(),
+        };
+        let sent = batch.len();
+        if sent > 0 {
+            let entries: Vec<_> = batch.iter().collect();
             let mut pipe = redis::pipe();
-            for op in backlog.iter().take(n) {
-                pipe.cmd("HINCRBY")
-                    .arg(&*op.key)
-                    .arg(op.bucket)
-                    .arg(op.used)
-                    .ignore();
-                if op.reserved != 0 {
-                    pipe.cmd("HINCRBY")
-                        .arg(&*op.key)
-                        .arg(format!("r{}", op.bucket))
-                        .arg(op.reserved)
-                        .ignore();
+            for chunk in entries.chunks(PER_CALL) {
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(scripts.settle.get_hash())
+                    .arg(chunk.len());
+                for ((key, _), _) in chunk {
+                    cmd.arg(&**key);
                 }
-                for when in ["NX", "GT"] {
-                    pipe.cmd("PEXPIRE")
-                        .arg(&*op.key)
-                        .arg(op.keep_ms)
-                        .arg(when)
-                        .ignore();
+                for ((_, bucket), sum) in chunk {
+                    cmd.arg(*bucket)
+                        .arg(sum.from)
+                        .arg(sum.used)
+                        .arg(sum.reserved)
+                        .arg(sum.keep_ms);
                 }
+                cmd.ignore();
             }
-            match tokio::time::timeout(timeout * 20, pipe.query_async::<()>(c)).await {
-                Ok(Ok(())) => {
-                    backlog.drain(..n);
-                    sent += n;
-                }
-                Ok(Err(e)) => {
-                    shared.failed(&e.to_string());
-                    break;
-                }
-                Err(_) => {
-                    shared.failed("settlements got no answer in time");
-                    break;
-                }
+            let result = tokio::time::timeout(timeout * 20, pipe.query_async::<()>(c)).await;
+            let failed = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("settlements got no answer in time".to_string()),
+            };
+            if let Some(why) = failed {
+                shared.failed(&why);
+                restore(&shared, batch);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
             }
         }
+        let waiting = shared.pending.lock().map_or(0, |p| p.len());
         shared
             .stats
             .backlog
-            .store(backlog.len() as u64, Ordering::Relaxed);
-        if backlog.is_empty() {
-            if merging {
-                shared
-                    .stats
-                    .merged
-                    .fetch_add(sent as u64, Ordering::Relaxed);
-            }
-            shared.back(sent);
-        } else {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            .store(waiting as u64, Ordering::Relaxed);
+        if merging {
+            shared
+                .stats
+                .merged
+                .fetch_add(sent as u64, Ordering::Relaxed);
         }
+        shared.back(sent);
     }
 }
 
-fn keep(backlog: &mut VecDeque<Op>, op: Op, stats: &SharedStats) {
-    if backlog.len() >= BACKLOG {
-        stats.dropped.fetch_add(1, Ordering::Relaxed);
+/// Puts settlements that could not be sent back with the ones that came
+/// since.
+fn restore(shared: &Shared, batch: Pending) {
+    let Ok(mut pending) = shared.pending.lock() else {
         return;
+    };
+    for (slot, sum) in batch {
+        if pending.len() >= BACKLOG && !pending.contains_key(&slot) {
+            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let into = pending.entry(slot).or_insert(Sum {
+            used: 0,
+            reserved: 0,
+            ..sum
+        });
+        into.used += sum.used;
+        into.reserved += sum.reserved;
     }
-    backlog.push_back(op);
+    shared
+        .stats
+        .backlog
+        .store(pending.len() as u64, Ordering::Relaxed);
 }
 
 impl std::fmt::Debug for SharedStats {
@@ -455,19 +483,19 @@ impl Collector for SharedStats {
         counter(
             &mut e,
             "tollgate_limits_settlements_dropped",
-            "Settlements dropped: queue or backlog full.",
+            "Settlements dropped: too many counters waiting for Redis.",
             &self.dropped,
         )?;
         counter(
             &mut e,
             "tollgate_limits_settlements_merged",
-            "Settlements merged into Redis after an outage.",
+            "Counter buckets merged into Redis after an outage.",
             &self.merged,
         )?;
         gauge(
             &mut e,
             "tollgate_limits_settlements_backlog",
-            "Settlements waiting for Redis.",
+            "Counter buckets with settlements waiting for Redis.",
             &self.backlog,
         )
     }

@@ -17,9 +17,22 @@ fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
+/// Consumers the rules' filters may name.
+pub(crate) const CONSUMERS: &str = r#"[[consumers]]
+name = "alice"
+team = "search"
+api_keys = ["sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"]
+[[consumers]]
+name = "ops"
+api_keys = ["sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"]
+[[consumers]]
+name = "bob"
+api_keys = ["sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"]
+"#;
+
 fn fixture(rules: &str, start: &str) -> Fixture {
     let text = format!(
-        "[upstreams.s]\nkind = \"simulated\"\n[[routes]]\nmodel = \"*\"\ntargets = [{{ upstream = \"s\" }}]\n{rules}"
+        "[upstreams.s]\nkind = \"simulated\"\n[[routes]]\nmodel = \"*\"\ntargets = [{{ upstream = \"s\" }}]\n{CONSUMERS}{rules}"
     );
     let config = Config::from_toml(&text).unwrap();
     let now = Arc::new(Mutex::new(at(start)));

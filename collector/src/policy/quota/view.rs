@@ -69,7 +69,7 @@ impl Quota {
                 .iter()
                 .map(|row| {
                     (
-                        self.redis_key(s, row.limit, &row.key),
+                        self.redis_key(row.limit, &row.key),
                         frames[row.limit].oldest_live,
                     )
                 })
