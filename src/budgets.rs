@@ -34,11 +34,21 @@ pub async fn rebuild(config: &Config, gateway: &Gateway) -> anyhow::Result<()> {
     }
     tracing::debug!(ms = started.elapsed().as_millis() as u64, "budgets rebuilt");
     quota.seed_budgets(&spend).await;
-    if let Some(every) = config.collector.limits.redis.as_ref().map(|r| r.reconcile) {
+    let shared = quota.shared().cloned();
+    if let (Some(every), Some(shared)) = (
+        config.collector.limits.redis.as_ref().map(|r| r.reconcile),
+        shared,
+    ) {
         let config = config.clone();
+        let reconnected = shared.reconnected.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                // Every interval, and as soon as Redis is back (it may
+                // have lost what it held).
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = reconnected.notified() => {}
+                }
                 let (c, q) = (config.clone(), quota.clone());
                 match tokio::task::spawn_blocking(move || ledger_spend(&c, &q)).await {
                     Ok(Ok(spend)) => quota.reconcile(&spend).await,

@@ -47,6 +47,7 @@ impl Gateway {
             Some(path) => PriceCatalog::load(path)?,
             None => PriceCatalog::shipped()?,
         };
+        warn_unpriced(config, &catalog);
         let mut upstreams = HashMap::new();
         for (name, u) in &config.upstreams {
             let up = Upstream::new(u).map_err(|e| CollectorError::Upstream {
@@ -97,5 +98,36 @@ impl Gateway {
             quota,
             admin_token: config.gateway.admin_token.clone(),
         })
+    }
+}
+
+/// Dollar limits and budgets price requests with the catalog: a routed
+/// model without a price counts $0 against them, which the operator should
+/// know before a client finds it.
+fn warn_unpriced(config: &Config, catalog: &PriceCatalog) {
+    use crate::config::limits::Unit;
+    let l = &config.limits;
+    let dollars = !l.budgets.is_empty()
+        || (l.rate_limits.iter()).any(|r| r.limits.iter().any(|x| x.unit == Unit::Usd));
+    if !dollars {
+        return;
+    }
+    let now = chrono::Utc::now();
+    for r in &config.routes {
+        for t in &r.targets {
+            let model = t.model.as_deref().unwrap_or(&r.model);
+            if model.contains(['*', '?', '[']) {
+                tracing::warn!(
+                    route = %r.model,
+                    "dollar limits and budgets: this glob route sends the client's model name upstream; names without a price count $0 against them"
+                );
+            } else if catalog.price(model, now).is_none() {
+                tracing::warn!(
+                    model,
+                    route = %r.model,
+                    "dollar limits and budgets: this model has no price in the catalog, so its requests count $0 against them"
+                );
+            }
+        }
     }
 }

@@ -95,6 +95,7 @@ async fn admit_on(
     let estimate = Estimate {
         input: &|| crate::ledger::tokens::input_of(&req.body),
         max_tokens: req.max_tokens,
+        choices: req.choices,
         price: &|input, output| {
             pricing.cost(
                 priced,

@@ -35,6 +35,9 @@ pub struct ClientRequest {
     /// Whether the client itself asked for the usage chunk.
     pub include_usage: bool,
     pub max_tokens: Option<u64>,
+    /// Answers the request asks for: `n` (or `best_of`, if larger) times
+    /// the prompts of a completion; `max_tokens` caps each.
+    pub choices: u64,
 }
 
 impl ClientRequest {
@@ -139,6 +142,12 @@ impl ClientRequest {
                 _ => return Err(bad_param("input", "input must be a string or an array")),
             },
         }
+        let count = |k: &str| body.get(k).and_then(Value::as_u64).unwrap_or(1).max(1);
+        let prompts = match body.get("prompt") {
+            Some(Value::Array(p)) if p.iter().all(|x| !x.is_number()) => p.len().max(1) as u64,
+            _ => 1,
+        };
+        let choices = count("n").max(count("best_of")).saturating_mul(prompts);
         Ok(Self {
             body,
             raw,
@@ -146,6 +155,7 @@ impl ClientRequest {
             stream,
             include_usage,
             max_tokens,
+            choices,
         })
     }
 
@@ -346,6 +356,15 @@ mod tests {
         let r = parse(r#"{"model":"m","messages":[{}],"stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":7}"#).unwrap();
         assert!(r.include_usage);
         assert_eq!(r.max_tokens, Some(7));
+        assert_eq!(r.choices, 1);
+        let many = parse(r#"{"model":"m","messages":[{}],"n":4}"#).unwrap();
+        assert_eq!(many.choices, 4);
+        let prompts = ClientRequest::parse(
+            Endpoint::Completions,
+            Bytes::from_static(br#"{"model":"m","prompt":["a","b","c"],"n":2,"best_of":5}"#),
+        )
+        .unwrap();
+        assert_eq!(prompts.choices, 15, "best_of 5 for each of 3 prompts");
     }
 
     proptest! {

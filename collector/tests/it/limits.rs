@@ -441,3 +441,27 @@ async fn an_enormous_max_tokens_is_refused_and_leaves_the_counters_whole() {
             .all(|e| e.outcome == Outcome::RateLimited)
     );
 }
+
+#[tokio::test]
+async fn every_answer_asked_for_is_reserved() {
+    let gw = TestGateway::start(&sections(
+        "[[rate_limits]]\nname = \"tpm\"\nkey = \"consumer\"\ntokens_per_minute = 300\n",
+    ));
+    let body = |n: u64| {
+        serde_json::json!({
+            "model": "qwq-32b", "max_tokens": 100, "n": n,
+            "messages": [{"role": "user", "content": "hi"}],
+        })
+        .to_string()
+    };
+    let (status, _, _) = gw
+        .post("/v1/chat/completions", Some(CLIENT_KEY), &body(2))
+        .await;
+    assert_eq!(status, 200, "input plus 2 x 100 fits in 300");
+    let (status, _, text) = gw
+        .post("/v1/chat/completions", Some(CLIENT_KEY), &body(4))
+        .await;
+    assert_eq!(status, 429, "input plus 4 x 100 never fits: {text}");
+    assert!(text.contains("Request too large"), "{text}");
+    gw.exactly(2).await;
+}

@@ -441,6 +441,14 @@ mod tests {
                 "decimal places",
             ),
             ("[[budgets]]\nname = \"b\"\nusd = \"1000000\"", "at most"),
+            (
+                "[[rate_limits]]\nname = \"a\"\nkey = \"cookie:a;b\"\nrequests_per_day = 1",
+                "cannot name",
+            ),
+            (
+                "[[rate_limits]]\nname = \"a\"\ntokens_per_day = 9223372036854775807",
+                "at most 9007199254740992",
+            ),
         ];
         for (text, needle) in cases {
             let e = parse(text).unwrap_err();

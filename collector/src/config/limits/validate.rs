@@ -23,7 +23,10 @@ pub struct RawRedis {
 
 /// `on_limit` / `on_exhausted`: a word or `{ fallback = "m" }`.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "on_limit: \"reject\" or { fallback = \"<model>\" }; on_exhausted: \"block\", \"alert_only\" or { downgrade = \"<model>\" } (no other keys)"
+)]
 enum RawAction {
     Word(String),
     Fallback(FallbackTo),
@@ -300,6 +303,14 @@ fn rate_limit(r: &RawRateLimit, at: At) -> Result<RateLimitConfig, Invalid> {
     {
         return Err(at(".key", format!("{name:?} is not a header name")));
     }
+    if let KeySource::Cookie(name) | KeySource::Query(name) | KeySource::Tag(name) = &key
+        && name.contains(|c: char| "=;,&".contains(c) || c.is_whitespace() || c.is_control())
+    {
+        return Err(at(
+            ".key",
+            format!("{name:?} cannot name a cookie, query parameter or tag"),
+        ));
+    }
     let patterns = match &r.matches {
         None => Vec::new(),
         Some(OneOrMany::One(p)) => vec![p.clone()],
@@ -342,9 +353,15 @@ fn rate_limit(r: &RawRateLimit, at: At) -> Result<RateLimitConfig, Invalid> {
     ];
     for (unit, window, v) in ints {
         if let Some(v) = v {
+            let field = format!(".{}_per_{}", unit.as_str(), window.as_str());
             if v < 0 {
-                let field = format!(".{}_per_{}", unit.as_str(), window.as_str());
                 return Err(at(&field, "must not be negative".into()));
+            }
+            if v > 1 << 53 {
+                return Err(at(
+                    &field,
+                    format!("is too large (at most {})", 1_i64 << 53),
+                ));
             }
             limits.push(RateLimit {
                 unit,

@@ -54,6 +54,9 @@ pub struct Estimate<'a> {
     pub input: &'a (dyn Fn() -> u64 + Sync),
     /// `max_completion_tokens` / `max_tokens`, if the client set one.
     pub max_tokens: Option<u64>,
+    /// Answers asked for (`n`, `best_of`, prompts): each may use
+    /// `max_tokens`.
+    pub choices: u64,
     /// The price of (input, output) tokens on the model that will serve.
     pub price: &'a (dyn Fn(u64, u64) -> Option<Usd> + Sync),
 }
@@ -240,7 +243,8 @@ impl Quota {
             let Some(key) = rule.key(ask, self.ip_header.as_deref()) else {
                 continue;
             };
-            let output = estimate.max_tokens.unwrap_or(rule.default_output_tokens);
+            let output = (estimate.max_tokens.unwrap_or(rule.default_output_tokens))
+                .saturating_mul(estimate.choices.max(1));
             for (i, l) in rule.limits.iter().enumerate() {
                 let amount = match l.unit {
                     Unit::Requests => 1,

@@ -178,17 +178,32 @@ impl Rule {
     /// The counter the request lands in; `None`: the request has no value
     /// for the key (or none that matches), so this rule does not count it.
     pub fn key<'a>(&self, ask: &Ask<'a>, ip_header: Option<&str>) -> Option<Cow<'a, str>> {
-        let value: Cow<'a, str> = match &self.key {
+        let bytes: Cow<'a, [u8]> = match &self.key {
             KeySource::Global => return Some(Cow::Borrowed("*")),
-            KeySource::Consumer => Cow::Borrowed(ask.consumer?),
-            KeySource::Team => Cow::Borrowed(ask.team?),
-            KeySource::Tag(k) => tag(ask, k)?,
-            KeySource::Header(h) => {
-                trimmed(String::from_utf8_lossy(ask.headers.get(h)?.as_bytes()))
-            }
+            KeySource::Consumer => Cow::Borrowed(ask.consumer?.as_bytes()),
+            KeySource::Team => Cow::Borrowed(ask.team?.as_bytes()),
+            KeySource::Tag(k) => tag_bytes(ask, k)?,
+            KeySource::Header(h) => Cow::Borrowed(ask.headers.get(h)?.as_bytes().trim_ascii()),
             KeySource::Cookie(name) => Cow::Borrowed(cookie(ask.headers, name)?),
             KeySource::Query(p) => query_param(ask.query?, p)?,
-            KeySource::Ip => Cow::Owned(client_ip(ask, ip_header)?.to_string()),
+            KeySource::Ip => Cow::Owned(client_ip(ask, ip_header)?.to_string().into_bytes()),
+        };
+        // Bytes that are not text are counted by their digest (two
+        // different values never share a counter) and match no pattern.
+        let value: Cow<'a, str> = match bytes {
+            Cow::Borrowed(b) => match std::str::from_utf8(b) {
+                Ok(s) => Cow::Borrowed(s),
+                Err(_) => return self.matches.is_empty().then(|| Cow::Owned(digest(b))),
+            },
+            Cow::Owned(b) => match String::from_utf8(b) {
+                Ok(s) => Cow::Owned(s),
+                Err(e) => {
+                    return self
+                        .matches
+                        .is_empty()
+                        .then(|| Cow::Owned(digest(e.as_bytes())));
+                }
+            },
         };
         if value.is_empty() {
             return None;
@@ -212,13 +227,22 @@ impl Rule {
 }
 
 /// A key value as counted: short printable values as they are, anything
-/// else as `sha256:` and 16 hex digits.
+/// else (and anything that looks like a digest, so none can be forged) as
+/// `sha256:` and 16 hex digits.
 fn bounded(v: Cow<'_, str>) -> Cow<'_, str> {
-    if v.len() <= MAX_KEY_CHARS && v.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+    let plain = v.len() <= MAX_KEY_CHARS
+        && !v.starts_with(DIGEST)
+        && v.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    if plain {
         return v;
     }
-    let digest = Sha256::digest(v.as_bytes());
-    Cow::Owned(format!("sha256:{}", hex::encode(&digest[..8])))
+    Cow::Owned(digest(v.as_bytes()))
+}
+
+const DIGEST: &str = "sha256:";
+
+fn digest(bytes: &[u8]) -> String {
+    format!("{DIGEST}{}", hex::encode(&Sha256::digest(bytes)[..8]))
 }
 
 /// The client's address: the configured header's (for `x-forwarded-for`
@@ -245,7 +269,7 @@ pub fn client_ip(ask: &Ask, ip_header: Option<&str>) -> Option<IpAddr> {
 /// A tag of the request's `x-tollgate-tags`, read from the header itself
 /// (the ledger keeps short tags only, a limit must count long ones too),
 /// else from `tags` (an event's, when budgets are rebuilt).
-fn tag<'a>(ask: &Ask<'a>, key: &str) -> Option<Cow<'a, str>> {
+fn tag_bytes<'a>(ask: &Ask<'a>, key: &str) -> Option<Cow<'a, [u8]>> {
     let from_header = ask
         .headers
         .get_all("x-tollgate-tags")
@@ -254,49 +278,52 @@ fn tag<'a>(ask: &Ask<'a>, key: &str) -> Option<Cow<'a, str>> {
         .find_map(|pair| {
             let at = pair.iter().position(|b| *b == b'=')?;
             let (k, v) = (&pair[..at], &pair[at + 1..]);
-            (String::from_utf8_lossy(k).trim() == key).then(|| trimmed(String::from_utf8_lossy(v)))
+            (k.trim_ascii() == key.as_bytes()).then(|| v.trim_ascii())
         });
-    from_header
-        .filter(|v| !v.is_empty())
-        .or_else(|| ask.tags.get(key).map(|v| Cow::Borrowed(v.as_str())))
-}
-
-fn trimmed(v: Cow<'_, str>) -> Cow<'_, str> {
-    match v {
-        Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
-        Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
+    match from_header.filter(|v| !v.is_empty()) {
+        Some(v) => Some(Cow::Borrowed(v)),
+        None => ask.tags.get(key).map(|v| Cow::Borrowed(v.as_bytes())),
     }
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// [`tag_bytes`] as text, for matching the rule's tag filter.
+fn tag<'a>(ask: &Ask<'a>, key: &str) -> Option<Cow<'a, str>> {
+    match tag_bytes(ask, key)? {
+        Cow::Borrowed(b) => Some(String::from_utf8_lossy(b)),
+        Cow::Owned(b) => Some(Cow::Owned(String::from_utf8_lossy(&b).into_owned())),
+    }
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     headers
         .get_all(axum::http::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
         .find_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            (k.trim() == name).then(|| v.trim().trim_matches('"'))
+            let at = pair.iter().position(|b| *b == b'=')?;
+            let (k, v) = (&pair[..at], pair[at + 1..].trim_ascii());
+            let v = v
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(v);
+            (k.trim_ascii() == name.as_bytes()).then_some(v)
         })
 }
 
-fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
+fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, [u8]>> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (decode(k) == name).then(|| decode(v))
+        (*decode(k) == *name.as_bytes()).then(|| decode(v))
     })
 }
 
-fn decode(s: &str) -> Cow<'_, str> {
+/// A query string part, `+` and percent-escapes decoded, as bytes.
+fn decode(s: &str) -> Cow<'_, [u8]> {
     if !s.contains(['%', '+']) {
-        return Cow::Borrowed(s);
+        return Cow::Borrowed(s.as_bytes());
     }
     let spaced = s.replace('+', " ");
-    Cow::Owned(
-        percent_encoding::percent_decode_str(&spaced)
-            .decode_utf8_lossy()
-            .into_owned(),
-    )
+    Cow::Owned(percent_encoding::percent_decode_str(&spaced).collect())
 }
 
 #[cfg(test)]
@@ -341,6 +368,11 @@ mod tests {
             "cookie",
             HeaderValue::from_static("a=1; session=s%20x; b=2"),
         );
+        // A value shaped like a digest is itself digested: none is forged.
+        h.insert(
+            "x-forged",
+            HeaderValue::from_static("sha256:fb1552c13c0c3496"),
+        );
         let cases = [
             ("consumer", Some("alice")),
             ("team", Some("search")),
@@ -350,6 +382,7 @@ mod tests {
             ("header:x-missing", None),
             ("query:user", Some("q v")),
             ("cookie:session", Some("s%20x")),
+            ("header:x-forged", Some("sha256:eb4fcb2bbc545c84")),
             ("tag:feature", Some("search")),
             ("tag:env", None),
         ];
@@ -392,6 +425,25 @@ mod tests {
             "[[rate_limits]]\nname = \"r\"\nkey = \"consumer\"\nmatch = \"bob*\"\nrequests_per_minute = 1",
         )[0];
         assert_eq!(key_of(glob, &h, None, ""), None);
+    }
+
+    #[test]
+    fn values_that_are_not_text_keep_counters_of_their_own() {
+        let r = &rules(
+            "[[rate_limits]]\nname = \"r\"\nkey = \"header:x-user\"\nrequests_per_minute = 1",
+        )[0];
+        let mut keys = Vec::new();
+        for raw in [&b"caf\xe9"[..], b"caf\xe8"] {
+            let mut h = HeaderMap::new();
+            h.insert("x-user", HeaderValue::from_bytes(raw).unwrap());
+            keys.push(key_of(r, &h, None, "").unwrap());
+        }
+        assert_ne!(keys[0], keys[1]);
+        let q =
+            &rules("[[rate_limits]]\nname = \"r\"\nkey = \"query:u\"\nrequests_per_minute = 1")[0];
+        let a = key_of(q, &HeaderMap::new(), Some("u=caf%E9"), "");
+        let b = key_of(q, &HeaderMap::new(), Some("u=caf%E8"), "");
+        assert!(a.is_some() && a != b);
     }
 
     #[test]

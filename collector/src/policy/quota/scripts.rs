@@ -134,14 +134,17 @@ end
 return out
 ";
 
-/// A budget's spend from the ledger, unless some gateway keeps the counter
-/// already. ARGV: bucket, oldest live bucket, used, milliseconds to keep.
+/// Raises a budget's counter to at least the spend the ledger (or this
+/// gateway) knows: a counter can only lag the truth by losing data, never
+/// lead it, so raising is always safe. ARGV: bucket, oldest live bucket,
+/// spend, milliseconds to keep.
 pub const SEED: &str = r"
 if tonumber(ARGV[1]) < tonumber(ARGV[2]) then return 0 end
-local u = sums(KEYS[1], tonumber(ARGV[2]))
-if redis.call('HEXISTS', KEYS[1], 'u') == 1 and redis.call('HEXISTS', KEYS[1], 'o') == 1 then return 0 end
-add(KEYS[1], ARGV[1], tonumber(ARGV[3]), 0)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+local u, r = sums(KEYS[1], tonumber(ARGV[2]))
+local short = tonumber(ARGV[3]) - (u - r)
+if short <= 0 then return 0 end
+add(KEYS[1], ARGV[1], short, 0)
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
 return 1
 ";
 

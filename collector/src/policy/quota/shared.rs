@@ -71,9 +71,10 @@ struct Sum {
 
 type Pending = FxHashMap<(Arc<str>, i64), Sum>;
 
-/// A budget's spend from the ledger, set in Redis on every (re)connect
-/// unless some gateway keeps the counter already (so a Redis that lost its
-/// data, or was away when this gateway started, gets it back).
+/// A budget's spend from the ledger: on every (re)connect the counter in
+/// Redis is raised to at least it (so a Redis that lost its data, or was
+/// away when this gateway started, gets it back); the ledger is read again
+/// right after, see [`Shared::reconnected`].
 #[derive(Debug, Clone)]
 pub struct Seed {
     pub key: String,
@@ -102,6 +103,9 @@ pub struct Shared {
     /// then the shared counters are not used, so that no request is
     /// admitted against a budget Redis lost.
     ready: AtomicBool,
+    /// Told each time Redis comes back: budgets are then reconciled with
+    /// the ledger at once rather than at the next interval.
+    pub reconnected: Arc<tokio::sync::Notify>,
     pub stats: Arc<SharedStats>,
 }
 
@@ -129,6 +133,7 @@ impl Shared {
             seeds: Mutex::default(),
             reseed: AtomicBool::new(false),
             ready: AtomicBool::new(!seeded_later),
+            reconnected: Arc::default(),
             stats: Arc::default(),
         });
         let handle = tokio::runtime::Handle::try_current()
@@ -279,6 +284,7 @@ impl Shared {
         self.told.store(false, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::Relaxed) {
             self.stats.up.store(1, Ordering::Relaxed);
+            self.reconnected.notify_one();
             tracing::info!(
                 merged,
                 "Redis is reachable: limits use the shared counters again"

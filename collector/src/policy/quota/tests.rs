@@ -67,6 +67,7 @@ impl Fixture {
         let estimate = Estimate {
             input: &move || input,
             max_tokens,
+            choices: 1,
             price: &|i, o| Some(Usd::for_tokens(i + o, rust_decimal::Decimal::ONE)),
         };
         self.quota.admit(&ask, &estimate).await
