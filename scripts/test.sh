@@ -107,7 +107,9 @@ import pathlib, sys, duckdb
 for usage in pathlib.Path(sys.argv[1]).rglob("usage"):
     if usage.is_dir() and any(usage.rglob("*.parquet")):
         out = usage.parent / "lake-dump.csv"
-        duckdb.execute(f"COPY (SELECT * FROM read_parquet('{usage}/**/*.parquet', hive_partitioning = true)) TO '{out}' (HEADER)")
+        # A file list, not a glob: directory names may hold glob characters.
+        files = sorted(str(f) for f in usage.rglob("*.parquet"))
+        duckdb.execute(f"COPY (SELECT * FROM read_parquet({files!r}, hive_partitioning = true)) TO '{out}' (HEADER)")
 PY
 
 echo "==> canary secret sweep over $ARTIFACTS"

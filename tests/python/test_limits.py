@@ -190,7 +190,7 @@ def lake_rows(*lakes, where="true"):
 
 @pytest.fixture
 def rig(artifacts, request):
-    d = artifacts / "limits" / request.node.name
+    d = artifacts / "limits" / "".join(c if c.isalnum() or c in "-_" else "_" for c in request.node.name)
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     procs = []
