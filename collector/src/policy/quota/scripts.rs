@@ -103,11 +103,15 @@ end
 return out
 ";
 
-/// One request's settlement. ARGV, five per key: bucket, oldest live
-/// bucket, used delta, reserved delta, milliseconds to keep the key. A
-/// bucket that left the window is skipped (its figures no longer count).
+/// A batch of settlements. KEYS: the counters, then the batch's own key
+/// (kept 10 minutes, so that a batch sent again after a broken connection
+/// is applied once).
+/// ARGV, five per counter: bucket, oldest live bucket, used delta, reserved
+/// delta, milliseconds to keep the key. A bucket that left the window is
+/// skipped (its figures no longer count).
 pub const SETTLE: &str = r"
-for i = 1, #KEYS do
+if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', 600000) then return 0 end
+for i = 1, #KEYS - 1 do
   local b = (i - 1) * 5
   local bucket, from = ARGV[b + 1], tonumber(ARGV[b + 2])
   if tonumber(bucket) >= from then

@@ -317,6 +317,7 @@ async fn flush(
         .set_response_timeout(Some(timeout.max(Duration::from_millis(500))))
         .set_number_of_retries(1);
     let mut conn: Option<ConnectionManager> = None;
+    let mut retry: Option<(u64, Pending)> = None;
     loop {
         tokio::time::sleep(FLUSH_EVERY).await;
         let Some(shared) = shared.upgrade() else {
@@ -382,22 +383,28 @@ async fn flush(
                 continue;
             }
         }
-        let batch = match shared.pending.lock() {
-            Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
-            _ => Pending::default(),
+        // A batch whose sending broke is sent again as it was, under the
+        // same id, before anything newer: Redis applies it at most once.
+        let (id, batch) = match retry.take() {
+            Some(unsent) => unsent,
+            None => match shared.pending.lock() {
+                Ok(mut p) if !p.is_empty() => (fastrand::u64(..), std::mem::take(&mut *p)),
+                _ => (0, Pending::default()),
+            },
         };
         let sent = batch.len();
         if sent > 0 {
             let entries: Vec<_> = batch.iter().collect();
             let mut pipe = redis::pipe();
-            for chunk in entries.chunks(PER_CALL) {
+            for (n, chunk) in entries.chunks(PER_CALL).enumerate() {
                 let cmd = pipe
                     .cmd("EVALSHA")
                     .arg(scripts.settle.get_hash())
-                    .arg(chunk.len());
+                    .arg(chunk.len() + 1);
                 for ((key, _), _) in chunk {
                     cmd.arg(&**key);
                 }
+                cmd.arg(format!("{}:settled:{id:016x}:{n}", shared.prefix));
                 for ((_, bucket), sum) in chunk {
                     cmd.arg(*bucket)
                         .arg(sum.from)
@@ -415,12 +422,13 @@ async fn flush(
             };
             if let Some(why) = failed {
                 shared.failed(&why);
-                restore(&shared, batch);
+                retry = Some((id, batch));
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 continue;
             }
         }
-        let waiting = shared.pending.lock().map_or(0, |p| p.len());
+        let waiting =
+            shared.pending.lock().map_or(0, |p| p.len()) + retry.as_ref().map_or(0, |r| r.1.len());
         shared
             .stats
             .backlog
@@ -433,31 +441,6 @@ async fn flush(
         }
         shared.back(sent);
     }
-}
-
-/// Puts settlements that could not be sent back with the ones that came
-/// since.
-fn restore(shared: &Shared, batch: Pending) {
-    let Ok(mut pending) = shared.pending.lock() else {
-        return;
-    };
-    for (slot, sum) in batch {
-        if pending.len() >= BACKLOG && !pending.contains_key(&slot) {
-            shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        let into = pending.entry(slot).or_insert(Sum {
-            used: 0,
-            reserved: 0,
-            ..sum
-        });
-        into.used += sum.used;
-        into.reserved += sum.reserved;
-    }
-    shared
-        .stats
-        .backlog
-        .store(pending.len() as u64, Ordering::Relaxed);
 }
 
 impl std::fmt::Debug for SharedStats {
