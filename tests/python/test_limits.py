@@ -509,3 +509,40 @@ on_exhausted = "alert_only"
     with psycopg.connect(host=host, port=int(port), user="admin", password=ADMIN_TOKEN, dbname="tollgate") as conn:
         got = conn.execute("SELECT name, spent_usd, usd FROM budgets ORDER BY name").fetchall()
     assert [g[0] for g in got] == ["other-team", "search-feature", "search-qwq"]
+
+
+def test_reservations_of_a_gateway_killed_mid_request_are_released_by_the_survivors(rig):
+    d, procs = rig
+    redis = Redis(d / "redis")
+    procs.append(redis)
+    sim = simulator(d, "--tokens-per-s", "5", output=400)
+    procs.append(sim)
+    rules = """[[budgets]]
+name = "search-daily"
+team = "search"
+usd = "10"
+period = "day"
+"""
+    doomed, survivor = (gateway(d, name, sim, rules, redis) for name in ("doomed", "survivor"))
+    procs.extend([doomed, survivor])
+    for gw in (doomed, survivor):
+        wait_for(lambda gw=gw: metric(gw.addr, "tollgate_limits_redis_up") == 1, "Redis in use")
+    host, port = doomed.addr.rsplit(":", 1)
+    body = json.dumps({"model": "deepseek-r1", "stream": True, "max_tokens": 400,
+                       "messages": [{"role": "user", "content": "Write a long essay."}]})
+    streams = []
+    for _ in range(3):
+        s = socket.create_connection((host, int(port)))
+        s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+        streams.append(s)
+    for s in streams:
+        s.recv(4096)  # the head: the reservations are made
+    held = limit_row(survivor.addr, "search-daily", "*", "usd")["reserved"]
+    assert float(held) > 0, held
+    doomed.p.send_signal(signal.SIGKILL)
+    doomed.p.wait()
+    for s in streams:
+        s.close()
+    wait_for(lambda: limit_row(survivor.addr, "search-daily", "*", "usd")["reserved"] == "0",
+             "the dead gateway's reservations released", timeout=60)

@@ -57,14 +57,16 @@ end
 ";
 
 /// Check every counter, then reserve in all or none. KEYS: the counters;
-/// ARGV, six per key: bucket now, oldest live bucket, ceiling, amount,
+/// The last KEY is this gateway's lease (see [`JANITOR`]). ARGV, six per
+/// counter: bucket now, oldest live bucket, ceiling, amount,
 /// enforce (1/0), milliseconds to keep the key. Returns `{0, used,
 /// reserved, newest, ...}` per key after the reservation, or `{i, frees}`
 /// for the first key that would go over (`frees`: the bucket whose expiry
 /// leaves room, -1 if none will).
 pub const ADMIT: &str = r"
+local lease = KEYS[#KEYS]
 local figs = {}
-for i = 1, #KEYS do
+for i = 1, #KEYS - 1 do
   local b = (i - 1) * 6
   local from, ceiling, amount = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   local used, reserved, newest = sums(KEYS[i], from)
@@ -89,40 +91,71 @@ for i = 1, #KEYS do
   figs[i] = {used + amount, reserved + amount, newest}
 end
 local out = {0}
-for i = 1, #KEYS do
+for i = 1, #KEYS - 1 do
   local b = (i - 1) * 6
   local amount = tonumber(ARGV[b + 4])
   add(KEYS[i], ARGV[b + 1], amount, amount)
   redis.call('PEXPIRE', KEYS[i], ARGV[b + 6])
+  if amount > 0 then redis.call('HINCRBY', lease, KEYS[i] .. '|' .. ARGV[b + 1], amount) end
   local f = figs[i]
   if amount > 0 and tonumber(ARGV[b + 1]) > f[3] then f[3] = tonumber(ARGV[b + 1]) end
   out[#out + 1] = f[1]
   out[#out + 1] = f[2]
   out[#out + 1] = f[3]
 end
+redis.call('PEXPIRE', lease, 3456000000)
 return out
 ";
 
-/// A batch of settlements. KEYS: the counters, then the batch's own key
-/// (kept 10 minutes, so that a batch sent again after a broken connection
-/// is applied once).
-/// ARGV, five per counter: bucket, oldest live bucket, used delta, reserved
-/// delta, milliseconds to keep the key. A bucket that left the window is
-/// skipped (its figures no longer count).
+/// A batch of settlements. KEYS: the counters, then this gateway's lease,
+/// then the batch's own key (kept 10 minutes, so that a batch sent again
+/// after a broken connection is applied once). ARGV, five per counter:
+/// bucket, oldest live bucket, used delta, reserved delta, milliseconds to
+/// keep the key. A reservation the lease no longer holds was released by
+/// [`JANITOR`]: only the actual use is added for it. A bucket that left the
+/// window is skipped (its figures no longer count).
 pub const SETTLE: &str = r"
 if not redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', 600000) then return 0 end
-for i = 1, #KEYS - 1 do
+local lease = KEYS[#KEYS - 1]
+for i = 1, #KEYS - 2 do
   local b = (i - 1) * 5
   local bucket, from = ARGV[b + 1], tonumber(ARGV[b + 2])
+  local used, reserved = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+  if reserved < 0 then
+    local f = KEYS[i] .. '|' .. bucket
+    local held = math.min(tonumber(redis.call('HGET', lease, f)) or 0, -reserved)
+    if held > 0 and redis.call('HINCRBY', lease, f, -held) <= 0 then redis.call('HDEL', lease, f) end
+    used = used - reserved - held
+    reserved = -held
+  end
   if tonumber(bucket) >= from then
     sums(KEYS[i], from)
-    add(KEYS[i], bucket, tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]))
+    add(KEYS[i], bucket, used, reserved)
     if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[b + 5]) then
       redis.call('PEXPIRE', KEYS[i], ARGV[b + 5])
     end
   end
 end
 return #KEYS
+";
+
+/// Releases the reservations of a gateway that stopped without settling
+/// them (killed mid-request): each gateway keeps what it holds in its
+/// lease hash (`<counter>|<bucket>` = reserved) and refreshes its alive
+/// key; when the alive key has expired, a surviving gateway runs this.
+/// KEYS: the lease, the alive key.
+pub const JANITOR: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local h = redis.call('HGETALL', KEYS[1])
+for j = 1, #h, 2 do
+  local k, bucket = string.match(h[j], '^(.*)|(%-?%d+)$')
+  local amount = tonumber(h[j + 1]) or 0
+  if k and amount > 0 and redis.call('HEXISTS', k, bucket) == 1 then
+    add(k, bucket, -amount, -amount)
+  end
+end
+redis.call('DEL', KEYS[1])
+return 1
 ";
 
 /// Figures of counters (for `/v1/limits`). ARGV: one oldest live bucket
@@ -158,13 +191,14 @@ pub struct Scripts {
     pub settle: redis::Script,
     pub read: redis::Script,
     pub seed: redis::Script,
+    pub janitor: redis::Script,
     /// Their sources, for `SCRIPT LOAD` before pipelined `EVALSHA`s.
     pub code: Vec<String>,
 }
 
 impl Default for Scripts {
     fn default() -> Self {
-        let code: Vec<String> = [ADMIT, SETTLE, READ, SEED]
+        let code: Vec<String> = [ADMIT, SETTLE, READ, SEED, JANITOR]
             .iter()
             .map(|body| format!("{SWEEP}\n{body}"))
             .collect();
@@ -174,6 +208,7 @@ impl Default for Scripts {
             settle: script(1),
             read: script(2),
             seed: script(3),
+            janitor: script(4),
             code,
         }
     }

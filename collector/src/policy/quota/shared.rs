@@ -26,6 +26,11 @@ use super::local::{Figures, Over, Take};
 use super::scripts::Scripts;
 use crate::config::limits::RedisConfig;
 
+/// How often a gateway says it is alive, and looks for gateways that are
+/// not; one silent for [`ALIVE_FOR`] has its reservations released.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const ALIVE_FOR: Duration = Duration::from_secs(30);
+
 /// How long settlements are summed before they are sent: a reservation
 /// stays counted at most this much longer than its request.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(20);
@@ -89,6 +94,10 @@ pub struct Seed {
 
 pub struct Shared {
     prefix: String,
+    /// This gateway's reservations in Redis, and the key that says it is
+    /// alive (see [`super::scripts::JANITOR`]).
+    lease: String,
+    alive: String,
     timeout: Duration,
     conn: RwLock<Option<ConnectionManager>>,
     up: AtomicBool,
@@ -122,8 +131,11 @@ impl Shared {
         let client = redis::Client::open(config.url.expose())
             .map_err(|_| SharedError("redis.url is not a usable Redis URL".into()))?;
         let scripts = Arc::new(Scripts::default());
+        let instance = format!("{:016x}", fastrand::u64(..));
         let shared = Arc::new(Self {
             prefix: config.prefix.clone(),
+            lease: format!("{}:lease:{instance}", config.prefix),
+            alive: format!("{}:alive:{instance}", config.prefix),
             timeout: config.timeout,
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
@@ -193,8 +205,11 @@ impl Shared {
         keep_ms: &[i64],
     ) -> Result<Result<Vec<Figures>, Over>, SharedError> {
         let mut call = self.scripts.admit.prepare_invoke();
-        for ((k, t), keep) in keys.iter().zip(takes).zip(keep_ms) {
+        for k in keys {
             call.key(k);
+        }
+        call.key(&self.lease);
+        for (t, keep) in takes.iter().zip(keep_ms) {
             call.arg(t.frame.current)
                 .arg(t.frame.oldest_live)
                 .arg(t.ceiling)
@@ -293,6 +308,56 @@ impl Shared {
     }
 }
 
+/// Says this gateway is alive, and releases the reservations of any gateway
+/// whose alive key has expired (it stopped without settling them).
+async fn heartbeat(
+    shared: &Shared,
+    scripts: &Scripts,
+    c: &mut ConnectionManager,
+) -> redis::RedisResult<()> {
+    redis::cmd("SET")
+        .arg(&shared.alive)
+        .arg(1)
+        .arg("PX")
+        .arg(ALIVE_FOR.as_millis() as u64)
+        .query_async::<()>(c)
+        .await?;
+    let pattern = format!("{}:lease:*", shared.prefix);
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, leases): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await?;
+        for lease in leases.iter().filter(|l| **l != shared.lease) {
+            let Some(instance) = lease.rsplit(':').next() else {
+                continue;
+            };
+            let alive = format!("{}:alive:{instance}", shared.prefix);
+            let released: i64 = scripts
+                .janitor
+                .key(lease)
+                .key(&alive)
+                .invoke_async(c)
+                .await?;
+            if released == 1 {
+                tracing::warn!(
+                    lease = lease.as_str(),
+                    "released the reservations of a gateway that stopped without settling them"
+                );
+            }
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
 fn figures(flat: &[i64]) -> Vec<Figures> {
     flat.chunks(3)
         .map(|c| Figures {
@@ -318,6 +383,7 @@ async fn flush(
         .set_number_of_retries(1);
     let mut conn: Option<ConnectionManager> = None;
     let mut retry: Option<(u64, Pending)> = None;
+    let mut beat: Option<std::time::Instant> = None;
     loop {
         tokio::time::sleep(FLUSH_EVERY).await;
         let Some(shared) = shared.upgrade() else {
@@ -383,6 +449,13 @@ async fn flush(
                 continue;
             }
         }
+        if beat.is_none_or(|at| at.elapsed() >= HEARTBEAT) {
+            beat = Some(std::time::Instant::now());
+            let alive = tokio::time::timeout(timeout * 4, heartbeat(&shared, &scripts, c)).await;
+            if !matches!(alive, Ok(Ok(()))) {
+                beat = None;
+            }
+        }
         // A batch whose sending broke is sent again as it was, under the
         // same id, before anything newer: Redis applies it at most once.
         let (id, batch) = match retry.take() {
@@ -400,10 +473,11 @@ async fn flush(
                 let cmd = pipe
                     .cmd("EVALSHA")
                     .arg(scripts.settle.get_hash())
-                    .arg(chunk.len() + 1);
+                    .arg(chunk.len() + 2);
                 for ((key, _), _) in chunk {
                     cmd.arg(&**key);
                 }
+                cmd.arg(&shared.lease);
                 cmd.arg(format!("{}:settled:{id:016x}:{n}", shared.prefix));
                 for ((_, bucket), sum) in chunk {
                     cmd.arg(*bucket)
