@@ -4,6 +4,7 @@ import shutil
 import hashlib
 import os
 import pathlib
+import socket
 import subprocess
 import threading
 
@@ -14,6 +15,13 @@ KEY = "tg-canary-python-3c2b1a09f8e7"
 ADMIN_TOKEN = "tg-canary-admin-7f6e5d4c3b2a"
 LIMITED_KEY = "tg-canary-python-limited-4d3c2b1a"
 UPSTREAM_KEY = "sk-canary-upstream-python-0a1b2c3d"
+
+
+def free_port():
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def sha(key: str) -> str:

@@ -22,16 +22,10 @@ import urllib.request
 import duckdb
 import pytest
 
-from conftest import ADMIN_TOKEN, KEY, UPSTREAM_KEY, Proc, sha, upstream
+from conftest import ADMIN_TOKEN, KEY, UPSTREAM_KEY, Proc, free_port, sha, upstream
 
 ENV = {"UPSTREAM_KEY": UPSTREAM_KEY, "TOLLGATE_ADMIN_TOKEN": ADMIN_TOKEN}
 BILLING_KEY = "tg-canary-python-billing-5e4d3c2b"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Redis:
@@ -119,6 +113,15 @@ api_keys = ["{sha(BILLING_KEY)}"]
     gw.lake = d / "lake"
     gw.config = path
     return gw
+
+
+def shared_gateways(directory, procs, sim, rules, redis, *names):
+    """Gateways named `names` sharing `redis`, each once it uses Redis."""
+    gws = [gateway(directory, name, sim, rules, redis) for name in names]
+    procs.extend(gws)
+    for gw in gws:
+        wait_for(lambda gw=gw: metric(gw.addr, "tollgate_limits_redis_up") == 1, "Redis in use")
+    return gws
 
 
 def simulator(directory, *extra, output=16):
@@ -224,10 +227,7 @@ key = "consumer"
 tokens_per_minute = {TPM}
 on_limit = "reject"
 """
-    gws = [gateway(d, f"gw{i}", sim, rules, redis) for i in range(2)]
-    procs.extend(gws)
-    for gw in gws:
-        wait_for(lambda gw=gw: metric(gw.addr, "tollgate_limits_redis_up") == 1, "Redis in use")
+    gws = shared_gateways(d, procs, sim, rules, redis, "gw0", "gw1")
     results = burst([g.addr for g in gws], 200, max_tokens=16)
     admitted = [tokens_of(b) for s, _, b in results if s == 200]
     refused = [(h, b) for s, h, b in results if s == 429]
@@ -270,10 +270,7 @@ key = "consumer"
 tokens_per_minute = {TPM}
 default_output_tokens = 4
 """
-    gws = [gateway(d, f"gw{i}", sim, rules, redis) for i in range(2)]
-    procs.extend(gws)
-    for gw in gws:
-        wait_for(lambda gw=gw: metric(gw.addr, "tollgate_limits_redis_up") == 1, "Redis in use")
+    gws = shared_gateways(d, procs, sim, rules, redis, "gw0", "gw1")
     results = burst([g.addr for g in gws], 200)
     served = {"deepseek-reasoner": [], "qwq-32b": []}
     for s, h, b in results:
@@ -307,10 +304,7 @@ period = "day"
 timezone = "Asia/Shanghai"
 on_exhausted = "block"
 """
-    gws = [gateway(d, f"gw{i}", sim, rules, redis) for i in range(2)]
-    procs.extend(gws)
-    for gw in gws:
-        wait_for(lambda gw=gw: metric(gw.addr, "tollgate_limits_redis_up") == 1, "Redis in use")
+    gws = shared_gateways(d, procs, sim, rules, redis, "gw0", "gw1")
     # Near exhaustion first, one at a time.
     for _ in range(8):
         assert chat(gws[0].addr, max_tokens=16)[0] == 200
@@ -406,10 +400,7 @@ name = "hourly"
 key = "consumer"
 tokens_per_hour = 100000000
 """
-    gws = [gateway(d, f"gw{i}", sim, rules, redis) for i in range(2)]
-    procs.extend(gws)
-    for gw in gws:
-        wait_for(lambda gw=gw: metric(gw.addr, "tollgate_limits_redis_up") == 1, "Redis in use")
+    gws = shared_gateways(d, procs, sim, rules, redis, "gw0", "gw1")
     results, stop = [], threading.Event()
 
     def traffic(addr):
@@ -523,10 +514,7 @@ team = "search"
 usd = "10"
 period = "day"
 """
-    doomed, survivor = (gateway(d, name, sim, rules, redis) for name in ("doomed", "survivor"))
-    procs.extend([doomed, survivor])
-    for gw in (doomed, survivor):
-        wait_for(lambda gw=gw: metric(gw.addr, "tollgate_limits_redis_up") == 1, "Redis in use")
+    doomed, survivor = shared_gateways(d, procs, sim, rules, redis, "doomed", "survivor")
     host, port = doomed.addr.rsplit(":", 1)
     body = json.dumps({"model": "deepseek-r1", "stream": True, "max_tokens": 400,
                        "messages": [{"role": "user", "content": "Write a long essay."}]})

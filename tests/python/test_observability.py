@@ -7,7 +7,6 @@ answers costs dropped telemetry, counted, never a failed request."""
 import json
 import pathlib
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -21,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import duckdb
 import pytest
 
-from conftest import KEY, LIMITED_KEY, UPSTREAM_KEY, Proc, routes_and_consumers, simulators, upstream
+from conftest import KEY, LIMITED_KEY, UPSTREAM_KEY, Proc, free_port, routes_and_consumers, simulators, upstream
 from otlp_receiver import Receiver, SilentServer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -40,12 +39,6 @@ targets = [{ upstream = "rec" }]
 
 """
 PARENT_ID = "00f067aa0ba902b7"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Recorder:
