@@ -3,7 +3,8 @@
 //! the gateway (`[gateway]`, `[upstreams.*]`, `[[routes]]`,
 //! `[[consumers]]`: `tollgate_collector::config`), the pipeline
 //! (`[pipeline]`: `tollgate_ingest::config`) and the query service
-//! (`[query]`: `tollgate_query::settings`). No other crate sees the whole
+//! (`[query]`: `tollgate_query::settings`, `[alerts]`:
+//! `tollgate_query::alerts::config`). No other crate sees the whole
 //! file. Errors name the file, the line and the key path.
 
 use std::collections::BTreeMap;
@@ -16,6 +17,8 @@ use tollgate_collector::config::{
 };
 use tollgate_ingest::config::{PipelineConfig, RawPipeline};
 use tollgate_query::QueryConfig;
+use tollgate_query::alerts::AlertsConfig;
+use tollgate_query::alerts::config::RawAlerts;
 use tollgate_query::settings::RawQuery;
 use tollgate_schemas::config::Invalid;
 use toml::Spanned;
@@ -39,6 +42,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// `None` when the file has no `[query]` table.
     pub query: Option<QueryConfig>,
+    /// `[alerts]`: evaluated by the query service.
+    pub alerts: AlertsConfig,
 }
 
 /// The file as written: every top-level table, each of a part's raw type.
@@ -65,6 +70,8 @@ struct File {
     rate_limits: Vec<Spanned<RawRateLimit>>,
     #[serde(default)]
     budgets: Vec<Spanned<RawBudget>>,
+    #[serde(default)]
+    alerts: RawAlerts,
 }
 
 impl Config {
@@ -104,6 +111,7 @@ impl Config {
         })
         .map_err(located)?;
         let pipeline = PipelineConfig::from_raw(file.pipeline).map_err(located)?;
+        let alerts = AlertsConfig::from_raw(file.alerts).map_err(located)?;
         let query = file
             .query
             .map(QueryConfig::from_raw)
@@ -140,6 +148,7 @@ impl Config {
             collector,
             pipeline,
             query,
+            alerts,
         })
     }
 }

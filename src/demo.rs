@@ -60,6 +60,11 @@ flush_ms = 500
 listen = "{query_listen}"
 pg_listen = "{pg_listen}"
 
+# Budget, forecast, anomaly and pipeline alerts (GET /v1/alerts, the
+# `alerts` table); add [[alerts.webhooks]] to have them sent.
+[alerts]
+outbox_dir = {outbox:?}
+
 [upstreams.sim-deepseek]
 kind = "simulated"
 latency_ms = 350
@@ -118,6 +123,7 @@ on_exhausted = {{ downgrade = "qwq-32b" }}
         pg_listen = args.pg_listen,
         spool = args.data.join("spool").display().to_string(),
         lake = args.data.join("lake").display().to_string(),
+        outbox = args.data.join("alerts").display().to_string(),
         error_rate = args.error_rate,
     )
 }
@@ -127,7 +133,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
     let config = Config::parse(&config_text(&args, &key_line), "demo", |_| None)?;
     let (spool, pipeline) = crate::pipeline::start(&config, crate::pipeline::Role::All).await?;
-    let query = crate::query::start(&config).await?;
+    let probe = std::sync::Arc::new(crate::query::Probe {
+        instance: config.collector.gateway.instance.clone(),
+        backlog: spool.backlog(),
+        tap: std::sync::OnceLock::new(),
+    });
+    let query = crate::query::start(&config, Some(probe.clone())).await?;
     let server = Server::bind(
         &config.collector,
         spool,
@@ -135,6 +146,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         pipeline.metrics(),
     )
     .await?;
+    let _ = probe.tap.set(server.tap_counters());
     crate::budgets::rebuild(&config, server.gateway()).await?;
     let addr = server.local_addr()?;
     let lake = Lake::open(args.data.join("lake"))?;

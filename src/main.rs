@@ -16,6 +16,7 @@ mod query;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -207,8 +208,13 @@ async fn serve(
         config.collector.gateway.listen = addr;
     }
     let (spool, pipeline) = pipeline::start(&config, role).await?;
+    let probe = Arc::new(query::Probe {
+        instance: config.collector.gateway.instance.clone(),
+        backlog: spool.backlog(),
+        tap: std::sync::OnceLock::new(),
+    });
     let query = match role {
-        pipeline::Role::All => query::start(&config).await?,
+        pipeline::Role::All => query::start(&config, Some(probe.clone())).await?,
         pipeline::Role::ProxyOnly => None,
     };
     let server = Server::bind(
@@ -218,6 +224,7 @@ async fn serve(
         pipeline.metrics(),
     )
     .await?;
+    let _ = probe.tap.set(server.tap_counters());
     budgets::rebuild(&config, server.gateway()).await?;
     let addr = server.local_addr()?;
     println!("tollgate gateway listening on http://{addr}");
@@ -242,7 +249,7 @@ async fn serve(
 
 async fn run_query(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let Some(service) = query::start(&config).await? else {
+    let Some(service) = query::start(&config, None).await? else {
         anyhow::bail!(
             "{}: no [query] table; add one (see examples/tollgate.toml)",
             path.display()

@@ -1,12 +1,16 @@
 //! The query service's settings from the config file, and `gen-lake`.
 
+use std::sync::{Arc, OnceLock};
+
 use anyhow::Context;
 use chrono::{DateTime, Duration as Days, Utc};
 use rust_decimal::Decimal;
 use tollgate_collector::config::LimitsConfig;
 use tollgate_collector::config::limits::{Scope, Unit};
+use tollgate_collector::ledger::tap::Counters;
 use tollgate_ingest::Lake;
 use tollgate_ingest::synth::Synth;
+use tollgate_query::alerts::{AlertSettings, PipelineProbe, PipelineReading};
 use tollgate_query::rules::{BudgetSpec, LimitRules, RateLimitSpec, RuleScope};
 use tollgate_query::{QueryService, QuerySettings, Tenant};
 use tollgate_schemas::PriceCatalog;
@@ -18,7 +22,10 @@ use crate::config::Config;
 /// (`[pipeline]`), the tenants (`[[consumers]]`) and the catalogs (the
 /// gateway's, then `query.catalogs`) from the other sections. `None`
 /// without a `[query]` table.
-pub fn settings(config: &Config) -> anyhow::Result<Option<(QuerySettings, usize)>> {
+pub fn settings(
+    config: &Config,
+    probe: Option<Arc<dyn PipelineProbe>>,
+) -> anyhow::Result<Option<(QuerySettings, usize)>> {
     let Some(q) = &config.query else {
         return Ok(None);
     };
@@ -46,7 +53,21 @@ pub fn settings(config: &Config) -> anyhow::Result<Option<(QuerySettings, usize)
     let p = &config.pipeline;
     let lake_options = p.lake_options.clone().into_iter().collect();
     let rules = limit_rules(&gateway.limits);
-    let settings = q.settings(p.lake.clone(), lake_options, tenants, catalogs, rules);
+    let mut settings = q.settings(p.lake.clone(), lake_options, tenants, catalogs, rules);
+    // Alert claims go where the limits' shared counters are, when they are.
+    let redis = gateway.limits.redis.as_ref().map(|r| {
+        (
+            r.url.expose().to_string(),
+            format!("{}:", r.prefix),
+            r.timeout.max(std::time::Duration::from_millis(500)),
+        )
+    });
+    settings.alerts = Some(AlertSettings {
+        config: config.alerts.clone(),
+        redis,
+        source: gateway.gateway.instance.clone(),
+        probe,
+    });
     Ok(Some((settings, q.threads)))
 }
 
@@ -110,8 +131,13 @@ fn limit_rules(limits: &LimitsConfig) -> LimitRules {
     rules
 }
 
-pub async fn start(config: &Config) -> anyhow::Result<Option<QueryService>> {
-    let Some((settings, threads)) = settings(config)? else {
+/// Starts the query service, with its alerts; `probe` reads the pipeline
+/// of the gateway in this process, if there is one.
+pub async fn start(
+    config: &Config,
+    probe: Option<Arc<dyn PipelineProbe>>,
+) -> anyhow::Result<Option<QueryService>> {
+    let Some((settings, threads)) = settings(config, probe)? else {
         return Ok(None);
     };
     let service = QueryService::start(settings, threads).await?;
@@ -120,6 +146,27 @@ pub async fn start(config: &Config) -> anyhow::Result<Option<QueryService>> {
         println!("PostgreSQL wire on {pg}");
     }
     Ok(Some(service))
+}
+
+/// The pipeline of `tollgate serve`, as the alerts read it: the spool's
+/// backlog and the events the tap spooled per hour.
+pub struct Probe {
+    pub instance: String,
+    pub backlog: tollgate_spool::Backlog,
+    /// Set once the gateway's tap has started.
+    pub tap: OnceLock<Arc<Counters>>,
+}
+
+impl PipelineProbe for Probe {
+    fn read(&self) -> Option<PipelineReading> {
+        let tap = self.tap.get()?;
+        Some(PipelineReading {
+            instance: self.instance.clone(),
+            backlog_bytes: self.backlog.bytes(),
+            oldest_unsent: self.backlog.oldest().map(chrono::DateTime::<Utc>::from),
+            spooled_by_hour: tap.whole_hours(),
+        })
+    }
 }
 
 #[derive(clap::Args)]

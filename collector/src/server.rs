@@ -65,6 +65,11 @@ impl Server {
         })
     }
 
+    /// What the tap has spooled (for the pipeline's health).
+    pub fn tap_counters(&self) -> Arc<crate::ledger::tap::Counters> {
+        self.tap.counters().clone()
+    }
+
     /// The state requests will read (to seed it before serving).
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway

@@ -171,6 +171,83 @@ impl Store {
         }
     }
 
+    /// Writes `key` only if no object has that key: `Ok(false)` when one
+    /// does. Atomic among processes sharing the lake (a hard link in a
+    /// directory; a conditional PUT, `If-None-Match: *`, on an object
+    /// store), so it can decide which of several writers goes first.
+    pub fn create(&self, key: &str, bytes: Vec<u8>) -> Result<bool, LakeError> {
+        match self {
+            Store::Dir(root) => {
+                let path = root.join(key);
+                let dir = path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| root.clone());
+                fs::create_dir_all(&dir).map_err(LakeError::io(&dir))?;
+                let unique = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let tmp = dir.join(format!(".create.{}.{unique}.tmp", std::process::id()));
+                let mut f = File::create(&tmp).map_err(LakeError::io(&tmp))?;
+                f.write_all(&bytes).map_err(LakeError::io(&tmp))?;
+                f.sync_all().map_err(LakeError::io(&tmp))?;
+                let linked = fs::hard_link(&tmp, &path);
+                let _ = fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => {
+                        sync_dir(&dir)?;
+                        Ok(true)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(LakeError::io(&path)(e)),
+                }
+            }
+            Store::Object {
+                store,
+                prefix,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+                match store
+                    .put_opts(&Self::object(prefix, key), Bytes::from(bytes).into(), opts)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::AlreadyExists { .. })
+                    | Err(object_store::Error::Precondition { .. }) => Ok(false),
+                    Err(e) => Err(store_err(e)),
+                }
+            }),
+        }
+    }
+
+    /// The object at `key`, `None` when there is none.
+    pub fn read(&self, key: &str) -> Result<Option<Bytes>, LakeError> {
+        match self {
+            Store::Dir(root) => {
+                let path = root.join(key);
+                match fs::read(&path) {
+                    Ok(b) => Ok(Some(Bytes::from(b))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(LakeError::io(&path)(e)),
+                }
+            }
+            Store::Object {
+                store,
+                prefix,
+                runtime,
+                ..
+            } => runtime.block_on(async {
+                match store.get(&Self::object(prefix, key)).await {
+                    Ok(r) => r.bytes().await.map(Some).map_err(store_err),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(store_err(e)),
+                }
+            }),
+        }
+    }
+
     pub fn get(&self, key: &str) -> Result<Bytes, LakeError> {
         match self {
             Store::Dir(root) => {

@@ -59,6 +59,9 @@ pub struct Engine {
     sessions: Mutex<HashMap<(Principal, Surface), Arc<SessionContext>>>,
     metrics: crate::metrics::QueryMetrics,
     rules: crate::rules::LimitRules,
+    /// The lake's objects, for the alerts.
+    store: Arc<tollgate_lake::store::Store>,
+    records: crate::alerts::claims::Records,
 }
 
 fn df(e: datafusion::error::DataFusionError) -> QueryError {
@@ -108,6 +111,10 @@ impl Engine {
             }
         };
         let lake = tables::lake_table(&lake_url).map_err(df)?;
+        let store = tollgate_lake::store::Store::open(&settings.lake, &settings.lake_options)
+            .map(Arc::new)
+            .map_err(|e| QueryError::Internal(format!("lake {}: {e}", settings.lake)))?;
+        let records = crate::alerts::claims::Records::new(store.clone());
         let prices = tables::prices_table(&settings.catalogs).map_err(df)?;
         let gate = Gate::new(limits);
         gate.watch_memory();
@@ -122,7 +129,33 @@ impl Engine {
             sessions: Mutex::new(HashMap::new()),
             metrics: crate::metrics::QueryMetrics::new(),
             rules: settings.rules.clone(),
+            store,
+            records,
         }))
+    }
+
+    /// The lake's objects (listing, conditional writes) for the alerts.
+    pub fn store(&self) -> &Arc<tollgate_lake::store::Store> {
+        &self.store
+    }
+
+    /// The recorded alerts.
+    pub fn records(&self) -> &crate::alerts::claims::Records {
+        &self.records
+    }
+
+    /// The gateway's limit rules.
+    pub fn rules(&self) -> &crate::rules::LimitRules {
+        &self.rules
+    }
+
+    /// What `who` may see of the alerts.
+    pub fn alert_visibility(&self, who: &Principal) -> crate::alerts::table::Visibility {
+        let team = match who {
+            Principal::Admin => None,
+            Principal::Consumer(name) => self.access.team_of(name),
+        };
+        crate::alerts::table::Visibility::of(who, team, &self.rules)
     }
 
     pub fn access(&self) -> &Access {
@@ -215,6 +248,11 @@ impl Engine {
             crate::rules::rate_limits_table(&rules.rate_limits).map_err(df)?,
         )
         .map_err(df)?;
+        let alerts = crate::alerts::table::AlertsTable::new(
+            self.records.clone(),
+            self.alert_visibility(who),
+        );
+        ctx.register_table("alerts", Arc::new(alerts)).map_err(df)?;
         let budgets = crate::rules::BudgetsTable::new(self.lake.clone(), rules);
         ctx.register_table("budgets", Arc::new(budgets))
             .map_err(df)?;

@@ -34,6 +34,7 @@ pub fn router(engine: Arc<Engine>, cors_origins: &[String]) -> Router {
         .route("/v1/sql", post(sql))
         .route("/v1/reports/cost", get(cost))
         .route("/v1/reports/roi", get(roi))
+        .route("/v1/alerts", get(alerts))
         .fallback(|| async {
             error(QueryError::NotFound(
                 "no such endpoint; see /openapi.json".into(),
@@ -224,6 +225,83 @@ async fn sql(
             error(e)
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsQuery {
+    kind: Option<String>,
+    status: Option<String>,
+    /// RFC 3339; alerts fired at or after it.
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/alerts`: the alerts the caller may see, newest first, as
+/// `{"object": "list", "data": [alert, ...]}` (at most `limit`, 100 by
+/// default, 1000 at most).
+async fn alerts(
+    State(engine): State<Arc<Engine>>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<AlertsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let answer = async {
+        let who = principal(&engine, &headers)?;
+        let axum::extract::Query(q) =
+            query.map_err(|e| QueryError::BadRequest(format!("alerts: {e}")))?;
+        let since = match &q.since {
+            None => None,
+            Some(s) => Some(chrono::DateTime::parse_from_rfc3339(s).map_err(|e| {
+                QueryError::BadRequest(format!(
+                    "since: {s:?} is not an RFC 3339 time (2026-01-31T00:00:00Z): {e}"
+                ))
+            })?),
+        };
+        if let Some(k) = &q.kind
+            && !crate::alerts::config::Kind::ALL
+                .iter()
+                .any(|x| x.as_str() == k)
+        {
+            return Err(QueryError::BadRequest(format!(
+                "kind: {k:?} is not budget, forecast, anomaly or pipeline"
+            )));
+        }
+        if let Some(st) = &q.status
+            && st != "firing"
+            && st != "resolved"
+        {
+            return Err(QueryError::BadRequest(format!(
+                "status: {st:?} is not firing or resolved"
+            )));
+        }
+        let limit = q.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(QueryError::BadRequest(format!(
+                "limit: {limit} is not between 1 and 1000"
+            )));
+        }
+        let table = crate::alerts::table::AlertsTable::new(
+            engine.records().clone(),
+            engine.alert_visibility(&who),
+        );
+        let all = table
+            .visible()
+            .await
+            .map_err(|e| QueryError::Internal(e.to_string()))?;
+        let data: Vec<&crate::alerts::alert::Alert> = all
+            .iter()
+            .rev()
+            .map(|a| a.as_ref())
+            .filter(|a| q.kind.as_deref().is_none_or(|k| a.kind.as_str() == k))
+            .filter(|a| q.status.as_deref().is_none_or(|s| a.status.as_str() == s))
+            .filter(|a| since.is_none_or(|t| a.fired_at >= t))
+            .take(limit)
+            .collect();
+        Ok::<_, QueryError>(
+            Json(serde_json::json!({"object": "list", "data": data})).into_response(),
+        )
+    };
+    answer.await.unwrap_or_else(error)
 }
 
 async fn metrics(State(engine): State<Arc<Engine>>, headers: HeaderMap) -> Response {

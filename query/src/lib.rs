@@ -10,9 +10,11 @@
 //! [`generators`] (bounded table functions); [`reports`] are fixed
 //! queries with exact money. [`metrics`] counts every query by surface
 //! and SQLSTATE. [`settings`] is the `[query]` section and what the service
-//! is given; [`service`] starts both surfaces.
+//! is given; [`service`] starts both surfaces and [`alerts`], which reads
+//! the ledger for budget, forecast, anomaly and pipeline alerts.
 
 pub mod access;
+pub mod alerts;
 pub mod engine;
 pub mod generators;
 pub mod guard;

@@ -12,6 +12,8 @@
 //! | `tollgate_query_duration_seconds` | histogram | `surface` |
 //! | `tollgate_query_result_rows_total` | counter | `surface` |
 //! | `tollgate_query_result_bytes_total` | counter (bytes, in Arrow memory) | `surface` |
+//!
+//! and the alerts' own (see [`crate::alerts::metrics::AlertMetrics`]).
 
 use std::time::Duration;
 
@@ -60,6 +62,8 @@ pub struct QueryMetrics {
     duration: Family<On, Histogram>,
     rows: Family<On, Counter>,
     bytes: Family<On, Counter>,
+    /// The alerts' evaluations and deliveries.
+    pub alerts: crate::alerts::metrics::AlertMetrics,
 }
 
 impl Default for QueryMetrics {
@@ -70,7 +74,7 @@ impl Default for QueryMetrics {
 
 impl QueryMetrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("tollgate_query");
+        let mut registry = Registry::with_prefix("tollgate");
         let queries = Family::<Outcome, Counter>::default();
         // 1 ms to about 65 s, doubling.
         let duration = Family::<On, Histogram>::new_with_constructor(|| {
@@ -79,23 +83,30 @@ impl QueryMetrics {
         let rows = Family::<On, Counter>::default();
         let bytes = Family::<On, Counter>::default();
         registry.register(
-            "queries",
+            "query_queries",
             "Queries by surface and outcome (the SQLSTATE the client saw; 00000 answered)",
             queries.clone(),
         );
         registry.register(
-            "duration_seconds",
+            "query_duration_seconds",
             "Time from a query's arrival to its answer or error",
             duration.clone(),
         );
-        registry.register("result_rows", "Rows returned to clients", rows.clone());
         registry.register(
-            "result_bytes",
+            "query_result_rows",
+            "Rows returned to clients",
+            rows.clone(),
+        );
+        registry.register(
+            "query_result_bytes",
             "Bytes of the results returned, as the engine held them (Arrow memory)",
             bytes.clone(),
         );
+        let alerts = crate::alerts::metrics::AlertMetrics::default();
+        alerts.register(&mut registry);
         Self {
             registry,
+            alerts,
             queries,
             duration,
             rows,

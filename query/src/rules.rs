@@ -347,7 +347,7 @@ impl BudgetsTable {
 
 /// The model the gateway's rules saw for a request: the one asked for,
 /// or the fallback of the limit named in `limit_key`.
-fn admitted_model(fallbacks: &[(String, String)]) -> String {
+pub(crate) fn admitted_model(fallbacks: &[(String, String)]) -> String {
     if fallbacks.is_empty() {
         return "requested_model".into();
     }
@@ -363,7 +363,7 @@ fn admitted_model(fallbacks: &[(String, String)]) -> String {
 }
 
 /// ` AND ...` for each filter of `scope`.
-fn scope_sql(scope: &RuleScope, model: &str) -> String {
+pub(crate) fn scope_sql(scope: &RuleScope, model: &str) -> String {
     let mut out = String::new();
     let mut like = |expr: &str, glob: &str| {
         out.push_str(&format!(

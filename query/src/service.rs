@@ -66,6 +66,19 @@ impl QueryService {
                     return;
                 }
             };
+            if let Some(alerts) = settings.alerts.clone() {
+                let started = crate::alerts::alerter::Alerter::start(
+                    engine.clone(),
+                    engine.store().clone(),
+                    engine.records().clone(),
+                    alerts,
+                    engine.rules().clone(),
+                );
+                if let Err(e) = started {
+                    let _ = ready_tx.send(Err(QueryError::Internal(format!("alerts: {e}"))));
+                    return;
+                }
+            }
             let addrs = (
                 http_listener.local_addr().ok(),
                 pg_listener.as_ref().and_then(|l| l.local_addr().ok()),

@@ -42,6 +42,9 @@ pub struct QuerySettings {
     /// The gateway's rate limits and budgets, for the `rate_limits` and
     /// `budgets` tables.
     pub rules: crate::rules::LimitRules,
+    /// `None`: no alerts are evaluated (the alerts table still lists what
+    /// the lake holds).
+    pub alerts: Option<crate::alerts::config::AlertSettings>,
 }
 
 /// A consumer: its name in the ledger and the SHA-256 of each of its keys.
@@ -208,6 +211,7 @@ impl QueryConfig {
             partitions: self.threads * 2,
             cors_origins: self.cors_origins.clone(),
             rules,
+            alerts: None,
         }
     }
 }

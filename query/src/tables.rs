@@ -56,6 +56,10 @@ pub const VIEWS: &[(&str, &str)] = &[
 /// Hive `date` and `hour` directories as partition columns. Files are
 /// listed at every scan, so what the ingester publishes is seen at once.
 pub fn lake_table(lake_url: &str) -> Result<Arc<dyn TableProvider>> {
+    Ok(Arc::new(PaddedHours(listing_table(lake_url)?)))
+}
+
+fn listing_table(lake_url: &str) -> Result<Arc<dyn TableProvider>> {
     let root = lake_url.trim_end_matches('/');
     let url = ListingTableUrl::parse(format!("{root}/{}/", layout::USAGE))?;
     let [date, hour] = layout::PARTITION_COLUMNS;
@@ -72,6 +76,72 @@ pub fn lake_table(lake_url: &str) -> Result<Arc<dyn TableProvider>> {
         .with_listing_options(options)
         .with_schema(file_schema);
     Ok(Arc::new(ListingTable::try_new(config)?))
+}
+
+/// The lake with `hour = 7` meaning the `hour=07` directory. DataFusion
+/// turns equalities on partition columns into a listing prefix written
+/// with the literal's own text (`hour=7`), which misses the zero-padded
+/// directories and returns no rows for `date = ... AND hour = 7`. As an
+/// `IN` list the same filter still prunes, through the parsed values.
+#[derive(Debug)]
+struct PaddedHours(Arc<dyn TableProvider>);
+
+fn unpadded(filter: &Expr) -> Expr {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::logical_expr::{BinaryExpr, Operator, expr::InList};
+    let [_, hour] = layout::PARTITION_COLUMNS;
+    let rewritten = filter.clone().transform(|e| {
+        let Expr::BinaryExpr(BinaryExpr {
+            left,
+            op: Operator::Eq,
+            right,
+        }) = &e
+        else {
+            return Ok(Transformed::no(e));
+        };
+        let (column, value) = match (left.as_ref(), right.as_ref()) {
+            (Expr::Column(c), Expr::Literal(..)) => (c, right),
+            (Expr::Literal(..), Expr::Column(c)) => (c, left),
+            _ => return Ok(Transformed::no(e)),
+        };
+        if column.name != hour {
+            return Ok(Transformed::no(e));
+        }
+        Ok(Transformed::yes(Expr::InList(InList::new(
+            Box::new(Expr::Column(column.clone())),
+            vec![value.as_ref().clone()],
+            false,
+        ))))
+    });
+    rewritten.map_or_else(|_| filter.clone(), |t| t.data)
+}
+
+#[async_trait::async_trait]
+impl TableProvider for PaddedHours {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+    fn table_type(&self) -> TableType {
+        self.0.table_type()
+    }
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let filters: Vec<Expr> = filters.iter().map(unpadded).collect();
+        self.0.scan(state, projection, &filters, limit).await
+    }
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        let owned: Vec<Expr> = filters.iter().map(|f| unpadded(f)).collect();
+        self.0
+            .supports_filters_pushdown(&owned.iter().collect::<Vec<_>>())
+    }
 }
 
 /// A view that catalogs list as a base table: `usage` is the ledger's

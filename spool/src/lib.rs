@@ -25,10 +25,11 @@ mod recovery;
 mod scan;
 mod writer;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub use reader::{Batch, SpoolReader};
 pub use recovery::{Damage, Recovery};
@@ -117,8 +118,57 @@ pub(crate) struct Shared {
     /// Bytes of all segment files on disk.
     bytes: AtomicU64,
     writer_closed: AtomicBool,
+    /// Where the saved cursor is in the first segment on disk: the bytes
+    /// before it are drained.
+    acked_offset: AtomicU64,
+    /// The end of each commit not yet acknowledged and when it was made,
+    /// oldest first; bounded (a full queue merges into its newest entry,
+    /// which keeps the oldest time and so errs towards an older backlog).
+    unacked: Mutex<VecDeque<(Position, SystemTime)>>,
     /// Held while the writer or the reader lives: one process per spool.
     _lock: std::fs::File,
+}
+
+/// Commits remembered for [`Backlog::oldest`]; past it, commits merge.
+const UNACKED_COMMITS: usize = 4096;
+
+impl Shared {
+    fn committed_at(&self, end: Position, at: SystemTime) {
+        let mut q = self.unacked.lock().unwrap_or_else(|p| p.into_inner());
+        let full = q.len() >= UNACKED_COMMITS;
+        match q.back_mut() {
+            Some(last) if full => last.0 = end,
+            _ => q.push_back((end, at)),
+        }
+    }
+
+    fn acked_to(&self, upto: Position) {
+        self.acked_offset.store(upto.offset, Ordering::Release);
+        let mut q = self.unacked.lock().unwrap_or_else(|p| p.into_inner());
+        while q.front().is_some_and(|(end, _)| *end <= upto) {
+            q.pop_front();
+        }
+    }
+}
+
+/// What is in the spool and not yet drained, for pipeline health: read from
+/// any thread while the writer and the reader work.
+#[derive(Debug, Clone)]
+pub struct Backlog(Arc<Shared>);
+
+impl Backlog {
+    /// Bytes committed and not yet acknowledged by the drain.
+    pub fn bytes(&self) -> u64 {
+        let on_disk = self.0.bytes.load(Ordering::Acquire);
+        on_disk.saturating_sub(self.0.acked_offset.load(Ordering::Acquire))
+    }
+
+    /// When the oldest record not yet acknowledged was committed; `None`
+    /// when everything committed is drained.
+    pub fn oldest(&self) -> Option<SystemTime> {
+        let q = self.0.unacked.lock().unwrap_or_else(|p| p.into_inner());
+        q.front().map(|(_, at)| *at)
+    }
 }
 
 /// Opens (recovering if needed) the spool in `opts.dir`, creating it when
@@ -144,6 +194,14 @@ pub fn open(opts: SpoolOptions) -> Result<(SpoolWriter, SpoolReader, Recovery), 
         changed: Condvar::new(),
         bytes: AtomicU64::new(recovered.bytes),
         writer_closed: AtomicBool::new(false),
+        acked_offset: AtomicU64::new(recovered.report.cursor.offset),
+        // What a crash left undrained counts as committed at this open.
+        unacked: Mutex::new(
+            (recovered.report.cursor < recovered.write_at)
+                .then(|| (recovered.write_at, SystemTime::now()))
+                .into_iter()
+                .collect(),
+        ),
         _lock: lock,
     });
     let writer = SpoolWriter::create(&opts, shared.clone(), recovered.write_at.segment)?;

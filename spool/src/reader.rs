@@ -265,6 +265,7 @@ impl SpoolReader {
             }
         }
         self.acked = upto;
+        self.shared.acked_to(upto);
         Ok(())
     }
 

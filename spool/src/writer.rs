@@ -129,6 +129,7 @@ impl SpoolWriter {
             };
         }
         self.publish(end);
+        self.shared.committed_at(end, std::time::SystemTime::now());
         Ok(committed)
     }
 
@@ -149,6 +150,11 @@ impl SpoolWriter {
         self.shared.writer_closed.store(true, Ordering::Release);
         self.shared.changed.notify_all();
         Ok(n)
+    }
+
+    /// What is committed and not yet drained.
+    pub fn backlog(&self) -> crate::Backlog {
+        crate::Backlog(self.shared.clone())
     }
 
     /// Bytes on disk in all segments.

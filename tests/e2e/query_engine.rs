@@ -58,6 +58,7 @@ async fn engine(dir: &std::path::Path, limits: Limits) -> Arc<Engine> {
         partitions: 4,
         cors_origins: vec![],
         rules: tollgate_query::rules::LimitRules::default(),
+        alerts: None,
     };
     Engine::open(&settings).await.unwrap()
 }
@@ -428,5 +429,50 @@ async fn report_money_is_exact_and_new_files_show_up_at_once() {
     assert_eq!(
         dec(&sh["self_host_cost_per_million_output_tokens_usd"]),
         "0.462963".parse::<Decimal>().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_on_date_and_hour_finds_the_zero_padded_hour_directories() {
+    let dir = scratch("hours");
+    let lake = Lake::open(&dir).unwrap();
+    // From 09:00, about one event every 2 s: hours 09 and 10.
+    lake.publish("t.0", "0", "3999", events(4000, 3)).unwrap();
+    let engine = engine(&dir, Limits::default()).await;
+    let admin = Principal::Admin;
+    for hour in [9, 10] {
+        // Arithmetic on the column keeps it out of the listing prefix.
+        let want = count(
+            &engine,
+            &admin,
+            &format!("SELECT count(*) FROM usage WHERE hour + 0 = {hour}"),
+        )
+        .await;
+        assert!(want > 1000);
+        for sql in [
+            format!("SELECT count(*) FROM usage WHERE date = DATE '2026-03-01' AND hour = {hour}"),
+            format!("SELECT count(*) FROM usage WHERE hour = {hour} AND date = DATE '2026-03-01'"),
+            format!("SELECT count(*) FROM usage WHERE date = '2026-03-01' AND {hour} = hour"),
+            format!(
+                "SELECT count(*) FROM usage WHERE (date = DATE '2026-03-01' AND hour = {hour}) \
+                 OR (date = DATE '2026-03-01' AND hour = 99)"
+            ),
+        ] {
+            assert_eq!(count(&engine, &admin, &sql).await, want, "{sql}");
+        }
+    }
+    assert_eq!(
+        count(
+            &engine,
+            &a(),
+            "SELECT count(*) FROM usage WHERE date = DATE '2026-03-01' AND hour = 9"
+        )
+        .await,
+        count(
+            &engine,
+            &a(),
+            "SELECT count(*) FROM usage WHERE hour + 0 = 9"
+        )
+        .await,
     );
 }

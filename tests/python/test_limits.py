@@ -66,10 +66,12 @@ class Redis:
     stop = kill
 
 
-def gateway(directory, name, sim, rules, redis=None, query=False):
+def gateway(directory, name, sim, rules, redis=None, query=False, lake=None):
     """A `tollgate serve` with one R1-like upstream, R1 and QwQ routes, the
-    python-app consumer (team search) and `rules`."""
+    python-app consumer (team search) and `rules`; its own lake unless
+    `lake` is given."""
     d = directory / name
+    lake = lake or d / "lake"
     d.mkdir(parents=True, exist_ok=True)
     shared = f'[redis]\nurl = "{redis.url}"\ntimeout_ms = 200\n\n' if redis else ""
     if query:
@@ -83,7 +85,7 @@ admin_token = "${{TOLLGATE_ADMIN_TOKEN}}"
 
 [pipeline]
 spool_dir = "{d / "spool"}"
-lake = "{d / "lake"}"
+lake = "{lake}"
 flush_ms = 100
 
 {shared}{upstream("r1", sim.addr)}
@@ -110,7 +112,7 @@ api_keys = ["{sha(BILLING_KEY)}"]
     path = d / "tollgate.toml"
     path.write_text(config)
     gw = Proc(["serve", "--config", str(path)], d / "gateway.log", ENV)
-    gw.lake = d / "lake"
+    gw.lake = lake
     gw.config = path
     return gw
 

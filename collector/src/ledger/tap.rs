@@ -32,6 +32,39 @@ pub struct Counters {
     pub dropped_spool_full: AtomicU64,
     /// Durable in the spool.
     pub committed: AtomicU64,
+    /// Events spooled per hour of their `ts_start` (unix seconds of the
+    /// hour), for the lake completeness check; the last [`HOURS_KEPT`].
+    pub by_hour: std::sync::Mutex<std::collections::BTreeMap<i64, u64>>,
+    /// When the writer started (unix seconds): hours before it are partial.
+    pub since: AtomicU64,
+}
+
+/// Hours of [`Counters::by_hour`] kept.
+pub const HOURS_KEPT: usize = 72;
+
+impl Counters {
+    fn spooled(&self, hours: &mut Vec<(i64, u64)>) {
+        if hours.is_empty() {
+            return;
+        }
+        let mut map = self.by_hour.lock().unwrap_or_else(|p| p.into_inner());
+        for (h, n) in hours.drain(..) {
+            *map.entry(h).or_default() += n;
+        }
+        while map.len() > HOURS_KEPT {
+            map.pop_first();
+        }
+    }
+
+    /// Events spooled in each whole hour since the writer started, oldest
+    /// first: `(hour start, unix seconds; events)`.
+    pub fn whole_hours(&self) -> Vec<(i64, u64)> {
+        let since = self.since.load(Ordering::Relaxed) as i64;
+        let map = self.by_hour.lock().unwrap_or_else(|p| p.into_inner());
+        map.range(since.div_euclid(3600) * 3600 + 3600..)
+            .map(|(h, n)| (*h, *n))
+            .collect()
+    }
 }
 
 pub struct TapWriter {
@@ -45,6 +78,10 @@ impl Tap {
         let (tx, rx) = sync_channel(capacity);
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        counters.since.store(now, Ordering::Relaxed);
         let thread = std::thread::Builder::new()
             .name("tollgate-tap".into())
             .spawn({
@@ -117,6 +154,7 @@ fn write_loop(
     let mut committed = 0u64;
     let mut nap = MIN_NAP;
     let mut closing = false;
+    let mut hours: Vec<(i64, u64)> = Vec::new();
     loop {
         let mut got = 0;
         loop {
@@ -128,7 +166,15 @@ fn write_loop(
                         tracing::error!(event_id = %event.event_id, error = %e, "usage event not serializable: dropped");
                         continue;
                     }
-                    if spool.append(&json)? == Append::Full {
+                    let appended = spool.append(&json)?;
+                    if appended == Append::Buffered {
+                        let hour = event.ts_start.timestamp().div_euclid(3600) * 3600;
+                        match hours.last_mut() {
+                            Some((h, n)) if *h == hour => *n += 1,
+                            _ => hours.push((hour, 1)),
+                        }
+                    }
+                    if appended == Append::Full {
                         let n = counters.dropped_spool_full.fetch_add(1, Ordering::Relaxed) + 1;
                         if n.is_power_of_two() {
                             tracing::error!(
@@ -153,10 +199,12 @@ fn write_loop(
             let n = spool.commit()? as u64;
             committed += n;
             counters.committed.fetch_add(n, Ordering::Relaxed);
+            counters.spooled(&mut hours);
         }
         if closing || (stop.load(Ordering::Acquire) && got == 0) {
             let n = spool.close()? as u64;
             counters.committed.fetch_add(n, Ordering::Relaxed);
+            counters.spooled(&mut hours);
             return Ok(committed + n);
         }
         if got > 0 {
