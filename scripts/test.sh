@@ -3,7 +3,9 @@
 # 127.0.0.1, a real Kafka-protocol broker), then the Python clients (the
 # official openai SDK against the gateway; a real Prometheus and an OTLP
 # receiver against its telemetry; two gateways sharing a real Redis; psql, psycopg, asyncpg, SQLAlchemy,
-# pandas and Grafana's queries against the ledger; Spark on the lake), then a
+# pandas and Grafana's queries and dashboard against the ledger; alerts to a
+# webhook receiver; the built-in dashboard in headless Chromium; Spark on
+# the lake), then a
 # sweep of every log, event and response body the tests kept for the canary
 # secrets they used. Installs what it needs first; quick when already there.
 set -euo pipefail
@@ -57,6 +59,16 @@ if ! command -v redis-server >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
+
+# The built-in dashboard's test drives a real browser: Debian's chromium
+# (Playwright, from the venv, uses it as the system browser; it downloads
+# no browser of its own).
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  echo "==> installing chromium"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
 # PySpark 4 for the test that Spark reads the lake: Debian's Java runtime

@@ -39,12 +39,18 @@ pub struct DemoArgs {
     /// Stop after this many sample requests (default: run until Ctrl-C).
     #[arg(long)]
     requests: Option<u64>,
+    /// Team demo's daily deepseek-r1 budget, USD; alerts at 50%, 80% and
+    /// 100%, then R1 requests are served by qwq-32b.
+    #[arg(long, default_value = "0.05")]
+    budget_usd: rust_decimal::Decimal,
     /// Share of deepseek-r1 requests the simulated upstream fails.
     #[arg(long, default_value_t = 0.3)]
     error_rate: f64,
 }
 
-fn config_text(args: &DemoArgs, key_line: &str) -> String {
+/// The demo's config; `keys` are the key lines of demo-app and research-bot,
+/// `admin` the query service's admin token.
+fn config_text(args: &DemoArgs, keys: [&str; 2], admin: &str) -> String {
     format!(
         r#"
 [gateway]
@@ -59,6 +65,7 @@ flush_ms = 500
 [query]
 listen = "{query_listen}"
 pg_listen = "{pg_listen}"
+admin_token = "{admin}"
 
 # Budget, forecast, anomaly and pipeline alerts (GET /v1/alerts, the
 # `alerts` table); add [[alerts.webhooks]] to have them sent.
@@ -98,6 +105,11 @@ name = "demo-app"
 team = "demo"
 api_keys = ["{key_line}"]
 
+[[consumers]]
+name = "research-bot"
+team = "research"
+api_keys = ["{research_line}"]
+
 # R1 needs far more GPUs than QwQ: cap it per consumer; past the cap the
 # request is served by QwQ-32B instead of failing.
 [[rate_limits]]
@@ -113,7 +125,7 @@ on_limit = {{ fallback = "qwq-32b" }}
 name = "demo-r1-daily"
 team = "demo"
 model = "deepseek-r1"
-usd = "0.05"
+usd = "{budget_usd}"
 period = "day"
 alert_at = [0.5, 0.8, 1.0]
 on_exhausted = {{ downgrade = "qwq-32b" }}
@@ -125,13 +137,23 @@ on_exhausted = {{ downgrade = "qwq-32b" }}
         lake = args.data.join("lake").display().to_string(),
         outbox = args.data.join("alerts").display().to_string(),
         error_rate = args.error_rate,
+        budget_usd = args.budget_usd,
+        key_line = keys[0],
+        research_line = keys[1],
     )
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let (key, key_line) =
-        auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
-    let config = Config::parse(&config_text(&args, &key_line), "demo", |_| None)?;
+    let new_key = || auth::new_key().map_err(|e| anyhow::anyhow!("no system randomness: {e}"));
+    let (key, key_line) = new_key()?;
+    let (research, research_line) = new_key()?;
+    let (admin, _) = new_key()?;
+    let admin = admin.replacen("tg-", "tg-admin-", 1);
+    let config = Config::parse(
+        &config_text(&args, [&key_line, &research_line], &admin),
+        "demo",
+        |_| None,
+    )?;
     let (spool, pipeline) = crate::pipeline::start(&config, crate::pipeline::Role::All).await?;
     let probe = std::sync::Arc::new(crate::query::Probe {
         instance: config.collector.gateway.instance.clone(),
@@ -159,7 +181,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("          qwq-32b     -> sim-qwq");
     println!(
-        "  limits: deepseek-r1 1500 tokens/min per consumer, then qwq-32b; R1 budget $0.05/day for team demo, then qwq-32b"
+        "  limits: deepseek-r1 1500 tokens/min per consumer, then qwq-32b; R1 budget ${}/day for team demo, then qwq-32b",
+        args.budget_usd
     );
     println!("          state: curl -s http://{addr}/v1/limits -H 'Authorization: Bearer {key}'");
     println!("  demo consumer key: {key}");
@@ -173,7 +196,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "  usage lake -> {} (rows appear as the pipeline publishes them)",
         lake.describe()
     );
+    println!("  research-bot key (team research): {research}");
     if let Some(q) = &query {
+        println!(
+            "  dashboard: http://{}/  (sign in with the admin token {admin}, or a consumer key)",
+            q.http
+        );
         println!(
             "  its ledger: curl -s http://{}/v1/reports/roi -H 'Authorization: Bearer {key}'",
             q.http
@@ -202,7 +230,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let tail_stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let tailer = tokio::spawn(tail(lake, already, tail_stop.clone()));
 
-    let traffic = traffic(addr, key, args.interval_ms, args.requests);
+    let traffic = traffic(addr, [key, research], args.interval_ms, args.requests);
     tokio::select! {
         r = traffic => r?,
         () = crate::shutdown_signal() => {},
@@ -223,10 +251,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends sample requests: mostly deepseek-r1, some qwq-32b, half streamed.
+/// Sends sample requests: mostly deepseek-r1, some qwq-32b, half streamed;
+/// one in four from research-bot.
 async fn traffic(
     addr: SocketAddr,
-    key: String,
+    keys: [String; 2],
     interval_ms: u64,
     limit: Option<u64>,
 ) -> anyhow::Result<()> {
@@ -251,12 +280,17 @@ async fn traffic(
             "stream": stream,
             "messages": [{"role": "user", "content": prompts[(n as usize) % prompts.len()]}],
         });
+        let (key, feature) = if n % 4 == 3 {
+            (&keys[1], "research")
+        } else {
+            (&keys[0], "demo")
+        };
         let sent = client
             .post(&url)
-            .bearer_auth(&key)
+            .bearer_auth(key)
             .header(
                 "x-tollgate-tags",
-                format!("feature=demo,prompt={}", n as usize % prompts.len()),
+                format!("feature={feature},prompt={}", n as usize % prompts.len()),
             )
             .header("content-type", "application/json")
             .body(body.to_string())

@@ -35,6 +35,7 @@ pub fn router(engine: Arc<Engine>, cors_origins: &[String]) -> Router {
         .route("/v1/reports/cost", get(cost))
         .route("/v1/reports/roi", get(roi))
         .route("/v1/alerts", get(alerts))
+        .merge(crate::dashboard::routes())
         .fallback(|| async {
             error(QueryError::NotFound(
                 "no such endpoint; see /openapi.json".into(),

@@ -6,7 +6,7 @@
 //! `usage` table only holds its rows) -> [`guard`] (read-only, checked on the
 //! statement and again on the plan) -> [`limits`] (concurrency, timeout,
 //! result size, memory) -> a surface: [`http`] (with its [`openapi`]
-//! description) or [`pg`]. [`tables`] builds what a session sees, with
+//! description, and the [`dashboard`] at `/`) or [`pg`]. [`tables`] builds what a session sees, with
 //! [`generators`] (bounded table functions); [`reports`] are fixed
 //! queries with exact money. [`metrics`] counts every query by surface
 //! and SQLSTATE. [`settings`] is the `[query]` section and what the service
@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod alerts;
+pub mod dashboard;
 pub mod engine;
 pub mod generators;
 pub mod guard;

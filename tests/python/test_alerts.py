@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import http.server
 import json
+import os
 import shutil
 import threading
 import time
@@ -22,7 +23,9 @@ import pytest
 from conftest import ADMIN_TOKEN, KEY, Proc
 from test_limits import BILLING_KEY, ENV, Redis, burst, chat, gateway, simulator, wait_for
 
-SECRET = "whsec-canary-python-7f6e5d4c"
+# A sweep canary: it must appear in no log, outbox file or alert record.
+SECRET = "tg-canary-webhook-secret-7f6e5d4c"
+os.environ["TOLLGATE_WEBHOOK_SECRET"] = SECRET
 
 
 class Receiver:
@@ -217,7 +220,7 @@ def test_a_failing_webhook_is_retried_until_it_recovers_and_its_signature_verifi
     sim = simulator(d)
     procs.append(sim)
     usd = f"{request_cost * 4:.10f}"
-    hooks = [(flaky.url, "json", f'secret = "{SECRET}"'), (slack.url, "slack", "")]
+    hooks = [(flaky.url, "json", 'secret = "${TOLLGATE_WEBHOOK_SECRET}"'), (slack.url, "slack", "")]
     rules = with_outbox(budget_rules(usd, [0.5], hooks), d, "gw")
     gw = gateway(d, "gw", sim, rules, query=True)
     procs.append(gw)

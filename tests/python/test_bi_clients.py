@@ -25,7 +25,7 @@ from test_query import lake_glob, pg, psql, traffic  # noqa: F401  (traffic is a
 
 USAGE_COLUMNS = 43
 VIEWS = ["cost_by_tag", "daily_cost", "hourly_health"]
-TABLES = ["budgets", "prices", "rate_limits", "usage"]
+TABLES = ["alerts", "budgets", "prices", "rate_limits", "usage"]
 DAILY_COST_COLUMNS = ["date", "consumer", "team", "model", "requests", "input_tokens", "cached_input_tokens",
                       "output_tokens", "reasoning_tokens", "cost_usd"]
 

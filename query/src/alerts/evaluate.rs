@@ -23,10 +23,19 @@ fn usd(scaled: i128) -> Decimal {
     Usd::from_scaled(scaled).unwrap_or_default().decimal()
 }
 
-/// `$1,234.57`-style: cents for a person to read; records keep exact values.
+/// `$1234.57`, or `$0.0043` below a dollar: for a person to read (records
+/// keep exact values).
 pub fn dollars(scaled: i128) -> String {
-    let d = usd(scaled).round_dp(2);
-    format!("${d:.2}")
+    let d = usd(scaled);
+    if d.abs() >= Decimal::ONE || d.is_zero() {
+        return format!("${:.2}", d.round_dp(2));
+    }
+    // Two significant digits, at least cents.
+    let mut places = 2u32;
+    while places < 10 && d.abs().round_dp(places) < Decimal::new(10, places) {
+        places += 1;
+    }
+    format!("${:.*}", places as usize, d.round_dp(places))
 }
 
 fn at(secs: i64) -> DateTime<Utc> {

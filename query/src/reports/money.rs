@@ -54,6 +54,25 @@ pub(crate) fn in_window(w: &Window) -> Expr {
     if hour_start(w.to) != w.to {
         e = e.and(col("ts_start").lt(ts(w.to)));
     }
+    let only = &w.only;
+    if let Some(c) = &only.consumer {
+        e = e.and(col("consumer").eq(lit(c.as_str())));
+    }
+    if let Some(t) = &only.team {
+        e = e.and(col("team").eq(lit(t.as_str())));
+    }
+    if let Some(m) = &only.model {
+        let answered = datafusion::functions::expr_fn::coalesce(vec![
+            col("served_model"),
+            col("requested_model"),
+        ]);
+        e = e.and(answered.eq(lit(m.as_str())));
+    }
+    if let Some((k, v)) = &only.tag {
+        use datafusion::functions_nested::expr_fn::{array_element, map_extract};
+        let value = array_element(map_extract(col("tags"), lit(k.as_str())), lit(1i64));
+        e = e.and(value.eq(lit(v.as_str())));
+    }
     e
 }
 

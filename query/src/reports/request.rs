@@ -57,6 +57,21 @@ pub struct Window {
     pub to: DateTime<Utc>,
     /// The catalog to price with; `None` keeps each event's own cost.
     pub catalog: Option<PriceCatalog>,
+    /// Only the rows these filters take (`consumer=`, `team=`, `model=`,
+    /// `tag=<key>=<value>`), on top of the caller's own access.
+    pub only: Only,
+}
+
+/// Row filters a report may be narrowed with; each is an exact match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Only {
+    pub consumer: Option<String>,
+    pub team: Option<String>,
+    /// The model that answered (`coalesce(served_model, requested_model)`),
+    /// as `daily_cost` names it.
+    pub model: Option<String>,
+    /// A tag's key and value.
+    pub tag: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,8 +125,28 @@ fn window(
     let mut from = None;
     let mut to = None;
     let mut catalog = None;
+    let mut only = Only::default();
     for (k, v) in params {
+        let once = |slot: &Option<String>| {
+            if slot.is_some() {
+                return Err(bad(format!("{k} is given twice")));
+            }
+            Ok(Some(v.clone()))
+        };
         match k.as_str() {
+            "consumer" => only.consumer = once(&only.consumer)?,
+            "team" => only.team = once(&only.team)?,
+            "model" => only.model = once(&only.model)?,
+            "tag" => {
+                let (key, value) = v
+                    .split_once('=')
+                    .filter(|(key, _)| !key.is_empty())
+                    .ok_or_else(|| bad(format!("tag={v:?}: write tag=<key>=<value>")))?;
+                if only.tag.is_some() {
+                    return Err(bad("tag is given twice"));
+                }
+                only.tag = Some((key.to_string(), value.to_string()));
+            }
             "from" => from = Some(parse_time(k, v)?),
             "to" => to = Some(parse_time(k, v)?),
             "catalog" => {
@@ -134,7 +169,12 @@ fn window(
     if from >= to {
         return Err(bad("from must be before to"));
     }
-    Ok(Window { from, to, catalog })
+    Ok(Window {
+        from,
+        to,
+        catalog,
+        only,
+    })
 }
 
 impl CostRequest {

@@ -264,3 +264,11 @@ fn pipeline_checks_compare_their_readings_with_the_thresholds() {
     );
     assert!(resolved.message.starts_with("Resolved: "));
 }
+
+#[test]
+fn dollars_read_as_cents_or_two_significant_digits() {
+    assert_eq!(dollars(1234 * DOLLAR + DOLLAR / 2), "$1234.50");
+    assert_eq!(dollars(DOLLAR / 2), "$0.50");
+    assert_eq!(dollars(43 * DOLLAR / 10_000), "$0.0043");
+    assert_eq!(dollars(0), "$0.00");
+}
