@@ -13,7 +13,10 @@
 #                               on with OpenTelemetry export, side by side
 #   scripts/bench.sh limits     the gateway with no rules, five rules in
 #                               process and five rules shared through Redis
-#   scripts/bench.sh            all five
+#   scripts/bench.sh dashboard  the built-in dashboard's first render in headless
+#                               Chromium and the alerts' evaluation cost, over
+#                               the query benchmark's lake
+#   scripts/bench.sh            all six
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
@@ -25,14 +28,18 @@ if ! command -v wrk >/dev/null; then
   apt-get update -qq && apt-get install -y -qq wrk
 fi
 VENV="${TOLLGATE_VENV:-$HOME/.cache/tollgate/venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import duckdb, playwright" 2>/dev/null; then
   python3 -m venv "$VENV" && "$VENV/bin/pip" install --quiet -r tests/python/requirements.txt
 fi
 if { [ "$what" = limits ] || [ "$what" = all ]; } && ! command -v redis-server >/dev/null; then
   echo "==> installing redis-server"
   apt-get update -qq && apt-get install -y -qq --no-install-recommends redis-server
 fi
-if [ "$what" != gateway ] && [ "$what" != query ] && [ "$what" != telemetry ] && [ "$what" != limits ] && ! command -v tansu >/dev/null; then
+if { [ "$what" = dashboard ] || [ "$what" = all ]; } && ! command -v chromium >/dev/null; then
+  echo "==> installing chromium"
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium
+fi
+if [ "$what" != gateway ] && [ "$what" != query ] && [ "$what" != telemetry ] && [ "$what" != limits ] && [ "$what" != dashboard ] && ! command -v tansu >/dev/null; then
   echo "==> installing the tansu broker"
   env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
 fi
@@ -50,8 +57,9 @@ case "$what" in
   query) "$VENV/bin/python" scripts/bench_query.py "$BIN" ;;
   telemetry) python3 scripts/bench_telemetry.py "$BIN" ;;
   limits) python3 scripts/bench_limits.py "$BIN" ;;
+  dashboard) "$VENV/bin/python" scripts/bench_dashboard.py "$BIN" ;;
   all) python3 scripts/bench.py "$BIN" && python3 scripts/bench_pipeline.py "$BIN" \
     && "$VENV/bin/python" scripts/bench_query.py "$BIN" && python3 scripts/bench_telemetry.py "$BIN" \
-    && python3 scripts/bench_limits.py "$BIN" ;;
-  *) echo "usage: scripts/bench.sh [gateway|pipeline|query|telemetry|limits|all]" >&2; exit 2 ;;
+    && python3 scripts/bench_limits.py "$BIN" && "$VENV/bin/python" scripts/bench_dashboard.py "$BIN" ;;
+  *) echo "usage: scripts/bench.sh [gateway|pipeline|query|telemetry|limits|dashboard|all]" >&2; exit 2 ;;
 esac

@@ -188,4 +188,5 @@ def main():
     write_section("query", text)
 
 
-main()
+if __name__ == "__main__":
+    main()

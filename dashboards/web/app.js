@@ -209,6 +209,27 @@ function csv(id) {
   setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
 }
 
+// The ROI report with the what-if's parameters: one call serves both the
+// thinking tax and the what-if panels of a refresh.
+function whatIfParams() {
+  const from = $("#wi-from").value, to = $("#wi-to").value;
+  const q = reportParams();
+  if (from && to && from !== to) q.set("reprice", `${from}:${to}`);
+  const gpu = $("#wi-gpu").value, gpus = $("#wi-gpus").value, tps = $("#wi-tps").value;
+  if (gpu) q.set("gpu_hour_usd", gpu);
+  if (gpus) q.set("gpus", gpus);
+  if (tps) q.set("tokens_per_s", tps);
+  return q;
+}
+
+function roi(fresh) {
+  if (fresh || !state.roi || state.roi.load !== state.load) {
+    const q = whatIfParams();
+    state.roi = { load: state.load, q, report: api("/v1/reports/roi?" + q) };
+  }
+  return state.roi;
+}
+
 // ---- the panels: each loads its data and renders it.
 const PANELS = {
   async summary() {
@@ -341,22 +362,17 @@ const PANELS = {
     return rows.length;
   },
   async thinking() {
-    const report = await api("/v1/reports/roi?" + reportParams());
+    const report = await roi().report;
     const rows = report.rows.filter((r) => num(r.thinking_tax_usd) > 0 || num(r.cost_usd) > 0);
     table("thinking", rows, [{ key: "consumer", title: "Consumer" }, { key: "model", title: "Model" },
       { key: "cost_usd", title: "Cost", num: true, fmt: usd }, { key: "thinking_tax_usd", title: "Reasoning tokens' cost", num: true, fmt: usd },
       { key: "thinking_share_of_cost", title: "Share of cost", num: true, fmt: pct }]);
     return rows.length;
   },
-  async "what-if"() {
-    const from = $("#wi-from").value, to = $("#wi-to").value;
-    const q = reportParams();
-    if (from && to && from !== to) q.set("reprice", `${from}:${to}`);
-    const gpu = $("#wi-gpu").value, gpus = $("#wi-gpus").value, tps = $("#wi-tps").value;
-    if (gpu) q.set("gpu_hour_usd", gpu);
-    if (gpus) q.set("gpus", gpus);
-    if (tps) q.set("tokens_per_s", tps);
-    const report = await api("/v1/reports/roi?" + q);
+  async "what-if"(fresh) {
+    const { q, report: pending } = roi(fresh);
+    const report = await pending;
+    const [from, to] = (q.get("reprice") || ":").split(":");
     let actual = 0, repriced = 0, alt = 0;
     for (const r of report.rows) {
       actual += num(r.cost_usd);
@@ -411,8 +427,10 @@ async function refresh() {
   $("#status").textContent = "loading…";
   await Promise.all(Object.entries(PANELS).map(async ([id, loadPanel]) => {
     mark(id, "loading");
+    const t0 = performance.now();
     try {
       const rows = await loadPanel();
+      panel(id).dataset.ms = String(Math.round(performance.now() - t0));
       if (load === state.load) mark(id, "ready", rows);
     } catch (e) {
       if (e.status === 401) return signOut(e.message);
@@ -495,7 +513,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#what-if-form").addEventListener("submit", (e) => {
     e.preventDefault();
     mark("what-if", "loading");
-    PANELS["what-if"]().then((n) => mark("what-if", "ready", n), (err) => mark("what-if", "error", 0, err.message));
+    PANELS["what-if"](true).then((n) => mark("what-if", "ready", n), (err) => mark("what-if", "error", 0, err.message));
   });
   document.addEventListener("click", (e) => { const id = e.target.dataset && e.target.dataset.csv; if (id) csv(id); });
   window.addEventListener("resize", () => Object.values(state.charts).forEach((c) => c.resize()));

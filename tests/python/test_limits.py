@@ -66,7 +66,7 @@ class Redis:
     stop = kill
 
 
-def gateway(directory, name, sim, rules, redis=None, query=False, lake=None):
+def gateway(directory, name, sim, rules, redis=None, query=False, lake=None, pipeline=""):
     """A `tollgate serve` with one R1-like upstream, R1 and QwQ routes, the
     python-app consumer (team search) and `rules`; its own lake unless
     `lake` is given."""
@@ -87,6 +87,7 @@ admin_token = "${{TOLLGATE_ADMIN_TOKEN}}"
 spool_dir = "{d / "spool"}"
 lake = "{lake}"
 flush_ms = 100
+{pipeline}
 
 {shared}{upstream("r1", sim.addr)}
 [[routes]]
