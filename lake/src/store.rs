@@ -400,3 +400,43 @@ fn walk_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_writes_a_key_once_and_read_tells_missing_from_present() {
+        let dir =
+            std::env::temp_dir().join(format!("tollgate-store-create-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = Store::open(dir.to_str().unwrap(), &[]).unwrap();
+        assert!(store.read("alerts/claims/k").unwrap().is_none());
+        assert!(store.create("alerts/claims/k", b"first".to_vec()).unwrap());
+        assert!(!store.create("alerts/claims/k", b"second".to_vec()).unwrap());
+        assert_eq!(
+            &store.read("alerts/claims/k").unwrap().unwrap()[..],
+            b"first"
+        );
+        // Racing creators: exactly one wins.
+        let won: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = store.clone();
+                    s.spawn(move || usize::from(store.create("race", vec![i]).unwrap()))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(won, 1);
+        assert!(
+            store
+                .list("alerts")
+                .unwrap()
+                .iter()
+                .all(|k| !k.contains(".tmp"))
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -694,6 +694,30 @@ impl Drop for ObjectStore {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_store_creates_a_key_only_once() {
+    // What the alerts' claims rest on without Redis: a conditional PUT.
+    let dir = scratch("s3-create");
+    let s3 = ObjectStore::start(&dir);
+    let created = client()
+        .put(format!("{}/tollgate-claims", s3.endpoint))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{created:?}");
+    tokio::task::block_in_place(|| {
+        let store =
+            tollgate_lake::store::Store::open("s3://tollgate-claims/lake", &s3.options()).unwrap();
+        assert!(store.read("alerts/claims/k").unwrap().is_none());
+        assert!(store.create("alerts/claims/k", b"first".to_vec()).unwrap());
+        assert!(!store.create("alerts/claims/k", b"second".to_vec()).unwrap());
+        assert_eq!(
+            &store.read("alerts/claims/k").unwrap().unwrap()[..],
+            b"first"
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_store_lake_holds_every_request_and_compacts() {
     let dir = scratch("s3-lake");
     let s3 = ObjectStore::start(&dir);
