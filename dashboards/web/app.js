@@ -54,6 +54,19 @@ function range() {
   return state.window || pickRange();
 }
 
+// What the controls ask for, or why they cannot be used.
+function problem() {
+  if ($("#range").value === "custom") {
+    const from = new Date($("#from").value), to = new Date($("#to").value);
+    if (isNaN(from) || isNaN(to)) return "Give a custom range a start and an end.";
+    if (from >= to) return "The range must start before it ends.";
+    if (from.getUTCFullYear() < 1970 || to.getUTCFullYear() > 2200) return "Keep the range between 1970 and 2200.";
+  }
+  const tag = $("#f-tag").value.trim();
+  if (tag && !(tag.indexOf("=") > 0)) return "Write the tag filter as key=value.";
+  return null;
+}
+
 function pickRange() {
   const v = $("#range").value;
   if (v === "custom") {
@@ -196,7 +209,9 @@ function stats(id, items) {
 function csv(id) {
   const { rows, columns } = state.rows[id] || { rows: [], columns: [] };
   const cell = (v) => {
-    const s = v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
+    let s = v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
+    // A cell a spreadsheet would run as a formula is kept as text.
+    if (/^[=+\-@\t\r]/.test(s) && !/^-?\d+(\.\d+)?$/.test(s)) s = "'" + s;
     return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
   };
   const text = [columns.map((c) => cell(c.key)).join(",")]
@@ -290,6 +305,7 @@ const PANELS = {
       const latest = forecasts.data.find((a) => a.name === b.name && a.period_start && Date.parse(a.period_start) === Date.parse(b.period_start));
       b.projected_usd = latest ? latest.projected_usd : null;
       b.exhaustion_at = latest ? latest.exhaustion_at : null;
+      b.forecast_at = latest ? latest.fired_at : null;
     }
     const bar = (b) => {
       const share = num(b.spent_fraction);
@@ -300,7 +316,8 @@ const PANELS = {
       { key: "period", title: "Period" }, { key: "spent_usd", title: "Spent", num: true, fmt: usd },
       { key: "usd", title: "Budget", num: true, fmt: usd }, { key: "spent_fraction", title: "Used", html: bar },
       { key: "projected_usd", title: "Projected at period end", num: true, fmt: (v) => (v === null ? "on track" : usd(v)) },
-      { key: "exhaustion_at", title: "Runs out", fmt: (v) => (v ? new Date(v).toLocaleString() : "") }]);
+      { key: "exhaustion_at", title: "Runs out", fmt: (v) => (v ? new Date(v).toLocaleString() : "") },
+      { key: "forecast_at", title: "Forecast made", fmt: (v) => (v ? new Date(v).toLocaleString() : "") }]);
     return shown.length;
   },
   async requests() {
@@ -382,7 +399,7 @@ const PANELS = {
     if (q.has("reprice")) {
       items.push([`${from} traffic`, usd(repriced)], [`on ${to}`, usd(alt)], ["Saving", usd(repriced - alt)]);
     }
-    const sh = report.params && report.params.self_host;
+    const sh = report.self_host || (report.params && report.params.self_host);
     if (sh) {
       items.push(["Self-hosted $/1M output tokens", sh.self_host_cost_per_million_output_tokens_usd ? usd(sh.self_host_cost_per_million_output_tokens_usd) : "n/a"],
         ["API $/1M output tokens", sh.api_cost_per_million_output_tokens_usd ? usd(sh.api_cost_per_million_output_tokens_usd) : "n/a"],
@@ -395,7 +412,9 @@ const PANELS = {
     const { from } = range();
     const list = await api(`/v1/alerts?limit=100&since=${encodeURIComponent(ts(from))}`);
     const f = filters();
-    const rows = list.data.filter((a) => (!f.consumer || !a.consumer || a.consumer === f.consumer) && (!f.model || !a.model || a.model === f.model));
+    const { to } = range();
+    const rows = list.data.filter((a) => Date.parse(a.fired_at) < to.getTime()
+      && (!f.consumer || !a.consumer || a.consumer === f.consumer) && (!f.model || !a.model || a.model === f.model));
     table("alerts", rows, [{ key: "fired_at", title: "When", fmt: (v) => new Date(v).toLocaleString() },
       { key: "kind", title: "Kind" }, { key: "status", title: "Status", html: (r) => `<span class="${esc(r.status)}">${esc(r.status)}</span>` },
       { key: "message", title: "Message" }]);
@@ -434,7 +453,11 @@ async function refresh() {
       if (load === state.load) mark(id, "ready", rows);
     } catch (e) {
       if (e.status === 401) return signOut(e.message);
-      if (load === state.load) mark(id, "error", 0, e.message);
+      if (load === state.load) {
+        const body = panel(id).querySelector(".chart, .table, .stats");
+        if (state.charts[body.id]) state.charts[body.id].clear(); else body.innerHTML = "";
+        mark(id, "error", 0, e.message);
+      }
     }
   }));
   if (load === state.load) {
@@ -456,7 +479,8 @@ async function menus() {
     sql(`SELECT DISTINCT consumer AS v FROM usage${w} AND consumer IS NOT NULL ORDER BY 1 LIMIT 500`),
     sql(`SELECT DISTINCT team AS v FROM usage${w} AND team IS NOT NULL ORDER BY 1 LIMIT 500`),
     sql(`SELECT DISTINCT ${MODEL} AS v FROM usage${w} AND ${MODEL} IS NOT NULL ORDER BY 1 LIMIT 500`),
-    sql(`SELECT DISTINCT requested_model AS v FROM usage${w} AND requested_model IS NOT NULL ORDER BY 1 LIMIT 500`),
+    sql(`SELECT DISTINCT requested_model AS v FROM usage${w}
+      AND requested_model IN (SELECT name FROM prices) ORDER BY 1 LIMIT 500`),
     sql(`SELECT DISTINCT name AS v FROM prices WHERE effective_to IS NULL ORDER BY 1`),
   ]);
   const fill = (sel, rows, all) => {
@@ -494,22 +518,33 @@ async function start() {
     if (e.status === 401 || e.status === 403) return signOut(e.message);
     $("#status").textContent = e.message;
   }
-  const only = $("#f-consumer").options.length === 2 ? $("#f-consumer").options[1].value : "";
-  $("#who").textContent = only ? `signed in: ${only}` : "signed in";
+  $("#who").textContent = "signed in";
   await refresh();
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   $("#signin-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    state.token = $("#token").value.trim();
+    const token = $("#token").value.trim();
     $("#token").value = "";
+    if (!/^[\x21-\x7e]+$/.test(token)) {
+      $("#signin-error").textContent = "A token or key is printable ASCII without spaces.";
+      return;
+    }
+    state.token = token;
     sessionStorage.setItem(KEY, state.token);
     start();
   });
   $("#signout").addEventListener("click", () => signOut());
   $("#range").addEventListener("change", () => $("#controls").classList.toggle("custom", $("#range").value === "custom"));
-  $("#controls").addEventListener("submit", async (e) => { e.preventDefault(); await menus().catch(() => {}); refresh(); });
+  $("#controls").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const wrong = problem();
+    if (wrong) { $("#status").textContent = wrong; $("#status").classList.add("error"); return; }
+    $("#status").classList.remove("error");
+    await menus().catch(() => {});
+    refresh();
+  });
   $("#what-if-form").addEventListener("submit", (e) => {
     e.preventDefault();
     mark("what-if", "loading");

@@ -31,6 +31,7 @@ pub fn run(
     let mut start = reader.position();
     let mut first_at: Option<Instant> = None;
     let mut stop_at: Option<Instant> = None;
+    let mut retry = Retry::default();
     loop {
         if stop_at.is_none() && stop.load(Ordering::Acquire) {
             stop_at = Some(Instant::now() + drain_for);
@@ -47,6 +48,7 @@ pub fn run(
         } else {
             reader.next_batch(room, wait)?
         };
+        let mut refused = None;
         for (i, raw) in batch.records().enumerate() {
             match decode(raw, opts.max_event_bytes) {
                 Ok(e) => events.push(e),
@@ -56,10 +58,23 @@ pub fn run(
                         partition: None,
                         position: format!("{}+{i}", batch.start),
                     };
-                    dead_letter::write(lake, &origin, raw, &rejection.reason)?;
-                    stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    match dead_letter::write(lake, &origin, raw, &rejection.reason) {
+                        Ok(_) => {
+                            stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            refused = Some(e);
+                            break;
+                        }
+                    }
                 }
             }
+        }
+        if let Some(e) = refused {
+            retry.failed(&e, &mut reader, stop_at, stats);
+            events.clear();
+            first_at = None;
+            continue;
         }
         if !batch.is_empty() {
             first_at.get_or_insert_with(Instant::now);
@@ -70,7 +85,7 @@ pub fn run(
             || events.len() >= opts.flush_rows
             || (stopping && (reader.finished() || out_of_time));
         if due && end > start {
-            publish(
+            let published = publish(
                 lake,
                 &mut reader,
                 &source,
@@ -78,15 +93,67 @@ pub fn run(
                 end,
                 std::mem::take(&mut events),
                 stats,
-            )?;
-            start = end;
+            );
             first_at = None;
+            match published {
+                Ok(()) => {
+                    start = end;
+                    retry.succeeded();
+                }
+                // The range is still in the spool: read it again and retry.
+                Err(e) => {
+                    retry.failed(&e, &mut reader, stop_at, stats);
+                    continue;
+                }
+            }
         }
         if stopping && (reader.finished() || out_of_time) && end == start {
             if out_of_time && !reader.finished() {
                 tracing::warn!(at = %reader.position(), "drain time is up; the rest stays in the spool for the next start");
             }
             return Ok(());
+        }
+    }
+}
+
+/// A lake that cannot be written (a full disk, an object store down, a
+/// directory replaced) stops nothing: the undrained range stays in the
+/// spool, is read again and published once the lake takes it, with the
+/// pause doubling from 200 ms to 10 s. Logged at the first failure and
+/// every doubling of the count; counted in `Stats::publish_failures`.
+#[derive(Default)]
+struct Retry {
+    failures: u64,
+}
+
+impl Retry {
+    fn failed(
+        &mut self,
+        e: &IngestError,
+        reader: &mut SpoolReader,
+        stop_at: Option<Instant>,
+        stats: &Stats,
+    ) {
+        self.failures += 1;
+        stats.publish_failures.fetch_add(1, Ordering::Relaxed);
+        if self.failures.is_power_of_two() {
+            tracing::error!(failures = self.failures, error = %e, "cannot write the lake; the events wait in the spool and are retried");
+        }
+        reader.rewind();
+        let pause = Duration::from_millis(200)
+            .saturating_mul(1 << self.failures.min(6))
+            .min(Duration::from_secs(10));
+        let pause = match stop_at {
+            Some(t) => pause.min(t.saturating_duration_since(Instant::now())),
+            None => pause,
+        };
+        std::thread::sleep(pause);
+    }
+
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "the lake takes writes again");
+            self.failures = 0;
         }
     }
 }

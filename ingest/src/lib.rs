@@ -64,6 +64,8 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     /// Partitions this ingester holds now.
     pub partitions: AtomicU64,
+    /// Publishes the lake refused (each retried from the spool).
+    pub publish_failures: AtomicU64,
 }
 
 impl Stats {
@@ -124,6 +126,12 @@ impl Collector for Stats {
             "tollgate_ingest_dead_letters",
             "Messages sent to dead letters.",
             &s.dead_letters,
+        )?;
+        counter(
+            &mut e,
+            "tollgate_ingest_publish_failures",
+            "Writes the lake refused; the events were kept and retried.",
+            &s.publish_failures,
         )?;
         counter(
             &mut e,

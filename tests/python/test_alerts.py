@@ -21,7 +21,7 @@ import duckdb
 import pytest
 
 from conftest import ADMIN_TOKEN, KEY, Proc
-from test_limits import BILLING_KEY, ENV, Redis, burst, chat, gateway, simulator, wait_for
+from test_limits import BILLING_KEY, ENV, Redis, burst, chat, gateway, lake_rows, simulator, wait_for
 
 # A sweep canary: it must appear in no log, outbox file or alert record.
 SECRET = "tg-canary-webhook-secret-7f6e5d4c"
@@ -285,3 +285,73 @@ def test_a_consumer_sees_its_budgets_alerts_and_never_the_pipelines(rig, request
         except urllib.error.HTTPError as e:
             assert e.code == 400 and json.loads(e.read())["error"]["type"] == "invalid_request_error"
 
+
+
+def test_a_lake_that_refuses_writes_raises_the_lag_alert_and_loses_nothing(rig, request_cost):
+    d, procs = rig
+    sim = simulator(d)
+    procs.append(sim)
+    rules = with_outbox(budget_rules(f"{request_cost * 1000:.10f}", [0.9], [], extra="ingest_lag_s = 1"), d, "gw")
+    gw = gateway(d, "gw", sim, rules, query=True)
+    procs.append(gw)
+    assert chat(gw.addr)[0] == 200
+    usage = d / "gw" / "lake" / "usage"
+    wait_for(lambda: list(usage.rglob("*.parquet")), "the first row", timeout=20)
+    # The lake's usage directory replaced by a file: every publish fails.
+    shutil.move(usage, d / "gw" / "usage.bak")
+    usage.write_text("not a directory")
+    for _ in range(3):
+        assert chat(gw.addr)[0] == 200
+    wait_for(lambda: any(a["kind"] == "pipeline" and a["name"].startswith("ingest_lag:") and a["status"] == "firing"
+                         for a in listed(gw.query)), "the ingest lag alert", timeout=30)
+    assert (query_metric(gw.addr, "tollgate_ingest_publish_failures_total") or 0) >= 1
+    # Writable again: the spooled events arrive, the alert resolves, no restart.
+    usage.unlink()
+    shutil.move(d / "gw" / "usage.bak", usage)
+    wait_for(lambda: len(lake_rows(d / "gw" / "lake")) == 4, "the four rows", timeout=30)
+    wait_for(lambda: any(a["name"].startswith("ingest_lag:") and a["status"] == "resolved"
+                         for a in listed(gw.query)), "the resolved notice", timeout=30)
+
+
+def test_a_redis_that_lost_its_data_sends_nothing_twice(rig, request_cost):
+    d, procs = rig
+    redis = Redis(d / "redis")
+    procs.append(redis)
+    hook = Receiver()
+    sim = simulator(d)
+    procs.append(sim)
+    rules = with_outbox(budget_rules(f"{request_cost * 10:.10f}", [0.3], [(hook.url, "json", "")]), d, "gw")
+    gw = gateway(d, "gw", sim, rules, redis=redis, query=True)
+    procs.append(gw)
+    burst([gw.addr], 4)
+    wait_for(lambda: len(hook.alerts("budget")) == 1, "the 30% alert", timeout=20)
+    redis.kill()
+    redis.start()  # empty: no persistence
+    gw.stop()
+    gw = Proc(["serve", "--config", str(gw.config)], d / "gw" / "gateway-2.log", ENV)
+    procs.append(gw)
+    time.sleep(4)
+    assert len(hook.alerts("budget")) == 1, "the lake's claim still holds"
+    assert len(listed(gw.query, query="?kind=budget")) == 1
+    hook.stop()
+
+
+def test_a_hanging_webhook_delays_no_other(rig, request_cost):
+    d, procs = rig
+    import socket
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(16)  # accepts, never answers
+    ok = Receiver()
+    sim = simulator(d)
+    procs.append(sim)
+    hooks = [(f"http://127.0.0.1:{hang.getsockname()[1]}/hook", "json", "timeout_ms = 60000"), (ok.url, "json", "")]
+    rules = with_outbox(budget_rules(f"{request_cost * 10:.10f}", [0.2, 0.5], hooks), d, "gw")
+    gw = gateway(d, "gw", sim, rules, query=True)
+    procs.append(gw)
+    burst([gw.addr], 3)
+    wait_for(lambda: len(ok.alerts("budget")) == 1, "the 20% alert", timeout=20)
+    burst([gw.addr], 4)
+    wait_for(lambda: len(ok.alerts("budget")) == 2, "the 50% alert, while the other webhook hangs", timeout=20)
+    hang.close()
+    ok.stop()

@@ -134,6 +134,8 @@ def test_every_panel_renders_the_demo_traffic_without_console_errors(demo, page)
         assert page.query_selector(f"#{chart} canvas"), chart
     assert "demo-r1-daily" in page.inner_text("#budgets")
     assert "Budget demo-r1-daily" in page.inner_text("#alerts")
+    # The what-if's self-hosting figures, from the ROI report's `self_host`.
+    assert "Break-even output tokens/month" in page.inner_text("#what-if")
     assert page.console == [], page.console
     # The key is held for the session, never put in the address.
     assert demo.admin not in page.url
@@ -187,6 +189,22 @@ def test_a_consumer_key_sees_only_its_own_consumer(demo, page):
     assert "demo-r1-daily" not in page.inner_text("#alerts")
     mine = demo.sql("SELECT count(*) AS n FROM usage", token=demo.research)[0]["n"]
     assert int(page.get_attribute("#summary", "data-requests")) <= mine
+    assert page.console == [], page.console
+
+
+def test_a_custom_range_that_ends_before_it_starts_is_refused_with_a_message(demo, page):
+    sign_in(page, demo, demo.admin)
+    page.select_option("#range", "custom")
+    page.fill("#from", "2026-01-02T00:00:05")
+    page.fill("#to", "2026-01-01T00:00:05")
+    page.click("#controls button[type=submit]")
+    page.wait_for_selector("#status.error")
+    assert "start before it ends" in page.inner_text("#status")
+    assert page.get_attribute("body", "data-rendered") == "1", "nothing was reloaded"
+    page.fill("#f-tag", "novalue")
+    page.select_option("#range", "24")
+    page.click("#controls button[type=submit]")
+    page.wait_for_selector("#status.error:has-text('key=value')")
     assert page.console == [], page.console
 
 

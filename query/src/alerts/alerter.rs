@@ -64,7 +64,7 @@ impl Alerter {
             metrics,
         )?;
         let claims = match &settings.redis {
-            Some((url, prefix, timeout)) => Claims::redis(url, prefix, *timeout)?,
+            Some((url, prefix, timeout)) => Claims::redis(url, prefix, *timeout, store.clone())?,
             None => Claims::Lake(store.clone()),
         };
         tracing::info!(
@@ -94,7 +94,8 @@ impl Alerter {
                 }
             }
             let every = alerter.settings.config.evaluate;
-            let mut warned = false;
+            // The last failure logged: a new one is logged, a repeat is not.
+            let mut last_error: Option<String> = None;
             loop {
                 let started = Instant::now();
                 let result = alerter.tick(Utc::now()).await;
@@ -102,12 +103,18 @@ impl Alerter {
                 let metrics = &alerter.engine.metrics().alerts;
                 metrics.evaluated(result.is_ok(), took);
                 match result {
-                    Ok(()) => warned = false,
-                    Err(e) if !warned => {
-                        tracing::warn!(error = %e, "alerts: evaluation failed; retrying each tick");
-                        warned = true;
+                    Ok(()) => {
+                        if last_error.take().is_some() {
+                            tracing::info!("alerts: evaluating again");
+                        }
                     }
-                    Err(_) => {}
+                    Err(e) => {
+                        let text = e.to_string();
+                        if last_error.as_deref() != Some(text.as_str()) {
+                            tracing::warn!(error = %text, "alerts: evaluation failed; retrying each tick");
+                            last_error = Some(text);
+                        }
+                    }
                 }
                 tokio::time::sleep(every.saturating_sub(took).max(every / 4)).await;
             }
@@ -137,19 +144,23 @@ impl Alerter {
             ])
             .min()
             .unwrap_or(current);
-        let summed = self
+        // A ledger that cannot be read stops the spend rules, never the
+        // pipeline's checks: an unreadable lake is when they matter most.
+        let refreshed = self
             .index
             .refresh(&self.engine, &self.store, &budgets, &rules.fallbacks, from)
-            .await?;
+            .await;
         let hours = &self.index.hours;
         let source = self.settings.source.clone();
         let mut found = Vec::new();
-        for (i, b) in budgets.iter().enumerate() {
-            found.extend(evaluate::thresholds(hours, i, b, &source));
-            found.extend(evaluate::forecast(hours, i, b, now, &config, &source));
-        }
-        for dim in [Dimension::Consumer, Dimension::Model] {
-            found.extend(evaluate::anomalies(hours, dim, now, &config, &source));
+        if refreshed.is_ok() {
+            for (i, b) in budgets.iter().enumerate() {
+                found.extend(evaluate::thresholds(hours, i, b, &source));
+                found.extend(evaluate::forecast(hours, i, b, now, &config, &source));
+            }
+            for dim in [Dimension::Consumer, Dimension::Model] {
+                found.extend(evaluate::anomalies(hours, dim, now, &config, &source));
+            }
         }
         let reading = self.settings.probe.as_ref().and_then(|p| p.read());
         let dead = {
@@ -162,7 +173,7 @@ impl Alerter {
         };
         let conditions = evaluate::pipeline(reading.as_ref(), dead, hours, now, &config);
         tracing::debug!(
-            summed,
+            summed = refreshed.as_ref().ok(),
             hours = hours.len(),
             found = found.len(),
             conditions = conditions.len(),
@@ -174,7 +185,7 @@ impl Alerter {
         for c in conditions {
             self.follow(&c).await?;
         }
-        Ok(())
+        refreshed.map(|_| ()).map_err(AlertError::from)
     }
 
     /// Sends `alert` unless its key is taken.

@@ -1,10 +1,12 @@
 //! Firing once: before an alert is recorded or sent, its key is claimed.
 //! The first claim wins; every other process (or this one after a
 //! restart) finds the key taken and stays quiet. Claims live in Redis when
-//! one is configured (`SET NX`), else in the lake (an object created only
-//! if absent), so every process sharing the lake agrees. A claim holds
-//! the winning alert's id, so a process that crashed after claiming knows
-//! the claim is its own when it retries.
+//! one is configured (`SET NX`), and always in the lake (an object created
+//! only if absent), so every process sharing the lake agrees, and a Redis
+//! that lost its data (a restart without persistence, an eviction, a new
+//! instance) does not send an alert twice: the lake's claim decides. A
+//! claim holds the winning alert's id, so a process that crashed after
+//! claiming knows the claim is its own when it retries.
 //!
 //! [`Records`] keeps the alerts themselves in the lake
 //! (`alerts/records/date=YYYY-MM-DD/<id>.json`), for the `alerts` table
@@ -23,10 +25,12 @@ use super::alert::Alert;
 #[derive(Clone)]
 pub enum Claims {
     Redis {
-        client: redis::Client,
+        /// Boxed: the client is large, the lake variant small.
+        client: Box<redis::Client>,
         conn: Arc<tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>>,
         prefix: String,
         timeout: Duration,
+        lake: Arc<Store>,
     },
     Lake(Arc<Store>),
 }
@@ -46,14 +50,20 @@ const CLAIMS: &str = "alerts/claims";
 const RECORDS: &str = "alerts/records";
 
 impl Claims {
-    /// Claims in Redis at `url`, keys under `prefix`.
-    pub fn redis(url: &str, prefix: &str, timeout: Duration) -> Result<Claims, ClaimError> {
+    /// Claims in Redis at `url`, keys under `prefix`, backed by `lake`.
+    pub fn redis(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        lake: Arc<Store>,
+    ) -> Result<Claims, ClaimError> {
         let client = redis::Client::open(url).map_err(|e| ClaimError::Redis(e.to_string()))?;
         Ok(Claims::Redis {
-            client,
+            client: Box::new(client),
             conn: Arc::new(tokio::sync::Mutex::new(None)),
             prefix: format!("{prefix}alert:"),
             timeout,
+            lake,
         })
     }
 
@@ -101,6 +111,7 @@ impl Claims {
                 conn,
                 prefix,
                 timeout,
+                lake,
             } => {
                 let mut c = Self::conn(client, conn, *timeout).await?;
                 let k = format!("{prefix}{key}");
@@ -114,23 +125,62 @@ impl Claims {
                     .query_async(&mut c)
                     .await
                     .map_err(|e| ClaimError::Redis(e.to_string()))?;
-                Ok(set.filter(|holder| holder != id))
+                if let Some(holder) = set.filter(|holder| holder != id) {
+                    return Ok(Some(holder));
+                }
+                // Won in Redis: the lake has the last word, and a holder
+                // found there is written back for the other processes.
+                let holder = Self::lake_claim(lake, key, id).await?;
+                if let Some(h) = &holder {
+                    redis::cmd("SET")
+                        .arg(&k)
+                        .arg(h)
+                        .arg("EX")
+                        .arg(CLAIM_TTL_S)
+                        .query_async::<()>(&mut c)
+                        .await
+                        .map_err(|e| ClaimError::Redis(e.to_string()))?;
+                }
+                Ok(holder)
             }
-            Claims::Lake(store) => {
-                let (store, object, id) = (store.clone(), Self::object(key), id.to_string());
-                tokio::task::spawn_blocking(move || {
-                    if store.create(&object, id.clone().into_bytes())? {
-                        return Ok(None);
-                    }
-                    let holder = store.read(&object)?.unwrap_or_default();
-                    let holder = String::from_utf8_lossy(&holder).into_owned();
-                    Ok(Some(holder).filter(|h| *h != id))
-                })
-                .await
-                .map_err(|e| ClaimError::Lake(e.to_string()))?
-                .map_err(|e: tollgate_lake::LakeError| ClaimError::Lake(e.to_string()))
-            }
+            Claims::Lake(store) => Self::lake_claim(store, key, id).await,
         }
+    }
+
+    async fn lake_claim(
+        store: &Arc<Store>,
+        key: &str,
+        id: &str,
+    ) -> Result<Option<String>, ClaimError> {
+        let (store, object, id) = (store.clone(), Self::object(key), id.to_string());
+        tokio::task::spawn_blocking(move || {
+            if store.create(&object, id.clone().into_bytes())? {
+                return Ok(None);
+            }
+            let holder = store.read(&object)?.unwrap_or_default();
+            let holder = String::from_utf8_lossy(&holder).into_owned();
+            Ok(Some(holder).filter(|h| *h != id))
+        })
+        .await
+        .map_err(|e| ClaimError::Lake(e.to_string()))?
+        .map_err(|e: tollgate_lake::LakeError| ClaimError::Lake(e.to_string()))
+    }
+
+    async fn lake_holder(store: &Arc<Store>, key: &str) -> Result<Option<String>, ClaimError> {
+        let (store, object) = (store.clone(), Self::object(key));
+        tokio::task::spawn_blocking(move || store.read(&object))
+            .await
+            .map_err(|e| ClaimError::Lake(e.to_string()))?
+            .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .map_err(|e| ClaimError::Lake(e.to_string()))
+    }
+
+    async fn lake_release(store: &Arc<Store>, key: &str) -> Result<(), ClaimError> {
+        let (store, object) = (store.clone(), Self::object(key));
+        tokio::task::spawn_blocking(move || store.delete(&object))
+            .await
+            .map_err(|e| ClaimError::Lake(e.to_string()))?
+            .map_err(|e| ClaimError::Lake(e.to_string()))
     }
 
     /// Who holds `key`, if anyone.
@@ -141,22 +191,20 @@ impl Claims {
                 conn,
                 prefix,
                 timeout,
+                lake,
             } => {
                 let mut c = Self::conn(client, conn, *timeout).await?;
-                redis::cmd("GET")
+                let held: Option<String> = redis::cmd("GET")
                     .arg(format!("{prefix}{key}"))
                     .query_async(&mut c)
                     .await
-                    .map_err(|e| ClaimError::Redis(e.to_string()))
+                    .map_err(|e| ClaimError::Redis(e.to_string()))?;
+                match held {
+                    Some(h) => Ok(Some(h)),
+                    None => Self::lake_holder(lake, key).await,
+                }
             }
-            Claims::Lake(store) => {
-                let (store, object) = (store.clone(), Self::object(key));
-                tokio::task::spawn_blocking(move || store.read(&object))
-                    .await
-                    .map_err(|e| ClaimError::Lake(e.to_string()))?
-                    .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
-                    .map_err(|e| ClaimError::Lake(e.to_string()))
-            }
+            Claims::Lake(store) => Self::lake_holder(store, key).await,
         }
     }
 
@@ -168,7 +216,9 @@ impl Claims {
                 conn,
                 prefix,
                 timeout,
+                lake,
             } => {
+                Self::lake_release(lake, key).await?;
                 let mut c = Self::conn(client, conn, *timeout).await?;
                 redis::cmd("DEL")
                     .arg(format!("{prefix}{key}"))
@@ -176,13 +226,7 @@ impl Claims {
                     .await
                     .map_err(|e| ClaimError::Redis(e.to_string()))
             }
-            Claims::Lake(store) => {
-                let (store, object) = (store.clone(), Self::object(key));
-                tokio::task::spawn_blocking(move || store.delete(&object))
-                    .await
-                    .map_err(|e| ClaimError::Lake(e.to_string()))?
-                    .map_err(|e| ClaimError::Lake(e.to_string()))
-            }
+            Claims::Lake(store) => Self::lake_release(store, key).await,
         }
     }
 }

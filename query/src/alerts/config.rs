@@ -65,6 +65,28 @@ impl Webhook {
     pub fn takes(&self, kind: Kind) -> bool {
         self.kinds.is_empty() || self.kinds.contains(&kind)
     }
+
+    /// Names the webhook in the outbox: 16 hex digits of the URL's
+    /// SHA-256 (the URL itself may hold a credential).
+    pub fn id(&self) -> String {
+        use sha2::Digest;
+        hex::encode(&sha2::Sha256::digest(self.url.as_bytes())[..8])
+    }
+
+    /// For logs: the scheme, host and port, and the id; never the path,
+    /// query or user info, where webhook URLs keep their secrets.
+    pub fn describe(&self) -> String {
+        match reqwest::Url::parse(&self.url) {
+            Ok(u) => format!(
+                "{}://{}{} ({})",
+                u.scheme(),
+                u.host_str().unwrap_or(""),
+                u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+                self.id()
+            ),
+            Err(_) => self.id(),
+        }
+    }
 }
 
 /// The validated `[alerts]` section.
@@ -199,8 +221,7 @@ pub struct RawWebhook {
     url: Spanned<String>,
     format: Option<Spanned<String>>,
     secret: Option<String>,
-    #[serde(default)]
-    kinds: Vec<Spanned<String>>,
+    kinds: Option<Vec<Spanned<String>>>,
     timeout_ms: Option<u64>,
 }
 
@@ -261,8 +282,22 @@ impl AlertsConfig {
                     ));
                 }
             };
+            if w.kinds.as_ref().is_some_and(Vec::is_empty) {
+                return Err(Invalid::at(
+                    span,
+                    key("kinds"),
+                    "is empty; leave it out to take every kind",
+                ));
+            }
+            if webhooks.iter().any(|x: &Webhook| x.url == url) {
+                return Err(Invalid::at(
+                    w.url.span(),
+                    key("url"),
+                    "is the same as another webhook's",
+                ));
+            }
             let mut kinds = Vec::new();
-            for k in &w.kinds {
+            for k in w.kinds.iter().flatten() {
                 let Some(kind) = Kind::ALL.into_iter().find(|x| x.as_str() == k.get_ref()) else {
                     return Err(Invalid::at(
                         k.span(),
@@ -291,7 +326,17 @@ impl AlertsConfig {
                 format,
                 secret,
                 kinds,
-                timeout: Duration::from_millis(w.timeout_ms.unwrap_or(5000).clamp(100, 60_000)),
+                timeout: Duration::from_millis(match w.timeout_ms {
+                    None => 5000,
+                    Some(t) if (100..=60_000).contains(&t) => t,
+                    Some(t) => {
+                        return Err(Invalid::at(
+                            span,
+                            key("timeout_ms"),
+                            format!("{t} is not between 100 and 60000 ms"),
+                        ));
+                    }
+                }),
             });
         }
         Ok(Self {
@@ -366,7 +411,16 @@ impl AlertsConfig {
                 "between 1 and 86400 seconds",
                 d.completeness_after.as_secs(),
             )?),
-            outbox_dir: raw.outbox_dir.unwrap_or(d.outbox_dir),
+            outbox_dir: match raw.outbox_dir {
+                Some(p) if p.as_os_str().is_empty() => {
+                    return Err(Invalid::key(
+                        "alerts.outbox_dir",
+                        "is empty; leave it out for data/alerts",
+                    ));
+                }
+                Some(p) => p,
+                None => d.outbox_dir,
+            },
             webhooks,
         })
     }

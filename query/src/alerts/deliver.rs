@@ -39,7 +39,8 @@ pub struct Entry {
     /// Whether its key was claimed for it; until then it may be another
     /// process's to send.
     pub claimed: bool,
-    /// The URLs of the webhooks still to answer.
+    /// The webhooks still to answer, by [`Webhook::id`] (a URL may hold a
+    /// credential, so it is not written here).
     pub pending: Vec<String>,
 }
 
@@ -47,6 +48,8 @@ struct Attempts {
     backoff: ExponentialBackoff,
     next: Instant,
     failed: u32,
+    /// Being sent now: not started again until it answers.
+    busy: bool,
 }
 
 #[derive(Default)]
@@ -164,7 +167,7 @@ impl Outbox {
     pub fn claimed(&self, alert: &Alert) -> Result<(), OutboxError> {
         let pending: Vec<String> = (self.webhooks.iter())
             .filter(|w| w.takes(alert.kind))
-            .map(|w| w.url.clone())
+            .map(Webhook::id)
             .collect();
         if pending.is_empty() {
             self.remove(&alert.id);
@@ -184,6 +187,7 @@ impl Outbox {
                     backoff: backoff(),
                     next: Instant::now(),
                     failed: 0,
+                    busy: false,
                 },
             );
         }
@@ -208,6 +212,7 @@ impl Outbox {
                 backoff: backoff(),
                 next: Instant::now(),
                 failed: 0,
+                busy: false,
             });
         }
         drop(s);
@@ -228,62 +233,68 @@ impl Outbox {
         }
     }
 
+    /// Starts every due delivery as a task of its own, so a slow or
+    /// hanging webhook holds up only its own deliveries.
     async fn deliver_due(&self) {
         let now = Instant::now();
         let due: Vec<(Alert, Webhook)> = {
-            let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            (s.attempts.iter())
-                .filter(|(_, a)| a.next <= now)
-                .filter_map(|((id, url), _)| {
-                    let e = s.entries.get(id)?;
-                    let w = self.webhooks.iter().find(|w| &w.url == url)?;
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let State { entries, attempts } = &mut *s;
+            (attempts.iter_mut())
+                .filter(|(_, a)| a.next <= now && !a.busy)
+                .filter_map(|((id, hook), a)| {
+                    let e = entries.get(id)?;
+                    let w = self.webhooks.iter().find(|w| w.id() == *hook)?;
+                    a.busy = true;
                     Some((e.alert.clone(), w.clone()))
                 })
                 .collect()
         };
-        if due.is_empty() {
-            return;
+        for (alert, w) in due {
+            let outbox = self.clone();
+            tokio::spawn(async move {
+                let result = send(&outbox.client, &w, &alert).await;
+                outbox.answered(&alert, &w, result);
+            });
         }
-        let sent = futures_util::future::join_all(
-            due.iter().map(|(alert, w)| send(&self.client, w, alert)),
-        )
-        .await;
-        for ((alert, w), result) in due.iter().zip(sent) {
-            let key = (alert.id.clone(), w.url.clone());
-            match result {
-                Ok(()) => {
-                    self.metrics.delivered(true);
-                    let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    s.attempts.remove(&key);
-                    let done = s.entries.get_mut(&alert.id).map(|e| {
-                        e.pending.retain(|u| *u != w.url);
-                        (e.pending.is_empty(), e.clone())
-                    });
-                    match done {
-                        Some((true, _)) => {
-                            s.entries.remove(&alert.id);
-                            drop(s);
-                            self.remove(&alert.id);
-                        }
-                        Some((false, entry)) => {
-                            drop(s);
-                            if let Err(e) = self.write(&entry) {
-                                tracing::warn!(error = %e, "could not save an alert's delivery progress");
-                            }
-                        }
-                        None => {}
+    }
+
+    fn answered(&self, alert: &Alert, w: &Webhook, result: Result<(), String>) {
+        let key = (alert.id.clone(), w.id());
+        match result {
+            Ok(()) => {
+                self.metrics.delivered(true);
+                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.attempts.remove(&key);
+                let done = s.entries.get_mut(&alert.id).map(|e| {
+                    e.pending.retain(|h| *h != key.1);
+                    (e.pending.is_empty(), e.clone())
+                });
+                match done {
+                    Some((true, _)) => {
+                        s.entries.remove(&alert.id);
+                        drop(s);
+                        self.remove(&alert.id);
                     }
-                }
-                Err(e) => {
-                    self.metrics.delivered(false);
-                    let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(a) = s.attempts.get_mut(&key) {
-                        a.failed = a.failed.saturating_add(1);
-                        let wait = a.backoff.next().unwrap_or(Duration::from_secs(300));
-                        a.next = Instant::now() + wait;
-                        if a.failed.is_power_of_two() {
-                            tracing::warn!(url = %w.url, alert = %alert.id, attempts = a.failed, retry_in_s = wait.as_secs_f64(), error = %e, "alert webhook failed; kept and retried");
+                    Some((false, entry)) => {
+                        drop(s);
+                        if let Err(e) = self.write(&entry) {
+                            tracing::warn!(error = %e, "could not save an alert's delivery progress");
                         }
+                    }
+                    None => {}
+                }
+            }
+            Err(e) => {
+                self.metrics.delivered(false);
+                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(a) = s.attempts.get_mut(&key) {
+                    a.busy = false;
+                    a.failed = a.failed.saturating_add(1);
+                    let wait = a.backoff.next().unwrap_or(Duration::from_secs(300));
+                    a.next = Instant::now() + wait;
+                    if a.failed.is_power_of_two() {
+                        tracing::warn!(webhook = %w.describe(), alert = %alert.id, attempts = a.failed, retry_in_s = wait.as_secs_f64(), error = %e, "alert webhook failed; kept and retried");
                     }
                 }
             }
@@ -348,7 +359,12 @@ async fn send(client: &reqwest::Client, w: &Webhook, alert: &Alert) -> Result<()
             signature(secret.expose(), now, &body),
         );
     }
-    let resp = req.body(body).send().await.map_err(|e| e.to_string())?;
+    // reqwest's errors name the URL, which may hold a credential.
+    let resp = req
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| e.without_url().to_string())?;
     if resp.status().is_success() {
         Ok(())
     } else {

@@ -229,18 +229,29 @@ pub fn anomalies(
             start -= 3600;
         }
         let (now_spend, bar_now) = (spend(last), bar(last));
+        let median = bar_now / config.anomaly_factor;
         let what = dim.as_str();
+        let against = if median * config.anomaly_factor < min {
+            format!(
+                "over the {} alert floor (its {n}h median is {})",
+                dollars(min as i128),
+                dollars(median as i128)
+            )
+        } else {
+            format!(
+                "{:.1}x its {n}h median of {}",
+                now_spend as f64 / median,
+                dollars(median as i128)
+            )
+        };
         let mut a = Alert::new(
             format!("anomaly:{what}:{value}:{start}"),
             Kind::Anomaly,
             &format!("{what}:{value}"),
             format!(
-                "Spend anomaly: {what} {value} spent {} in the hour from {}, over {:.1}x its {}h median (alert bar {}).",
+                "Spend anomaly: {what} {value} spent {} in the hour from {}, {against}.",
                 dollars(now_spend),
                 at(last).format("%Y-%m-%d %H:00 UTC"),
-                config.anomaly_factor,
-                n,
-                dollars(bar_now as i128)
             ),
             source,
         );
@@ -251,11 +262,8 @@ pub fn anomalies(
         a.period_start = Some(at(start));
         a.spent_usd = Some(usd(now_spend));
         a.threshold = Some(config.anomaly_factor);
-        a.value = Some(if bar_now > 0.0 {
-            now_spend as f64 / bar_now * config.anomaly_factor
-        } else {
-            0.0
-        });
+        // The hour's spend over its median (the factor the rule compares).
+        a.value = (median > 0.0).then(|| now_spend as f64 / median);
         out.push(a);
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));

@@ -263,8 +263,12 @@ impl RoiRequest {
                     let d: Decimal = v
                         .parse()
                         .map_err(|_| bad(format!("gpu_hour_usd={v:?} is not a number")))?;
-                    if d <= Decimal::ZERO {
-                        return Err(bad("gpu_hour_usd must be positive"));
+                    // Bounds keep every product in the report inside a
+                    // Decimal (about 7.9e28): no GPU rents for $1M an hour.
+                    if d <= Decimal::ZERO || d > Decimal::from(1_000_000) {
+                        return Err(bad(format!(
+                            "gpu_hour_usd={v:?}: give a positive price up to 1000000 USD per GPU-hour"
+                        )));
                     }
                     gpu_hour_usd = Some(d);
                 }
@@ -272,16 +276,20 @@ impl RoiRequest {
                     gpus = v
                         .parse()
                         .ok()
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| bad(format!("gpus={v:?} is not a positive integer")))?;
+                        .filter(|n| (1..=1_000_000).contains(n))
+                        .ok_or_else(|| {
+                            bad(format!("gpus={v:?} is not an integer from 1 to 1000000"))
+                        })?;
                 }
                 "tokens_per_s" => {
                     let t: f64 = v
                         .parse()
                         .ok()
-                        .filter(|t: &f64| t.is_finite() && *t > 0.0)
+                        .filter(|t: &f64| t.is_finite() && (0.001..=1e9).contains(t))
                         .ok_or_else(|| {
-                            bad(format!("tokens_per_s={v:?} is not a positive number"))
+                            bad(format!(
+                                "tokens_per_s={v:?} is not a number from 0.001 to 1000000000"
+                            ))
                         })?;
                     tokens_per_s = Some(t);
                 }
@@ -396,10 +404,14 @@ mod tests {
             (vec![("reprice", "deepseek-r1")], "<model>:<other model>"),
             (vec![("reprice", "deepseek-r1:no-such-model")], "no price"),
             (vec![("gpu_hour_usd", "-1")], "positive"),
+            (vec![("gpu_hour_usd", "2"), ("gpus", "0")], "from 1 to"),
+            (vec![("gpu_hour_usd", "1000000000000000000000")], "up to"),
             (
-                vec![("gpu_hour_usd", "2"), ("gpus", "0")],
-                "positive integer",
+                vec![("gpu_hour_usd", "2"), ("gpus", "4294967295")],
+                "from 1 to",
             ),
+            (vec![("consumer", "a"), ("consumer", "b")], "twice"),
+            (vec![("tag", "novalue")], "tag=<key>=<value>"),
             (vec![("tokens_per_s", "100")], "needs gpu_hour_usd"),
         ] {
             match RoiRequest::parse(&p(&pairs), &catalogs()) {
