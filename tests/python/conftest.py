@@ -145,3 +145,20 @@ cors_origins = ["http://grafana.example:3000"]
     yield gw
     for p in (gw, r1, qwq, down):
         p.stop()
+
+
+@pytest.fixture
+def rig(artifacts, request):
+    """A fresh directory for one test (under its module's name, e.g.
+    `limits/`), and a list of processes stopped when the test ends."""
+    module = request.module.__name__.removeprefix("test_")
+    d = artifacts / module / "".join(c if c.isalnum() or c in "-_" else "_" for c in request.node.name)
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    procs = []
+    yield d, procs
+    for p in procs:
+        try:
+            p.stop()
+        except Exception:
+            pass

@@ -66,20 +66,6 @@ class Receiver:
         self.server.shutdown()
 
 
-@pytest.fixture
-def rig(artifacts, request):
-    d = artifacts / "alerts" / "".join(c if c.isalnum() or c in "-_" else "_" for c in request.node.name)
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    procs = []
-    yield d, procs
-    for p in procs:
-        try:
-            p.stop()
-        except Exception:
-            pass
-
-
 @pytest.fixture(scope="module")
 def request_cost(artifacts):
     """What one test request costs in USD, from the ledger of a gateway

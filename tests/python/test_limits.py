@@ -10,7 +10,6 @@ import concurrent.futures
 import json
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import subprocess
@@ -192,20 +191,6 @@ def lake_rows(*lakes, where="true"):
     return con.execute(
         f"SELECT input_tokens + output_tokens, cost_usd, outcome, status FROM read_parquet({files!r}) WHERE {where}"
     ).fetchall()
-
-
-@pytest.fixture
-def rig(artifacts, request):
-    d = artifacts / "limits" / "".join(c if c.isalnum() or c in "-_" else "_" for c in request.node.name)
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
-    procs = []
-    yield d, procs
-    for p in procs:
-        try:
-            p.stop()
-        except Exception:
-            pass
 
 
 def burst(addrs, n, **kw):
