@@ -157,6 +157,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (spool, pipeline) = crate::pipeline::start(&config, crate::pipeline::Role::All).await?;
     let probe = std::sync::Arc::new(crate::query::Probe {
         instance: config.collector.gateway.instance.clone(),
+        spool: config.pipeline.spool_dir.display().to_string(),
         backlog: spool.backlog(),
         tap: std::sync::OnceLock::new(),
     });

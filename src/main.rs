@@ -210,6 +210,7 @@ async fn serve(
     let (spool, pipeline) = pipeline::start(&config, role).await?;
     let probe = Arc::new(query::Probe {
         instance: config.collector.gateway.instance.clone(),
+        spool: config.pipeline.spool_dir.display().to_string(),
         backlog: spool.backlog(),
         tap: std::sync::OnceLock::new(),
     });

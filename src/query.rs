@@ -152,6 +152,8 @@ pub async fn start(
 /// backlog and the events the tap spooled per hour.
 pub struct Probe {
     pub instance: String,
+    /// `[pipeline] spool_dir`, as written.
+    pub spool: String,
     pub backlog: tollgate_spool::Backlog,
     /// Set once the gateway's tap has started.
     pub tap: OnceLock<Arc<Counters>>,
@@ -162,6 +164,7 @@ impl PipelineProbe for Probe {
         let tap = self.tap.get()?;
         Some(PipelineReading {
             instance: self.instance.clone(),
+            spool: self.spool.clone(),
             backlog_bytes: self.backlog.bytes(),
             oldest_unsent: self.backlog.oldest().map(chrono::DateTime::<Utc>::from),
             spooled_by_hour: tap.whole_hours(),

@@ -148,6 +148,10 @@ impl Default for AlertsConfig {
 pub struct PipelineReading {
     /// The gateway's `gateway_instance`.
     pub instance: String,
+    /// The spool directory: names the ingest-lag and backlog checks, so a
+    /// restart under a new instance name (the default is host-pid) still
+    /// resolves what the last run opened.
+    pub spool: String,
     /// Spooled and not yet drained, bytes.
     pub backlog_bytes: u64,
     /// When the oldest event not yet drained was spooled.

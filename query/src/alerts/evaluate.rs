@@ -276,7 +276,7 @@ pub fn anomalies(
 pub struct Condition {
     /// `ingest_lag`, `spool_backlog`, `dead_letters`, `lake_completeness`.
     pub check: &'static str,
-    /// What it is about: an instance, an instance's hour, the lake.
+    /// What it is about: a spool, an instance's hour, the lake.
     pub subject: String,
     pub firing: bool,
     pub value: f64,
@@ -314,7 +314,7 @@ pub fn pipeline(
         .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
     out.push(Condition {
         check: "ingest_lag",
-        subject: r.instance.clone(),
+        subject: r.spool.clone(),
         firing: lag > config.ingest_lag_s as f64,
         value: lag,
         threshold: config.ingest_lag_s as f64,
@@ -325,7 +325,7 @@ pub fn pipeline(
     });
     out.push(Condition {
         check: "spool_backlog",
-        subject: r.instance.clone(),
+        subject: r.spool.clone(),
         firing: r.backlog_bytes > config.spool_backlog_bytes,
         value: r.backlog_bytes as f64,
         threshold: config.spool_backlog_bytes as f64,

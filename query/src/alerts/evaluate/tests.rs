@@ -215,6 +215,7 @@ fn pipeline_checks_compare_their_readings_with_the_thresholds() {
     let now = t(12, 30);
     let reading = PipelineReading {
         instance: "gw-1".into(),
+        spool: "data/spool".into(),
         backlog_bytes: 1 << 20,
         oldest_unsent: Some(now - chrono::Duration::seconds(400)),
         spooled_by_hour: vec![
@@ -244,8 +245,8 @@ fn pipeline_checks_compare_their_readings_with_the_thresholds() {
             .find(|x| x.check == check && x.subject == subject)
             .cloned()
     };
-    assert!(get("ingest_lag", "gw-1").unwrap().firing);
-    assert!(!get("spool_backlog", "gw-1").unwrap().firing);
+    assert!(get("ingest_lag", "data/spool").unwrap().firing);
+    assert!(!get("spool_backlog", "data/spool").unwrap().firing);
     assert!(!get("dead_letters", "lake").unwrap().firing);
     let ten = get("lake_completeness", "gw-1:2026-03-10T10").unwrap();
     assert!(ten.firing);
