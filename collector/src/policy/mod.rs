@@ -1,8 +1,9 @@
 //! The policy steps between routing and the upstream call. In the order a
 //! request meets them:
 //!
-//! 1. `screen` (coming): the content guard on the request's input (PII,
-//!    secrets, deny lists), and on the output as it is relayed.
+//! 1. [`screen`]: the content guard on the request's input (PII, secrets,
+//!    deny lists), and on the output as it is relayed (the detectors so
+//!    far; the rules and the relay's check are coming).
 //! 2. [`quota`]: token, request and dollar rate limits and budgets, keyed
 //!    per consumer, team, IP, header, query parameter, cookie or tag:
 //!    reserve before the call, settle after it, fall back to a cheaper
@@ -16,3 +17,4 @@
 //! resource bounds) and `guard` (read-only SQL) on purpose.
 
 pub mod quota;
+pub mod screen;
