@@ -65,7 +65,7 @@ impl Alerter {
         )?;
         let claims = match &settings.redis {
             Some((url, prefix, timeout)) => Claims::redis(url, prefix, *timeout, store.clone())?,
-            None => Claims::Lake(store.clone()),
+            None => Claims::lake(store.clone()),
         };
         tracing::info!(
             claims = claims.describe(),

@@ -21,18 +21,20 @@ use tollgate_lake::store::Store;
 
 use super::alert::Alert;
 
-/// Where claims are kept.
+/// Where claims are kept: always the lake, and Redis in front of it when
+/// one is configured.
 #[derive(Clone)]
-pub enum Claims {
-    Redis {
-        /// Boxed: the client is large, the lake variant small.
-        client: Box<redis::Client>,
-        conn: Arc<tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>>,
-        prefix: String,
-        timeout: Duration,
-        lake: Arc<Store>,
-    },
-    Lake(Arc<Store>),
+pub struct Claims {
+    lake: Arc<Store>,
+    redis: Option<Arc<RedisClaims>>,
+}
+
+struct RedisClaims {
+    client: redis::Client,
+    conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
+    /// Key prefix, e.g. `tollgate:alert:`.
+    prefix: String,
+    timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +51,55 @@ const CLAIM_TTL_S: u64 = 400 * 24 * 3600;
 const CLAIMS: &str = "alerts/claims";
 const RECORDS: &str = "alerts/records";
 
+impl RedisClaims {
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, ClaimError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let c = tokio::time::timeout(
+            self.timeout * 2,
+            redis::aio::ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| ClaimError::Redis("connect timed out".into()))?
+        .map_err(|e| ClaimError::Redis(e.to_string()))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// One command on `key` (prefixed): `SET NX GET`, `GET`, `SET`, `DEL`.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        key: &str,
+        command: &str,
+        args: &[&str],
+    ) -> Result<T, ClaimError> {
+        let mut c = self.conn().await?;
+        redis::cmd(command)
+            .arg(format!("{}{key}", self.prefix))
+            .arg(args)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| ClaimError::Redis(e.to_string()))
+    }
+}
+
+fn lake_err(e: impl std::fmt::Display) -> ClaimError {
+    ClaimError::Lake(e.to_string())
+}
+
 impl Claims {
-    /// Claims in Redis at `url`, keys under `prefix`, backed by `lake`.
+    /// Claims in the lake only.
+    pub fn lake(lake: Arc<Store>) -> Claims {
+        Claims { lake, redis: None }
+    }
+
+    /// Claims in Redis at `url` (keys under `prefix`) in front of `lake`.
     pub fn redis(
         url: &str,
         prefix: &str,
@@ -58,44 +107,23 @@ impl Claims {
         lake: Arc<Store>,
     ) -> Result<Claims, ClaimError> {
         let client = redis::Client::open(url).map_err(|e| ClaimError::Redis(e.to_string()))?;
-        Ok(Claims::Redis {
-            client: Box::new(client),
-            conn: Arc::new(tokio::sync::Mutex::new(None)),
-            prefix: format!("{prefix}alert:"),
-            timeout,
+        Ok(Claims {
             lake,
+            redis: Some(Arc::new(RedisClaims {
+                client,
+                conn: tokio::sync::Mutex::new(None),
+                prefix: format!("{prefix}alert:"),
+                timeout,
+            })),
         })
     }
 
     pub fn describe(&self) -> &'static str {
-        match self {
-            Claims::Redis { .. } => "redis",
-            Claims::Lake(_) => "lake",
+        if self.redis.is_some() {
+            "redis and lake"
+        } else {
+            "lake"
         }
-    }
-
-    async fn conn(
-        client: &redis::Client,
-        slot: &tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
-        timeout: Duration,
-    ) -> Result<redis::aio::ConnectionManager, ClaimError> {
-        let mut slot = slot.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let c = tokio::time::timeout(
-            timeout * 2,
-            redis::aio::ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await
-        .map_err(|_| ClaimError::Redis("connect timed out".into()))?
-        .map_err(|e| ClaimError::Redis(e.to_string()))?;
-        *slot = Some(c.clone());
-        Ok(c)
     }
 
     fn object(key: &str) -> String {
@@ -105,129 +133,59 @@ impl Claims {
     /// Claims `key` for `id`: `Ok(None)` when it is now (or already was)
     /// `id`'s, `Ok(Some(holder))` when another alert holds it.
     pub async fn claim(&self, key: &str, id: &str) -> Result<Option<String>, ClaimError> {
-        match self {
-            Claims::Redis {
-                client,
-                conn,
-                prefix,
-                timeout,
-                lake,
-            } => {
-                let mut c = Self::conn(client, conn, *timeout).await?;
-                let k = format!("{prefix}{key}");
-                let set: Option<String> = redis::cmd("SET")
-                    .arg(&k)
-                    .arg(id)
-                    .arg("NX")
-                    .arg("EX")
-                    .arg(CLAIM_TTL_S)
-                    .arg("GET")
-                    .query_async(&mut c)
-                    .await
-                    .map_err(|e| ClaimError::Redis(e.to_string()))?;
-                if let Some(holder) = set.filter(|holder| holder != id) {
-                    return Ok(Some(holder));
-                }
-                // Won in Redis: the lake has the last word, and a holder
-                // found there is written back for the other processes.
-                let holder = Self::lake_claim(lake, key, id).await?;
-                if let Some(h) = &holder {
-                    redis::cmd("SET")
-                        .arg(&k)
-                        .arg(h)
-                        .arg("EX")
-                        .arg(CLAIM_TTL_S)
-                        .query_async::<()>(&mut c)
-                        .await
-                        .map_err(|e| ClaimError::Redis(e.to_string()))?;
-                }
-                Ok(holder)
+        let ttl = CLAIM_TTL_S.to_string();
+        if let Some(r) = &self.redis {
+            let set: Option<String> = r.run(key, "SET", &[id, "NX", "EX", &ttl, "GET"]).await?;
+            if let Some(holder) = set.filter(|holder| holder != id) {
+                return Ok(Some(holder));
             }
-            Claims::Lake(store) => Self::lake_claim(store, key, id).await,
         }
-    }
-
-    async fn lake_claim(
-        store: &Arc<Store>,
-        key: &str,
-        id: &str,
-    ) -> Result<Option<String>, ClaimError> {
-        let (store, object, id) = (store.clone(), Self::object(key), id.to_string());
-        tokio::task::spawn_blocking(move || {
-            if store.create(&object, id.clone().into_bytes())? {
+        // The lake has the last word; a holder found there is written back
+        // to Redis for the other processes.
+        let (store, object, mine) = (self.lake.clone(), Self::object(key), id.to_string());
+        let holder = tokio::task::spawn_blocking(move || {
+            if store.create(&object, mine.clone().into_bytes())? {
                 return Ok(None);
             }
             let holder = store.read(&object)?.unwrap_or_default();
             let holder = String::from_utf8_lossy(&holder).into_owned();
-            Ok(Some(holder).filter(|h| *h != id))
+            Ok(Some(holder).filter(|h| *h != mine))
         })
         .await
-        .map_err(|e| ClaimError::Lake(e.to_string()))?
-        .map_err(|e: tollgate_lake::LakeError| ClaimError::Lake(e.to_string()))
-    }
-
-    async fn lake_holder(store: &Arc<Store>, key: &str) -> Result<Option<String>, ClaimError> {
-        let (store, object) = (store.clone(), Self::object(key));
-        tokio::task::spawn_blocking(move || store.read(&object))
-            .await
-            .map_err(|e| ClaimError::Lake(e.to_string()))?
-            .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
-            .map_err(|e| ClaimError::Lake(e.to_string()))
-    }
-
-    async fn lake_release(store: &Arc<Store>, key: &str) -> Result<(), ClaimError> {
-        let (store, object) = (store.clone(), Self::object(key));
-        tokio::task::spawn_blocking(move || store.delete(&object))
-            .await
-            .map_err(|e| ClaimError::Lake(e.to_string()))?
-            .map_err(|e| ClaimError::Lake(e.to_string()))
+        .map_err(lake_err)?
+        .map_err(|e: tollgate_lake::LakeError| lake_err(e))?;
+        if let (Some(r), Some(h)) = (&self.redis, &holder) {
+            r.run::<()>(key, "SET", &[h, "EX", &ttl]).await?;
+        }
+        Ok(holder)
     }
 
     /// Who holds `key`, if anyone.
     pub async fn holder(&self, key: &str) -> Result<Option<String>, ClaimError> {
-        match self {
-            Claims::Redis {
-                client,
-                conn,
-                prefix,
-                timeout,
-                lake,
-            } => {
-                let mut c = Self::conn(client, conn, *timeout).await?;
-                let held: Option<String> = redis::cmd("GET")
-                    .arg(format!("{prefix}{key}"))
-                    .query_async(&mut c)
-                    .await
-                    .map_err(|e| ClaimError::Redis(e.to_string()))?;
-                match held {
-                    Some(h) => Ok(Some(h)),
-                    None => Self::lake_holder(lake, key).await,
-                }
-            }
-            Claims::Lake(store) => Self::lake_holder(store, key).await,
+        if let Some(r) = &self.redis
+            && let Some(h) = r.run::<Option<String>>(key, "GET", &[]).await?
+        {
+            return Ok(Some(h));
         }
+        let (store, object) = (self.lake.clone(), Self::object(key));
+        tokio::task::spawn_blocking(move || store.read(&object))
+            .await
+            .map_err(lake_err)?
+            .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .map_err(lake_err)
     }
 
     /// Lets `key` be claimed again (an episode that ended).
     pub async fn release(&self, key: &str) -> Result<(), ClaimError> {
-        match self {
-            Claims::Redis {
-                client,
-                conn,
-                prefix,
-                timeout,
-                lake,
-            } => {
-                Self::lake_release(lake, key).await?;
-                let mut c = Self::conn(client, conn, *timeout).await?;
-                redis::cmd("DEL")
-                    .arg(format!("{prefix}{key}"))
-                    .query_async::<()>(&mut c)
-                    .await
-                    .map_err(|e| ClaimError::Redis(e.to_string()))
-            }
-            Claims::Lake(store) => Self::lake_release(store, key).await,
+        let (store, object) = (self.lake.clone(), Self::object(key));
+        tokio::task::spawn_blocking(move || store.delete(&object))
+            .await
+            .map_err(lake_err)?
+            .map_err(lake_err)?;
+        if let Some(r) = &self.redis {
+            r.run::<()>(key, "DEL", &[]).await?;
         }
+        Ok(())
     }
 }
 
