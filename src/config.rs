@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use tollgate_collector::config::{
-    RawBudget, RawConsumer, RawGateway, RawRateLimit, RawRedis, RawRoute, RawTelemetry,
+    RawBudget, RawConsumer, RawGateway, RawGuard, RawRateLimit, RawRedis, RawRoute, RawTelemetry,
     RawUpstream, Sections,
 };
 use tollgate_ingest::config::{PipelineConfig, RawPipeline};
@@ -71,6 +71,8 @@ struct File {
     #[serde(default)]
     budgets: Vec<Spanned<RawBudget>>,
     #[serde(default)]
+    guard: Vec<Spanned<RawGuard>>,
+    #[serde(default)]
     alerts: RawAlerts,
 }
 
@@ -108,6 +110,7 @@ impl Config {
             redis: file.redis,
             rate_limits: file.rate_limits,
             budgets: file.budgets,
+            guard: file.guard,
         })
         .map_err(located)?;
         let pipeline = PipelineConfig::from_raw(file.pipeline).map_err(located)?;

@@ -10,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tollgate_schemas::Outcome;
 
+use crate::policy::screen::{Blocked, Direction};
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     #[error("{message}")]
@@ -51,12 +53,17 @@ pub enum GatewayError {
     Upstream { message: String },
     #[error("Upstream timed out: {message}")]
     UpstreamTimeout { message: String },
+    /// A `[[guard]]` rule blocked the request or its answer.
+    #[error("{message}")]
+    ContentBlocked { message: String },
 }
 
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidRequest { .. } | GatewayError::ContentBlocked { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::ModelNotAllowed { .. } => StatusCode::FORBIDDEN,
             GatewayError::ModelNotFound { .. } | GatewayError::NotFound { .. } => {
@@ -83,6 +90,7 @@ impl GatewayError {
             | GatewayError::NotFound { .. }
             | GatewayError::MethodNotAllowed
             | GatewayError::ModelNotFound { .. }
+            | GatewayError::ContentBlocked { .. }
             | GatewayError::UpstreamRejected { .. } => "invalid_request_error",
             GatewayError::Unauthorized => "authentication_error",
             GatewayError::ModelNotAllowed { .. } => "permission_error",
@@ -105,6 +113,7 @@ impl GatewayError {
             GatewayError::UpstreamTimeout { .. } => Some("upstream_timeout"),
             GatewayError::RateLimited { .. } => Some("rate_limit_exceeded"),
             GatewayError::BudgetExceeded { .. } => Some("budget_exceeded"),
+            GatewayError::ContentBlocked { .. } => Some("content_blocked"),
             _ => None,
         }
     }
@@ -135,7 +144,31 @@ impl GatewayError {
             | GatewayError::UpstreamTimeout { .. } => Outcome::UpstreamError,
             GatewayError::RateLimited { .. } => Outcome::RateLimited,
             GatewayError::BudgetExceeded { .. } => Outcome::BudgetExceeded,
+            GatewayError::ContentBlocked { .. } => Outcome::Blocked,
         }
+    }
+
+    /// The content guard's refusal: which rule, which way; never the text.
+    pub fn blocked(b: &Blocked) -> Self {
+        GatewayError::ContentBlocked {
+            message: Self::blocked_message(b),
+        }
+    }
+
+    pub fn blocked_message(b: &Blocked) -> String {
+        let what = match b.direction {
+            Direction::Input => "The request",
+            Direction::Output => "The answer",
+        };
+        let why = if b.unanswered {
+            " (the moderation service did not answer)"
+        } else {
+            ""
+        };
+        format!(
+            "{what} was blocked by the content guard (rule {:?}){why}.",
+            &*b.rule
+        )
     }
 
     pub fn body(&self) -> serde_json::Value {

@@ -11,8 +11,8 @@
 //! Its parts, in the order a request meets them: [`server`] (the listener,
 //! [`paths`] normalised before routing) -> [`app`] (the router) ->
 //! [`proxy`] (the numbered steps of one request: auth, body, route,
-//! admission, attempts) -> [`policy`] (the limits and budgets; the coming
-//! cache, content screen and search steps) -> [`upstream`] (where attempts go and what comes back) ->
+//! content screen, admission, attempts) -> [`policy`] (the content guard,
+//! the limits and budgets; the coming cache and search steps) -> [`upstream`] (where attempts go and what comes back) ->
 //! [`relay`] (streams to the client), with the [`ledger`] recording the
 //! request and its tap taking the event into the spool (the pipeline past
 //! the spool is `tollgate_ingest`'s), and [`observe`] turning the same
@@ -52,6 +52,8 @@ pub enum CollectorError {
     Telemetry(#[from] observe::otlp::OtlpError),
     #[error("limits: {0}")]
     Limits(String),
+    #[error(transparent)]
+    Screen(#[from] policy::screen::rules::ScreenError),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -15,6 +15,7 @@ use crate::ledger::{Ledger, Pricing};
 use crate::observe::metrics::Names;
 use crate::observe::{Estimates, GatewayMetrics, Observe, Telemetry};
 use crate::policy::quota::Quota;
+use crate::policy::screen::Screen;
 use crate::proxy::auth::Keyring;
 use crate::proxy::routing::Routes;
 use crate::upstream::Upstream;
@@ -29,6 +30,8 @@ pub struct Gateway {
     pub observe: Arc<Observe>,
     /// Rate limits and budgets.
     pub quota: Arc<Quota>,
+    /// The content guard's rules.
+    pub screen: Screen,
     /// Reads every rule's state on `GET /v1/limits`.
     pub admin_token: Option<tollgate_schemas::config::Secret>,
 }
@@ -82,7 +85,14 @@ impl Gateway {
             metrics: GatewayMetrics::new(config, names, others),
             telemetry: telemetry.map(Arc::new),
         });
+        let screen = Screen::new(
+            &config.guards,
+            &upstreams,
+            observe.metrics.guard_matches.clone(),
+            observe.metrics.guard_moderation_failures.clone(),
+        )?;
         Ok(Self {
+            screen,
             keyring: Keyring::new(&config.consumers),
             routes: Routes::new(&config.routes, &upstreams),
             ledger: Arc::new(Ledger {

@@ -5,8 +5,9 @@
 //! validated beside the transports in `crate::upstream::config`),
 //! [`routes`] (`[[routes]]`, which name upstreams) and [`consumers`]
 //! (`[[consumers]]`), then [`telemetry`] (`[telemetry]`: Prometheus and
-//! OpenTelemetry) and [`limits`] (`[redis]`, `[[rate_limits]]`,
-//! `[[budgets]]`). They are validated in that order.
+//! OpenTelemetry), [`limits`] (`[redis]`, `[[rate_limits]]`,
+//! `[[budgets]]`) and [`guard`] (`[[guard]]`, the content rules). They are
+//! validated in that order.
 //!
 //! The binary's loader reads the file, interpolates `${ENV}` and hands
 //! these sections over as [`Sections`]; every refusal is a
@@ -15,6 +16,7 @@
 
 pub mod consumers;
 pub mod gateway;
+pub mod guard;
 pub mod limits;
 pub mod routes;
 pub mod telemetry;
@@ -30,6 +32,7 @@ pub use crate::upstream::config::{
 };
 pub use consumers::{ConsumerConfig, RawConsumer};
 pub use gateway::{ClientIp, GatewayConfig, RawGateway};
+pub use guard::{GuardAction, GuardConfig, RawGuard};
 pub use limits::{BudgetConfig, LimitsConfig, RateLimitConfig, RawBudget, RawRateLimit, RawRedis};
 pub use routes::{DEFAULT_FALLBACK_ON, FallbackTrigger, RawRoute, RouteConfig, TargetConfig};
 pub use telemetry::{OtlpProtocol, RawTelemetry, TelemetryConfig};
@@ -44,6 +47,7 @@ pub struct Config {
     pub consumers: Vec<ConsumerConfig>,
     pub telemetry: TelemetryConfig,
     pub limits: LimitsConfig,
+    pub guards: Vec<GuardConfig>,
 }
 
 /// The gateway's sections as the file wrote them. Spans are byte offsets
@@ -66,6 +70,8 @@ pub struct Sections {
     pub rate_limits: Vec<Spanned<RawRateLimit>>,
     #[serde(default)]
     pub budgets: Vec<Spanned<RawBudget>>,
+    #[serde(default)]
+    pub guard: Vec<Spanned<RawGuard>>,
 }
 
 /// A TOML text holding only the gateway's sections could not be used.
@@ -84,6 +90,7 @@ impl Config {
         let telemetry = telemetry::validate(s.telemetry)?;
         let limits = limits::validate(s.redis, &s.rate_limits, &s.budgets)?;
         limits::check_references(&limits, &routes, &consumers)?;
+        let guards = guard::validate(&s.guard, &upstreams)?;
         for (path, model) in limits.fallback_models() {
             let routed = routes.iter().any(|r| {
                 r.model == model || glob::Pattern::new(&r.model).is_ok_and(|g| g.matches(model))
@@ -102,6 +109,7 @@ impl Config {
             consumers,
             telemetry,
             limits,
+            guards,
         })
     }
 

@@ -26,6 +26,7 @@ use crate::ledger::tap::Tap;
 use crate::ledger::tokens::{self, Prompt};
 use crate::observe::{InFlight, Observe, RequestTrace, Timing};
 use crate::policy::quota::{Grant, Kind, Spent, Trip};
+use crate::policy::screen::Blocked;
 use crate::proxy::auth::Caller;
 use crate::proxy::request::ClientRequest;
 use crate::proxy::routing::Candidate;
@@ -56,6 +57,8 @@ pub struct Record {
     trace: Option<RequestTrace>,
     /// The request's limit reservations, settled when the record closes.
     grant: Option<Grant>,
+    /// A content guard checks the answer: traces never capture its text.
+    hide_output: bool,
     _counted: InFlight,
 }
 
@@ -138,6 +141,7 @@ impl Record {
             first_token: None,
             trace,
             grant: None,
+            hide_output: false,
             _counted: ledger.observe.metrics.arrived(),
         }
     }
@@ -190,13 +194,28 @@ impl Record {
             e.stream = req.stream;
             e.cache = CacheStatus::Miss;
         }
+    }
+
+    /// The request as it goes upstream, past the content guard: what the
+    /// trace may capture and what estimates count. With `hide_output`, an
+    /// output rule applies and the answer's text is not captured.
+    pub fn screened(&mut self, req: &ClientRequest, hide_output: bool) {
         if let Some(t) = &self.trace {
             t.request(&req.model, &req.body, req.max_tokens);
         }
+        self.hide_output = hide_output;
         self.prompt = Some(Prompt {
             body: req.raw.clone(),
             max_tokens: req.max_tokens,
         });
+    }
+
+    /// A content guard rule blocked the request or its answer: the event
+    /// names it in `limit_key` as `<rule>:<input|output>`.
+    pub fn blocked(&mut self, b: &Blocked) {
+        if let Some(e) = self.event() {
+            e.limit_key = Some(format!("{}:{}", b.rule, b.direction.as_str()));
+        }
     }
 
     /// A limit tripped: the event says which rule and key; with
@@ -280,7 +299,11 @@ impl Record {
             upstream.estimated(why);
         }
         if let Some(t) = &self.trace {
-            t.answered(&tally.answer, tally.texts());
+            if self.hide_output {
+                t.answered(&tally.answer, std::iter::empty());
+            } else {
+                t.answered(&tally.answer, tally.texts());
+            }
         }
         usage
     }

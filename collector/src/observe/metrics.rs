@@ -19,7 +19,8 @@
 //! | `tollgate_inflight_requests`, `tollgate_open_streams` | gauge | |
 //! | `tollgate_rate_limited_total` | counter | consumer, rule |
 //! | `tollgate_cache_lookups_total` | counter | result, kind |
-//! | `tollgate_guard_blocks_total` | counter | rule |
+//! | `tollgate_guard_matches_total` | counter | rule, direction, action |
+//! | `tollgate_guard_moderation_failures_total` | counter | rule |
 //!
 //! Request, token and cost figures are taken from the request's one
 //! `UsageEvent` as it is emitted, so they agree with the lake to the token
@@ -110,7 +111,14 @@ pub struct Lookup {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct Blocked {
+pub struct GuardMatch {
+    pub rule: Name,
+    pub direction: &'static str,
+    pub action: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GuardRule {
     pub rule: Name,
 }
 
@@ -148,7 +156,8 @@ pub struct GatewayMetrics {
     /// Incremented by the quota, cache and content-screen steps.
     pub rate_limited: Family<Limited, Counter>,
     pub cache_lookups: Family<Lookup, Counter>,
-    pub guard_blocks: Family<Blocked, Counter>,
+    pub guard_matches: Family<GuardMatch, Counter>,
+    pub guard_moderation_failures: Family<GuardRule, Counter>,
 }
 
 /// 5 ms to about 82 s, doubling: a whole request or attempt.
@@ -189,7 +198,8 @@ impl GatewayMetrics {
             cache: RwLock::default(),
             rate_limited: Family::default(),
             cache_lookups: Family::default(),
-            guard_blocks: Family::default(),
+            guard_matches: Family::default(),
+            guard_moderation_failures: Family::default(),
         };
         m.registered(others)
     }
@@ -262,9 +272,14 @@ impl GatewayMetrics {
             Shown(self.cache_lookups.clone()),
         );
         r.register(
-            "tollgate_guard_blocks",
-            "Requests or responses blocked by the content guard, by rule",
-            Shown(self.guard_blocks.clone()),
+            "tollgate_guard_matches",
+            "Content guard matches, by rule, direction (input, output) and action taken (block, mask, log)",
+            Shown(self.guard_matches.clone()),
+        );
+        r.register(
+            "tollgate_guard_moderation_failures",
+            "Moderation upstream calls that timed out or failed, by rule (its fail mode decided)",
+            Shown(self.guard_moderation_failures.clone()),
         );
         for c in others {
             r.register_collector(c);

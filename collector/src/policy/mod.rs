@@ -1,9 +1,9 @@
 //! The policy steps between routing and the upstream call. In the order a
 //! request meets them:
 //!
-//! 1. [`screen`]: the content guard on the request's input (PII, secrets,
-//!    deny lists), and on the output as it is relayed (the detectors so
-//!    far; the rules and the relay's check are coming).
+//! 1. [`screen`]: the content guard (`[[guard]]`) on the request's input
+//!    (PII, secrets, deny lists, a moderation upstream), and on the output,
+//!    whole or streamed through a bounded holdback.
 //! 2. [`quota`]: token, request and dollar rate limits and budgets, keyed
 //!    per consumer, team, IP, header, query parameter, cookie or tag:
 //!    reserve before the call, settle after it, fall back to a cheaper

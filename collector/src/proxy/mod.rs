@@ -6,16 +6,20 @@
 //!    ([`request`], 400)
 //! 4. check the consumer may use the model (403) and find its route
 //!    ([`routing`], 404)
-//! 5. the limits and budgets reserve the request's estimate, send it to a
+//! 5. the content guard's input rules block (400 `content_blocked`) or
+//!    mask the request ([`crate::policy::screen`])
+//! 6. the limits and budgets reserve the request's estimate, send it to a
 //!    cheaper model, or refuse it ([`admission`], 429)
-//! 6. try the planned attempts in order, each judged by [`attempt`] (a
+//! 7. try the planned attempts in order, each judged by [`attempt`] (a
 //!    [`failure`] says how it is recorded); fall back on the route's
 //!    triggers, only while nothing has been sent to the client
-//! 7. answer: a complete JSON body, or a streamed relay that owns the
-//!    record from here on (the record settles the reservations at its end)
+//! 8. answer: a complete JSON body (its output rules checked first), or a
+//!    streamed relay that owns the record from here on, its output rules
+//!    checked through a holdback (the record settles the reservations at
+//!    its end)
 //!
-//! The other policy steps (content screen, cache, search) will sit beside
-//! 5; see [`crate::policy`].
+//! The other policy steps (cache, search) will sit beside 6; see
+//! [`crate::policy`].
 
 pub mod admission;
 pub mod attempt;
@@ -38,6 +42,8 @@ use bytes::Bytes;
 use crate::error::{GatewayError, shown};
 use crate::ledger::Record;
 use crate::policy::quota::RateHeaders;
+use crate::policy::screen;
+use crate::policy::screen::output::Holdback;
 use crate::proxy::request::{ClientRequest, Endpoint};
 use crate::proxy::routing::Candidate;
 use crate::relay::{Primed, Relay};
@@ -128,6 +134,20 @@ async fn respond(
             model: shown(&req.model),
         });
     };
+    let rules = gw.screen.rules_for(&req.model, &caller);
+    if !rules.input.is_empty() {
+        match screen::input::screen(&rules.input, &gw.screen.counters, endpoint, &mut req.body)
+            .await
+        {
+            Ok(false) => {}
+            Ok(true) => req.masked(),
+            Err(b) => {
+                rec.blocked(&b);
+                return rec.fail(GatewayError::blocked(&b));
+            }
+        }
+    }
+    rec.screened(&req, !rules.output.is_empty());
     let Admitted { plan, headers } =
         match admission::admit(gw, &mut rec, &caller, &req, arrival, route).await {
             Ok(admitted) => admitted,
@@ -147,10 +167,23 @@ async fn respond(
         match result {
             Ok(Answer::Complete { body, usage }) => {
                 rec.attempt(candidate, Some(200), None, sent_at.elapsed(), Some(usage));
+                let screened =
+                    screen::output::screen_answer(&rules.output, &gw.screen.counters, &body).await;
+                let body = match screened {
+                    Ok(masked) => masked.unwrap_or(body),
+                    Err(b) => {
+                        rec.served_by(candidate);
+                        rec.blocked(&b);
+                        let mut resp = rec.fail(GatewayError::blocked(&b));
+                        admission::set_headers(resp.headers_mut(), &headers);
+                        return resp;
+                    }
+                };
                 return complete(rec, candidate, body, &headers);
             }
             Ok(Answer::Stream(primed)) => {
-                return stream(rec, candidate, *primed, sent_at, &headers);
+                let guard = Holdback::new(rules.output, gw.screen.counters.clone());
+                return stream(rec, candidate, *primed, sent_at, &headers, guard);
             }
             Err(failure) => {
                 tracing::warn!(
@@ -205,10 +238,11 @@ fn stream(
     primed: Primed,
     sent_at: Instant,
     limits: &RateHeaders,
+    guard: Option<Holdback>,
 ) -> Response {
     rec.served_by(candidate);
     rec.responded();
-    let relay = Relay::new(rec, candidate.clone(), primed, sent_at);
+    let relay = Relay::new(rec, candidate.clone(), primed, sent_at, guard);
     let mut resp = Response::new(Body::from_stream(relay));
     let h = resp.headers_mut();
     h.insert(

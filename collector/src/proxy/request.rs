@@ -137,7 +137,7 @@ impl ClientRequest {
                     return Err(bad_param("prompt", "you must provide a prompt"));
                 }
             }
-            Endpoint::Embeddings => match body.get("input") {
+            Endpoint::Embeddings | Endpoint::Moderations => match body.get("input") {
                 Some(Value::String(_) | Value::Array(_)) => {}
                 _ => return Err(bad_param("input", "input must be a string or an array")),
             },
@@ -157,6 +157,13 @@ impl ClientRequest {
             max_tokens,
             choices,
         })
+    }
+
+    /// The content guard rewrote `body`: `raw` follows, so that estimates
+    /// count what goes upstream.
+    pub fn masked(&mut self) {
+        // A map of plain JSON values always serialises.
+        self.raw = Bytes::from(serde_json::to_vec(&self.body).unwrap_or_default());
     }
 
     /// The body for one upstream attempt: `model` replaced by the target's

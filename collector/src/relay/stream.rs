@@ -12,6 +12,8 @@ use tollgate_schemas::Outcome;
 
 use crate::ledger::Record;
 use crate::observe::InFlight;
+use crate::policy::screen::Blocked;
+use crate::policy::screen::output::{Holdback, Released};
 use crate::proxy::failure::scrub;
 use crate::proxy::routing::Candidate;
 use crate::relay::events::{Events, Step};
@@ -31,13 +33,21 @@ pub struct Relay {
     idle: Pin<Box<Sleep>>,
     events: Events,
     held: Option<Bytes>,
+    /// The content guard's output check, when a rule applies.
+    guard: Option<Holdback>,
     upstream_ended: bool,
     ended: bool,
     _open: InFlight,
 }
 
 impl Relay {
-    pub fn new(record: Record, candidate: Candidate, primed: Primed, sent_at: Instant) -> Self {
+    pub fn new(
+        record: Record,
+        candidate: Candidate,
+        primed: Primed,
+        sent_at: Instant,
+        guard: Option<Holdback>,
+    ) -> Self {
         let idle = Box::pin(tokio::time::sleep(primed.upstream.idle_timeout));
         let open = record.stream_opened();
         Self {
@@ -48,6 +58,7 @@ impl Relay {
             idle,
             events: primed.events,
             held: primed.held,
+            guard,
             upstream_ended: primed.ended,
             ended: false,
             _open: open,
@@ -67,22 +78,83 @@ impl Relay {
                 }
             };
             match self.events.process(ev) {
-                Step::Send(bytes) => out.push(bytes),
+                Step::Send(bytes) => {
+                    if !self.send(out, bytes) {
+                        return false;
+                    }
+                }
                 Step::Skip => {}
                 Step::Fault(f) => {
-                    self.fault(out, f);
+                    if self.drain_guard(out) {
+                        self.fault(out, f);
+                    }
                     return false;
                 }
             }
         }
     }
 
+    /// Sends whole events, through the content guard when one applies;
+    /// `false` once the guard has blocked the stream.
+    fn send(&mut self, out: &mut Gathered, bytes: Bytes) -> bool {
+        let Some(guard) = self.guard.as_mut() else {
+            out.push(bytes);
+            return true;
+        };
+        let released = guard.push(&bytes);
+        self.released(out, released)
+    }
+
+    fn released(&mut self, out: &mut Gathered, released: Released) -> bool {
+        match released {
+            Released::Events(events) => {
+                events.into_iter().for_each(|b| out.push(b));
+                true
+            }
+            Released::Blocked(b) => {
+                self.block(out, &b);
+                false
+            }
+        }
+    }
+
+    /// Whatever the guard still holds, checked to the end and released.
+    fn drain_guard(&mut self, out: &mut Gathered) -> bool {
+        match self.guard.as_mut().map(Holdback::finish) {
+            Some(released) => self.released(out, released),
+            None => true,
+        }
+    }
+
+    /// The guard blocked the answer: billed for what was generated, ended
+    /// with the gateway's `content_blocked` error event.
+    fn block(&mut self, out: &mut Gathered, b: &Blocked) {
+        if let Some(rec) = self.record.as_mut() {
+            rec.blocked(b);
+        }
+        self.close(Some("content_blocked"), Outcome::Blocked);
+        let message = crate::error::GatewayError::blocked_message(b);
+        out.push(error_event(&message, "content_blocked"));
+    }
+
     /// The upstream's body ended.
     fn finish(&mut self, out: &mut Gathered) {
         match self.events.tail() {
-            Some(Step::Send(bytes)) => out.push(bytes),
-            Some(Step::Fault(f)) => return self.fault(out, f),
+            Some(Step::Send(bytes)) => {
+                if !self.send(out, bytes) {
+                    return;
+                }
+            }
+            Some(Step::Fault(f)) => {
+                if self.drain_guard(out) {
+                    self.fault(out, f);
+                }
+                return;
+            }
             Some(Step::Skip) | None => {}
+        }
+        if !self.drain_guard(out) {
+            return;
         }
         if self.events.saw_done {
             self.close(None, Outcome::Ok);
@@ -109,6 +181,9 @@ impl Relay {
 
     /// Ends the relay with the gateway's own error event.
     fn fail(&mut self, out: &mut Gathered, label: &str, message: &str) {
+        if !self.drain_guard(out) {
+            return;
+        }
         self.close(Some(label), Outcome::UpstreamError);
         out.push(error_event(message, "stream_error"));
     }
@@ -183,8 +258,9 @@ impl Stream for Relay {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         let mut out = Gathered::default();
-        if let Some(held) = this.held.take() {
-            out.push(held);
+        if let Some(held) = this.held.take()
+            && this.send(&mut out, held)
+        {
             // Events read in the same chunk as the first content.
             this.drain_events(&mut out);
         }

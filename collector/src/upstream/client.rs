@@ -106,7 +106,7 @@ struct Estimates {
 enum Transport {
     Http {
         /// One pre-parsed URL per endpoint (parsing per request is costly).
-        urls: Box<[reqwest::Url; 3]>,
+        urls: Box<[reqwest::Url; 4]>,
         api_key: Option<Secret>,
         client: reqwest::Client,
         first_byte_timeout: Duration,
@@ -293,7 +293,7 @@ impl Upstream {
     }
 }
 
-fn endpoint_urls(base: &str) -> Result<[reqwest::Url; 3], UpstreamError> {
+fn endpoint_urls(base: &str) -> Result<[reqwest::Url; 4], UpstreamError> {
     let url = |e: Endpoint| {
         let text = format!("{base}/{}", e.path());
         reqwest::Url::parse(&text).map_err(|err| UpstreamError::Url(format!("{text}: {err}")))
@@ -302,6 +302,7 @@ fn endpoint_urls(base: &str) -> Result<[reqwest::Url; 3], UpstreamError> {
         url(Endpoint::ChatCompletions)?,
         url(Endpoint::Completions)?,
         url(Endpoint::Embeddings)?,
+        url(Endpoint::Moderations)?,
     ])
 }
 

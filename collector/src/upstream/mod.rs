@@ -29,6 +29,8 @@ pub enum Endpoint {
     ChatCompletions = 0,
     Completions = 1,
     Embeddings = 2,
+    /// Not proxied: the content guard's moderation upstream.
+    Moderations = 3,
 }
 
 impl Endpoint {
@@ -38,10 +40,11 @@ impl Endpoint {
             Endpoint::ChatCompletions => "chat/completions",
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Moderations => "moderations",
         }
     }
 
     pub fn streams(&self) -> bool {
-        !matches!(self, Endpoint::Embeddings)
+        !matches!(self, Endpoint::Embeddings | Endpoint::Moderations)
     }
 }

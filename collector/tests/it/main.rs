@@ -9,6 +9,7 @@
 mod cancel;
 mod errors;
 mod fallback;
+mod guard;
 mod harness;
 mod limits;
 mod observe;

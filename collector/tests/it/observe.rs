@@ -73,7 +73,8 @@ async fn tokens_cost_and_requests_on_metrics_equal_the_events_for_mixed_traffic(
     for family in [
         "tollgate_rate_limited_total",
         "tollgate_cache_lookups_total",
-        "tollgate_guard_blocks_total",
+        "tollgate_guard_matches_total",
+        "tollgate_guard_moderation_failures_total",
         "tollgate_inflight_requests",
         "tollgate_open_streams",
         "tollgate_tap_events_emitted_total",

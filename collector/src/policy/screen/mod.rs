@@ -1,7 +1,17 @@
-//! The content guard's screen: what it looks for in text going to a model
-//! or coming back. Its parts, in the order a text meets them: [`detect`]
-//! (PII and secret detectors, each with its checksum where the format has
-//! one). Rules (deny lists, actions, directions), the incremental check of
-//! streamed output and the moderation upstream build on it.
+//! The content guard: what it looks for in text going to a model and
+//! coming back, and what it does about it. Its parts, in the order a text
+//! meets them: [`detect`] (PII and secret detectors, each with its
+//! checksum where the format has one), [`rules`] (the `[[guard]]` rules
+//! compiled: detectors, keyword and regex deny lists, filters),
+//! [`moderation`] (an external `/v1/moderations` upstream), [`input`]
+//! (the request, before it goes upstream) and [`output`] (a whole answer,
+//! or a stream through a bounded holdback).
 
 pub mod detect;
+pub mod input;
+pub mod moderation;
+pub mod output;
+pub mod rules;
+
+pub use input::Blocked;
+pub use rules::{Direction, Screen};

@@ -10,13 +10,15 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::plan::{Sim, WORDS, error};
+use super::plan::{Sim, error};
 use super::stream::{Kind, stream_response};
 use crate::ledger::tokens;
 
 #[derive(Deserialize)]
 struct ChatBody {
     model: Option<String>,
+    #[serde(default)]
+    messages: Vec<Value>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -27,6 +29,7 @@ struct ChatBody {
 #[derive(Deserialize)]
 struct CompletionBody {
     model: Option<String>,
+    prompt: Option<Value>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -74,7 +77,11 @@ pub(super) async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: 
     let max = req.max_completion_tokens.or(req.max_tokens);
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let report = sim.settings.usage && (!req.stream || include_usage);
-    let plan = sim.plan(req.model.as_deref(), prompt, max, report);
+    let mut plan = sim.plan(req.model.as_deref(), prompt, max, report);
+    let last_user = (req.messages.iter().rev())
+        .find(|m| m["role"] == "user")
+        .and_then(|m| m["content"].as_str());
+    plan.follow(last_user, max);
     sim.wait_first_byte().await;
     if req.stream {
         return stream_response(sim, plan, Kind::Chat);
@@ -85,7 +92,7 @@ pub(super) async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: 
     let mut reasoning = String::new();
     let mut content = String::new();
     for i in 0..plan.output {
-        let w = WORDS[(i % WORDS.len() as u64) as usize];
+        let w = plan.word(i);
         if i < plan.reasoning {
             reasoning.push_str(w)
         } else {
@@ -135,6 +142,7 @@ pub(super) async fn completions(
         report,
     );
     plan.reasoning = 0;
+    plan.follow(req.prompt.as_ref().and_then(Value::as_str), req.max_tokens);
     sim.wait_first_byte().await;
     if req.stream {
         return stream_response(sim, plan, Kind::Completion);
@@ -142,9 +150,7 @@ pub(super) async fn completions(
     if let Some(gap) = sim.token_gap() {
         tokio::time::sleep(gap * plan.output as u32).await;
     }
-    let text: String = (0..plan.output)
-        .map(|i| WORDS[(i % WORDS.len() as u64) as usize])
-        .collect();
+    let text: String = (0..plan.output).map(|i| plan.word(i)).collect();
     let mut out = json!({
         "id": format!("cmpl-{}", plan.id),
         "object": "text_completion",
@@ -224,4 +230,54 @@ pub fn embed(text: &str, dims: usize) -> Vec<f32> {
         .max(f32::EPSILON);
     v.iter_mut().for_each(|x| *x /= norm);
     v
+}
+
+#[derive(Deserialize)]
+struct ModerationBody {
+    input: Value,
+}
+
+/// Words the simulated moderation flags, with the category it names.
+const FLAGGED: [(&str, &str); 2] = [("harmful", "violence"), ("hateful", "hate")];
+
+/// OpenAI's `/v1/moderations`: one result per input, flagged when the
+/// text holds one of [`FLAGGED`]'s words (any case).
+pub(super) async fn moderations(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = sim.check_auth(&headers) {
+        return r;
+    }
+    let req: ModerationBody = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    sim.wait_first_byte().await;
+    if let Some(r) = sim.roll_error() {
+        return r;
+    }
+    let inputs: Vec<String> = match req.input {
+        Value::String(s) => vec![s],
+        Value::Array(items) => items
+            .into_iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+            .collect(),
+        other => vec![other.to_string()],
+    };
+    let results: Vec<Value> = inputs
+        .iter()
+        .map(|text| {
+            let lower = text.to_lowercase();
+            let categories: serde_json::Map<String, Value> = FLAGGED
+                .iter()
+                .map(|(word, cat)| (cat.to_string(), Value::Bool(lower.contains(word))))
+                .collect();
+            let flagged = categories.values().any(|v| v == &Value::Bool(true));
+            json!({"flagged": flagged, "categories": categories})
+        })
+        .collect();
+    axum::Json(json!({"id": "modr-sim", "model": "simulated-moderation", "results": results}))
+        .into_response()
 }

@@ -1,5 +1,7 @@
 //! A simulated OpenAI-compatible upstream: chat completions (streamed and
-//! not), legacy completions, embeddings with deterministic vectors, models.
+//! not), legacy completions, embeddings with deterministic vectors,
+//! moderations (flagging a few words), models. A chat or completion whose
+//! prompt starts `say:` answers the rest, one chunk per `|`-separated piece.
 //!
 //! `tollgate simulate` serves [`router`] on a socket; the `simulated`
 //! upstream kind calls the very same router in-process. Its knobs reproduce
@@ -25,7 +27,7 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 pub use answer::embed;
-use answer::{chat, completions, embeddings};
+use answer::{chat, completions, embeddings, moderations};
 use plan::Sim;
 pub use settings::{SimSettings, UsageStyle};
 
@@ -39,6 +41,7 @@ pub fn router(settings: SimSettings) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/moderations", post(moderations))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
         // Takes what a gateway may send (its own limit is configurable),

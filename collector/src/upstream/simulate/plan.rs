@@ -31,6 +31,42 @@ pub(super) struct Plan {
     pub(super) reasoning: u64,
     pub(super) finish: &'static str,
     pub(super) usage: bool,
+    /// The pieces of a scripted answer (`say: a|b|c`), one per chunk;
+    /// empty: the stock words.
+    pub(super) script: Vec<String>,
+}
+
+impl Plan {
+    /// The text of token `n`.
+    pub(super) fn word(&self, n: u64) -> &str {
+        match self.script.get(n as usize) {
+            Some(piece) => piece,
+            None => WORDS[(n % WORDS.len() as u64) as usize],
+        }
+    }
+
+    /// Token `n` escaped for a JSON string.
+    pub(super) fn word_json(&self, n: u64) -> String {
+        let quoted = serde_json::to_string(self.word(n)).unwrap_or_default();
+        quoted
+            .get(1..quoted.len().saturating_sub(1))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Scripts the answer: the text after `say:` in `prompt`, one chunk
+    /// per `|`-separated piece, so a test can split a string across
+    /// chunks exactly where it wants.
+    pub(super) fn follow(&mut self, prompt: Option<&str>, max_tokens: Option<u64>) {
+        let Some(text) = prompt.and_then(|p| p.strip_prefix("say:")) else {
+            return;
+        };
+        self.script = text.trim_start().split('|').map(str::to_string).collect();
+        let n = self.script.len() as u64;
+        self.output = max_tokens.map_or(n, |m| n.min(m));
+        self.reasoning = 0;
+        self.finish = if self.output < n { "length" } else { "stop" };
+    }
 }
 
 impl Sim {
@@ -83,6 +119,7 @@ impl Sim {
             reasoning,
             finish: if output < wanted { "length" } else { "stop" },
             usage,
+            script: Vec::new(),
         }
     }
 

@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::Response;
 use futures_util::stream;
 
-use super::plan::{Plan, Sim, WORDS, error};
+use super::plan::{Plan, Sim, error};
 
 #[derive(Clone, Copy, PartialEq)]
 pub(super) enum Kind {
@@ -59,7 +59,7 @@ pub(super) fn stream_response(sim: Arc<Sim>, plan: Plan, kind: Kind) -> Response
             {
                 tokio::time::sleep(gap).await;
             }
-            let w = WORDS[(n % WORDS.len() as u64) as usize];
+            let w = plan.word_json(n);
             head(&mut out);
             match kind {
                 Kind::Chat if n < plan.reasoning => {

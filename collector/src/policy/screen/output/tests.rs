@@ -1,0 +1,111 @@
+use std::collections::HashMap;
+
+use super::*;
+use crate::config::Config;
+use crate::policy::screen::Screen;
+
+fn screen(rule: &str) -> Screen {
+    let text = format!(
+        "[upstreams.sim]\nkind = \"simulated\"\n[[routes]]\nmodel = \"m\"\ntargets = [{{ upstream = \"sim\" }}]\n[[guard]]\nname = \"g\"\n{rule}\n"
+    );
+    let config = Config::from_toml(&text).unwrap();
+    Screen::new(
+        &config.guards,
+        &HashMap::new(),
+        Default::default(),
+        Default::default(),
+    )
+    .unwrap()
+}
+
+fn holdback(rule: &str) -> Holdback {
+    let s = screen(rule);
+    let rules = s.applying(Direction::Output, "m", "c", None);
+    Holdback::new(rules, s.counters.clone()).unwrap()
+}
+
+fn event(text: &str) -> Vec<u8> {
+    let doc = serde_json::json!({"choices": [{"index": 0, "delta": {"content": text}}]});
+    format!("data: {doc}\n\n").into_bytes()
+}
+
+/// Pushes `pieces` as content events and `[DONE]`; the text the client
+/// reads, and whether it was blocked.
+fn run(h: &mut Holdback, pieces: &[&str]) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut blocked = false;
+    let mut take = |r: Released, out: &mut Vec<Bytes>| match r {
+        Released::Events(e) => out.extend(e),
+        Released::Blocked(_) => blocked = true,
+    };
+    for p in pieces {
+        take(h.push(&event(p)), &mut out);
+    }
+    take(h.push(b"data: [DONE]\n\n"), &mut out);
+    let mut text = String::new();
+    for b in out {
+        let s = String::from_utf8(b.to_vec()).unwrap();
+        let data = s.trim().strip_prefix("data: ").unwrap();
+        if let Ok(v) = serde_json::from_str::<Value>(data) {
+            text.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+        }
+    }
+    (text, blocked)
+}
+
+#[test]
+fn text_without_matches_passes_unchanged_and_in_order() {
+    let mut h = holdback("detect = [\"email\"]\nholdback_chars = 8");
+    let pieces = ["one ", "two ", "three ", "four ", "five ", "six"];
+    assert_eq!(run(&mut h, &pieces), (pieces.concat(), false));
+}
+
+#[test]
+fn events_are_released_once_more_than_the_holdback_follows_them() {
+    let mut h = holdback("detect = [\"email\"]\nholdback_chars = 4");
+    let Released::Events(first) = h.push(&event("abcd")) else {
+        panic!()
+    };
+    assert!(first.is_empty(), "4 characters are held");
+    let Released::Events(next) = h.push(&event("efgh")) else {
+        panic!()
+    };
+    assert_eq!(next.len(), 1, "the first event goes once 4 follow it");
+}
+
+#[test]
+fn a_match_split_anywhere_is_masked_or_blocked() {
+    let text = "mail jo.doe@example.org today";
+    for cut1 in 1..text.len() - 1 {
+        for cut2 in [cut1 + 1, text.len() - 1] {
+            let pieces = [&text[..cut1], &text[cut1..cut2], &text[cut2..]];
+            let mut m = holdback("detect = [\"email\"]\naction = \"mask\"\nholdback_chars = 32");
+            assert_eq!(run(&mut m, &pieces).0, "mail [EMAIL] today", "{pieces:?}");
+            let mut b = holdback("detect = [\"email\"]\nholdback_chars = 32");
+            let (seen, blocked) = run(&mut b, &pieces);
+            assert!(blocked, "{pieces:?}");
+            assert!(!seen.contains('@'), "{pieces:?}: {seen}");
+        }
+    }
+}
+
+#[test]
+fn a_digit_run_at_the_end_waits_for_its_next_digits() {
+    let mut m = holdback("detect = [\"phone\"]\naction = \"mask\"\nholdback_chars = 32");
+    let (text, _) = run(&mut m, &["call 1380013", "8000", "1 now"]);
+    assert_eq!(
+        text, "call 138001380001 now",
+        "12 digits are not a mobile number"
+    );
+    let mut m = holdback("detect = [\"phone\"]\naction = \"mask\"\nholdback_chars = 32");
+    assert_eq!(
+        run(&mut m, &["call 1380013", "8000", " now"]).0,
+        "call [PHONE] now"
+    );
+}
+
+#[test]
+fn keywords_are_caught_across_chunks_ignoring_case() {
+    let mut b = holdback("deny = [\"keyword:internal-only\"]");
+    assert!(run(&mut b, &["this is INTER", "NAL-on", "ly"]).1);
+}
