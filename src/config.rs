@@ -12,8 +12,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 use tollgate_collector::config::{
-    RawBudget, RawConsumer, RawGateway, RawGuard, RawRateLimit, RawRedis, RawRoute, RawTelemetry,
-    RawUpstream, Sections,
+    RawBudget, RawCacheSettings, RawConsumer, RawGateway, RawGuard, RawRateLimit, RawRedis,
+    RawRoute, RawTelemetry, RawUpstream, Sections,
 };
 use tollgate_ingest::config::{PipelineConfig, RawPipeline};
 use tollgate_query::QueryConfig;
@@ -73,6 +73,8 @@ struct File {
     #[serde(default)]
     guard: Vec<Spanned<RawGuard>>,
     #[serde(default)]
+    cache: RawCacheSettings,
+    #[serde(default)]
     alerts: RawAlerts,
 }
 
@@ -111,6 +113,7 @@ impl Config {
             rate_limits: file.rate_limits,
             budgets: file.budgets,
             guard: file.guard,
+            cache: file.cache,
         })
         .map_err(located)?;
         let pipeline = PipelineConfig::from_raw(file.pipeline).map_err(located)?;

@@ -14,6 +14,7 @@ use crate::ledger::tap::Tap;
 use crate::ledger::{Ledger, Pricing};
 use crate::observe::metrics::Names;
 use crate::observe::{Estimates, GatewayMetrics, Observe, Telemetry};
+use crate::policy::cache::Cache;
 use crate::policy::quota::Quota;
 use crate::policy::screen::Screen;
 use crate::proxy::auth::Keyring;
@@ -32,6 +33,8 @@ pub struct Gateway {
     pub quota: Arc<Quota>,
     /// The content guard's rules.
     pub screen: Screen,
+    /// The response cache's store.
+    pub cache: Arc<Cache>,
     /// Reads every rule's state on `GET /v1/limits`.
     pub admin_token: Option<tollgate_schemas::config::Secret>,
 }
@@ -91,8 +94,16 @@ impl Gateway {
             observe.metrics.guard_matches.clone(),
             observe.metrics.guard_moderation_failures.clone(),
         )?;
+        let cache = Cache::new(
+            &config.cache,
+            config.limits.redis.as_ref(),
+            observe.metrics.cache_lookups.clone(),
+            observe.metrics.cache_stores.clone(),
+        )
+        .map_err(|e| CollectorError::Limits(e.to_string()))?;
         Ok(Self {
             screen,
+            cache: Arc::new(cache),
             keyring: Keyring::new(&config.consumers),
             routes: Routes::new(&config.routes, &upstreams),
             ledger: Arc::new(Ledger {

@@ -3,7 +3,8 @@
 //! and its validation: [`gateway`] (`[gateway]`: listener, limits, the
 //! ledger's identity and prices), the upstreams (`[upstreams.<name>]`,
 //! validated beside the transports in `crate::upstream::config`),
-//! [`routes`] (`[[routes]]`, which name upstreams) and [`consumers`]
+//! [`routes`] (`[[routes]]`, which name upstreams, with their [`cache`]
+//! settings beside `[cache]`) and [`consumers`]
 //! (`[[consumers]]`), then [`telemetry`] (`[telemetry]`: Prometheus and
 //! OpenTelemetry), [`limits`] (`[redis]`, `[[rate_limits]]`,
 //! `[[budgets]]`) and [`guard`] (`[[guard]]`, the content rules). They are
@@ -14,6 +15,7 @@
 //! [`tollgate_schemas::config::Invalid`] naming the key path and, where the
 //! file says it, the line.
 
+pub mod cache;
 pub mod consumers;
 pub mod gateway;
 pub mod guard;
@@ -30,6 +32,7 @@ use toml::Spanned;
 pub use crate::upstream::config::{
     OpenAiUpstreamConfig, RawUpstream, UpstreamConfig, UpstreamKind,
 };
+pub use cache::{CacheMode, CacheScope, CacheSettings, RawCacheSettings, RouteCache};
 pub use consumers::{ConsumerConfig, RawConsumer};
 pub use gateway::{ClientIp, GatewayConfig, RawGateway};
 pub use guard::{GuardAction, GuardConfig, RawGuard};
@@ -48,6 +51,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub limits: LimitsConfig,
     pub guards: Vec<GuardConfig>,
+    pub cache: CacheSettings,
 }
 
 /// The gateway's sections as the file wrote them. Spans are byte offsets
@@ -72,6 +76,8 @@ pub struct Sections {
     pub budgets: Vec<Spanned<RawBudget>>,
     #[serde(default)]
     pub guard: Vec<Spanned<RawGuard>>,
+    #[serde(default)]
+    pub cache: RawCacheSettings,
 }
 
 /// A TOML text holding only the gateway's sections could not be used.
@@ -91,6 +97,7 @@ impl Config {
         let limits = limits::validate(s.redis, &s.rate_limits, &s.budgets)?;
         limits::check_references(&limits, &routes, &consumers)?;
         let guards = guard::validate(&s.guard, &upstreams)?;
+        let cache = cache::validate_settings(s.cache)?;
         for (path, model) in limits.fallback_models() {
             let routed = routes.iter().any(|r| {
                 r.model == model || glob::Pattern::new(&r.model).is_ok_and(|g| g.matches(model))
@@ -110,6 +117,7 @@ impl Config {
             telemetry,
             limits,
             guards,
+            cache,
         })
     }
 

@@ -8,6 +8,7 @@ use tollgate_schemas::config::Invalid;
 use toml::Spanned;
 
 use super::UpstreamConfig;
+use super::cache::{self, RawRouteCache, RouteCache};
 
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -17,6 +18,8 @@ pub struct RouteConfig {
     /// Exact-name routes tried in order when every target failed.
     pub fallback: Vec<String>,
     pub fallback_on: Vec<FallbackTrigger>,
+    /// The response cache; `None` when off.
+    pub cache: Option<RouteCache>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +61,7 @@ pub struct RawRoute {
     #[serde(default)]
     fallback: Vec<Spanned<String>>,
     fallback_on: Option<Vec<FallbackTrigger>>,
+    cache: Option<RawRouteCache>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,7 +121,12 @@ pub fn validate(
                 weight,
             });
         }
+        let cache = match &r.cache {
+            None => None,
+            Some(c) => cache::validate_route(c, &format!("routes[{i}]"), upstreams)?,
+        };
         routes.push(RouteConfig {
+            cache,
             model: r.model.clone(),
             targets,
             fallback: r.fallback.iter().map(|f| f.get_ref().clone()).collect(),

@@ -14,7 +14,7 @@ use axum::http::HeaderMap;
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use tollgate_schemas::{
-    Attempt, CacheStatus, Outcome, SCHEMA_VERSION, TokenSource, Tokens, UsageEvent, Usd,
+    Attempt, CacheKind, CacheStatus, Outcome, SCHEMA_VERSION, TokenSource, Tokens, UsageEvent, Usd,
 };
 use uuid::Uuid;
 
@@ -25,6 +25,7 @@ use crate::ledger::tally::{Tally, Usage};
 use crate::ledger::tap::Tap;
 use crate::ledger::tokens::{self, Prompt};
 use crate::observe::{InFlight, Observe, RequestTrace, Timing};
+use crate::policy::cache::entry::Entry;
 use crate::policy::quota::{Grant, Kind, Spent, Trip};
 use crate::policy::screen::Blocked;
 use crate::proxy::auth::Caller;
@@ -59,6 +60,8 @@ pub struct Record {
     grant: Option<Grant>,
     /// A content guard checks the answer: traces never capture its text.
     hide_output: bool,
+    /// Answered from the cache: the original's tokens and cost.
+    hit: Option<CacheHit>,
     _counted: InFlight,
 }
 
@@ -142,6 +145,7 @@ impl Record {
             trace,
             grant: None,
             hide_output: false,
+            hit: None,
             _counted: ledger.observe.metrics.arrived(),
         }
     }
@@ -208,6 +212,41 @@ impl Record {
             body: req.raw.clone(),
             max_tokens: req.max_tokens,
         });
+    }
+
+    /// The request's cache lookup: `Miss` or `Bypass` (a hit is
+    /// [`Record::cache_hit`]).
+    pub fn cache(&mut self, status: CacheStatus, kind: CacheKind) {
+        if let Some(e) = self.event() {
+            e.cache = status;
+            e.cache_kind = Some(kind);
+        }
+    }
+
+    /// Answered from the cache with `entry`: the event carries the
+    /// original's tokens and model, costs `price`, and saved what the
+    /// original cost.
+    pub fn cache_hit(&mut self, entry: &Entry, kind: CacheKind, price: Usd) {
+        if let Some(e) = self.event() {
+            e.cache = CacheStatus::Hit;
+            e.cache_kind = Some(kind);
+            e.served_model = Some(entry.served_model.clone());
+            e.provider = Some(entry.provider.clone());
+            e.upstream = Some(entry.upstream.clone());
+        }
+        self.hit = Some(CacheHit {
+            tokens: entry.tokens(),
+            source: entry.token_source(),
+            price,
+            saved: entry.cost(),
+        });
+    }
+
+    /// What `tokens` of `model` cost at the request's start; `None` when
+    /// the model has no price.
+    pub fn price(&self, model: &str, tokens: &Tokens) -> Option<Usd> {
+        let at = self.event.as_ref().map_or_else(Utc::now, |e| e.ts_start);
+        self.ledger.pricing.cost(model, tokens, at)
     }
 
     /// A content guard rule blocked the request or its answer: the event
@@ -435,6 +474,12 @@ impl Record {
                 (_, s) => s,
             };
         }
+        if let Some(hit) = self.hit.take() {
+            total = hit.tokens;
+            source = Some(hit.source);
+            cost = Some(hit.price);
+            e.cost_saved_usd = hit.saved;
+        }
         e.input_tokens = total.input;
         e.cached_input_tokens = total.cached_input;
         e.output_tokens = total.output;
@@ -485,6 +530,14 @@ impl Drop for Record {
             self.close(499, Outcome::ClientCancelled, Some("client_cancelled"));
         }
     }
+}
+
+/// What a cache hit puts in the event in place of attempts.
+struct CacheHit {
+    tokens: Tokens,
+    source: TokenSource,
+    price: Usd,
+    saved: Option<Usd>,
 }
 
 /// A UUIDv7 (time-ordered, the ledger's dedupe key) with its 74 random bits

@@ -19,6 +19,7 @@
 //! | `tollgate_inflight_requests`, `tollgate_open_streams` | gauge | |
 //! | `tollgate_rate_limited_total` | counter | consumer, rule |
 //! | `tollgate_cache_lookups_total` | counter | result, kind |
+//! | `tollgate_cache_stores_total` | counter | result |
 //! | `tollgate_guard_matches_total` | counter | rule, direction, action |
 //! | `tollgate_guard_moderation_failures_total` | counter | rule |
 //!
@@ -111,6 +112,11 @@ pub struct Lookup {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CacheStore {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct GuardMatch {
     pub rule: Name,
     pub direction: &'static str,
@@ -156,6 +162,7 @@ pub struct GatewayMetrics {
     /// Incremented by the quota, cache and content-screen steps.
     pub rate_limited: Family<Limited, Counter>,
     pub cache_lookups: Family<Lookup, Counter>,
+    pub cache_stores: Family<CacheStore, Counter>,
     pub guard_matches: Family<GuardMatch, Counter>,
     pub guard_moderation_failures: Family<GuardRule, Counter>,
 }
@@ -198,6 +205,7 @@ impl GatewayMetrics {
             cache: RwLock::default(),
             rate_limited: Family::default(),
             cache_lookups: Family::default(),
+            cache_stores: Family::default(),
             guard_matches: Family::default(),
             guard_moderation_failures: Family::default(),
         };
@@ -268,8 +276,13 @@ impl GatewayMetrics {
         );
         r.register(
             "tollgate_cache_lookups",
-            "Response cache lookups, by result and kind",
+            "Response cache lookups, by result (hit, miss, bypass: Cache-Control no-cache, error: the store failed or was slow) and kind",
             Shown(self.cache_lookups.clone()),
+        );
+        r.register(
+            "tollgate_cache_stores",
+            "Answers offered to the response cache, by result (stored, too_large, failed, dropped: too many stores in flight)",
+            Shown(self.cache_stores.clone()),
         );
         r.register(
             "tollgate_guard_matches",

@@ -24,13 +24,13 @@
 pub mod admission;
 pub mod attempt;
 pub mod auth;
+pub mod cached;
 pub mod failure;
 pub mod request;
 pub mod routing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Extension;
 use axum::body::Body;
@@ -41,12 +41,16 @@ use bytes::Bytes;
 
 use crate::error::{GatewayError, shown};
 use crate::ledger::Record;
+use crate::policy::cache::Pending;
+use crate::policy::cache::fill::StreamFill;
 use crate::policy::quota::RateHeaders;
 use crate::policy::screen;
 use crate::policy::screen::output::Holdback;
+use crate::policy::screen::rules::Applying;
+use crate::proxy::auth::Caller;
 use crate::proxy::request::{ClientRequest, Endpoint};
-use crate::proxy::routing::Candidate;
-use crate::relay::{Primed, Relay};
+use crate::proxy::routing::{Candidate, Route};
+use crate::relay::Relay;
 use crate::state::Gateway;
 use admission::{Admitted, Arrival};
 use attempt::Answer;
@@ -148,8 +152,62 @@ async fn respond(
         }
     }
     rec.screened(&req, !rules.output.is_empty());
+    let lookup = cached::lookup(
+        gw,
+        rec,
+        route.cache.as_ref(),
+        &caller,
+        endpoint,
+        &req,
+        arrival.headers,
+        &rules.output,
+    );
+    let (rec, decision) = match lookup.await {
+        Ok(go) => go,
+        Err(hit) => return hit,
+    };
+    let upstream = Upstream {
+        endpoint,
+        arrival,
+        caller: &caller,
+        route,
+        rules: &rules,
+    };
+    let mut resp = forward(gw, upstream, rec, req, decision.pending).await;
+    if let Some(v) = decision.header {
+        resp.headers_mut()
+            .insert(cached::CACHE_HEADER, HeaderValue::from_static(v));
+    }
+    resp
+}
+
+/// What the request path knows by the time it goes upstream.
+struct Upstream<'a> {
+    endpoint: Endpoint,
+    arrival: &'a Arrival<'a>,
+    caller: &'a Caller<'a>,
+    route: &'a Route,
+    rules: &'a Applying,
+}
+
+/// Admission, then the attempts, then the answer (stored in the cache
+/// when `pending` says where).
+async fn forward(
+    gw: &Gateway,
+    up: Upstream<'_>,
+    mut rec: Record,
+    mut req: ClientRequest,
+    mut pending: Option<Pending>,
+) -> Response {
+    let Upstream {
+        endpoint,
+        arrival,
+        caller,
+        route,
+        rules,
+    } = up;
     let Admitted { plan, headers } =
-        match admission::admit(gw, &mut rec, &caller, &req, arrival, route).await {
+        match admission::admit(gw, &mut rec, caller, &req, arrival, route).await {
             Ok(admitted) => admitted,
             Err((error, headers)) => {
                 let mut resp = rec.fail(error);
@@ -172,6 +230,7 @@ async fn respond(
                 let body = match screened {
                     Ok(masked) => masked.unwrap_or(body),
                     Err(b) => {
+                        // Never stored: the cache replays only what a client got.
                         rec.served_by(candidate);
                         rec.blocked(&b);
                         let mut resp = rec.fail(GatewayError::blocked(&b));
@@ -179,11 +238,16 @@ async fn respond(
                         return resp;
                     }
                 };
+                if let Some(p) = pending.take() {
+                    cached::store_whole(gw, &rec, p, candidate, &body, &usage);
+                }
                 return complete(rec, candidate, body, &headers);
             }
             Ok(Answer::Stream(primed)) => {
-                let guard = Holdback::new(rules.output, gw.screen.counters.clone());
-                return stream(rec, candidate, *primed, sent_at, &headers, guard);
+                let guard = Holdback::new(rules.output.clone(), gw.screen.counters.clone());
+                let fill = pending.take().map(|p| StreamFill::new(gw.cache.clone(), p));
+                let relay = Relay::new(rec, candidate.clone(), *primed, sent_at, guard, fill);
+                return stream(relay, candidate, &headers);
             }
             Err(failure) => {
                 tracing::warn!(
@@ -232,17 +296,7 @@ fn complete(mut rec: Record, candidate: &Candidate, body: Bytes, limits: &RateHe
     resp
 }
 
-fn stream(
-    mut rec: Record,
-    candidate: &Candidate,
-    primed: Primed,
-    sent_at: Instant,
-    limits: &RateHeaders,
-    guard: Option<Holdback>,
-) -> Response {
-    rec.served_by(candidate);
-    rec.responded();
-    let relay = Relay::new(rec, candidate.clone(), primed, sent_at, guard);
+fn stream(relay: Relay, candidate: &Candidate, limits: &RateHeaders) -> Response {
     let mut resp = Response::new(Body::from_stream(relay));
     let h = resp.headers_mut();
     h.insert(

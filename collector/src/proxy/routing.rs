@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{FallbackTrigger, RouteConfig};
+use crate::config::{FallbackTrigger, RouteCache, RouteConfig};
 use crate::upstream::Upstream;
 
 pub struct Target {
@@ -24,6 +24,8 @@ pub struct Route {
     /// Indices of the fallback routes, in order.
     fallback: Vec<usize>,
     pub fallback_on: Vec<FallbackTrigger>,
+    /// The response cache; `None` when off.
+    pub cache: Option<RouteCache>,
 }
 
 /// One planned upstream attempt.
@@ -74,6 +76,7 @@ impl Routes {
                 targets,
                 fallback: Vec::new(),
                 fallback_on: c.fallback_on.clone(),
+                cache: c.cache.clone(),
             });
         }
         for (i, c) in configs.iter().enumerate() {

@@ -12,6 +12,7 @@ use tollgate_schemas::Outcome;
 
 use crate::ledger::Record;
 use crate::observe::InFlight;
+use crate::policy::cache::fill::StreamFill;
 use crate::policy::screen::Blocked;
 use crate::policy::screen::output::{Holdback, Released};
 use crate::proxy::failure::scrub;
@@ -35,6 +36,8 @@ pub struct Relay {
     held: Option<Bytes>,
     /// The content guard's output check, when a rule applies.
     guard: Option<Holdback>,
+    /// A cache miss to store once the stream ends normally.
+    fill: Option<StreamFill>,
     upstream_ended: bool,
     ended: bool,
     _open: InFlight,
@@ -47,7 +50,11 @@ impl Relay {
         primed: Primed,
         sent_at: Instant,
         guard: Option<Holdback>,
+        fill: Option<StreamFill>,
     ) -> Self {
+        let mut record = record;
+        record.served_by(&candidate);
+        record.responded();
         let idle = Box::pin(tokio::time::sleep(primed.upstream.idle_timeout));
         let open = record.stream_opened();
         Self {
@@ -59,6 +66,7 @@ impl Relay {
             events: primed.events,
             held: primed.held,
             guard,
+            fill,
             upstream_ended: primed.ended,
             ended: false,
             _open: open,
@@ -98,6 +106,9 @@ impl Relay {
     /// `false` once the guard has blocked the stream.
     fn send(&mut self, out: &mut Gathered, bytes: Bytes) -> bool {
         let Some(guard) = self.guard.as_mut() else {
+            if let Some(fill) = self.fill.as_mut() {
+                fill.observe(&bytes);
+            }
             out.push(bytes);
             return true;
         };
@@ -108,7 +119,12 @@ impl Relay {
     fn released(&mut self, out: &mut Gathered, released: Released) -> bool {
         match released {
             Released::Events(events) => {
-                events.into_iter().for_each(|b| out.push(b));
+                for b in events {
+                    if let Some(fill) = self.fill.as_mut() {
+                        fill.observe(&b);
+                    }
+                    out.push(b);
+                }
                 true
             }
             Released::Blocked(b) => {
@@ -201,6 +217,13 @@ impl Relay {
                 rec.first_token(at);
             }
             let usage = rec.settle(&self.candidate.upstream, &self.events.tally);
+            if let Some(fill) = self.fill.take()
+                && error.is_none()
+            {
+                let cost = rec.price(&self.candidate.model, &usage.tokens);
+                let estimated = usage.source == tollgate_schemas::TokenSource::Estimated;
+                fill.finish(&self.candidate, usage.tokens, estimated, cost);
+            }
             rec.attempt(&self.candidate, Some(status), error, latency, Some(usage));
             match error {
                 None => rec.finish(status),
