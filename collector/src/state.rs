@@ -97,6 +97,8 @@ impl Gateway {
         let cache = Cache::new(
             &config.cache,
             config.limits.redis.as_ref(),
+            &config.routes,
+            &upstreams,
             observe.metrics.cache_lookups.clone(),
             observe.metrics.cache_stores.clone(),
         )

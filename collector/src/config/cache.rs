@@ -52,6 +52,9 @@ pub enum CacheScope {
 pub struct EmbeddingsRef {
     pub upstream: String,
     pub model: String,
+    /// Longest wait for an embedding before the request bypasses the cache
+    /// (default 2000 ms).
+    pub timeout: Duration,
 }
 
 /// `[cache]`: the process's stores.
@@ -101,6 +104,7 @@ pub struct RawRouteCache {
 struct RawEmbeddings {
     upstream: String,
     model: String,
+    timeout_ms: Option<u64>,
 }
 
 /// Longest TTL: 30 days, seconds.
@@ -176,9 +180,14 @@ pub fn validate_route(
             if e.model.is_empty() {
                 return Err(err(".embeddings.model", "must not be empty".into()));
             }
+            let ms = e.timeout_ms.unwrap_or(2000);
+            if !(1..=60_000).contains(&ms) {
+                return Err(err(".embeddings.timeout_ms", "1 to 60000".into()));
+            }
             Some(EmbeddingsRef {
                 upstream: e.upstream.clone(),
                 model: e.model.clone(),
+                timeout: Duration::from_millis(ms),
             })
         }
         (None, true) => {

@@ -16,8 +16,7 @@
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use bytes::Bytes;
 
 use crate::config::FallbackTrigger;
 use crate::error::GatewayError;
@@ -28,8 +27,9 @@ use crate::proxy::request::{ClientRequest, Endpoint};
 use crate::proxy::routing::Candidate;
 use crate::relay::rename::Rename;
 use crate::relay::{self, Events};
+use crate::upstream::read::{ReadError, read_all};
 use crate::upstream::response::Document;
-use crate::upstream::{BodyStream, MediaType, SendError, UpstreamResponse};
+use crate::upstream::{MediaType, SendError, UpstreamResponse};
 
 /// Longest upstream error body read for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -200,42 +200,4 @@ async fn error_status(resp: UpstreamResponse, candidate: &Candidate, rec: &Recor
     let mut failure = Failure::new(trigger, label, Some(status), error);
     failure.usage = usage;
     failure
-}
-
-pub(crate) enum ReadError {
-    Timeout,
-    Broken(String),
-}
-
-/// The whole body, up to `limit` bytes, with at most `idle` between chunks.
-pub(crate) async fn read_all(
-    mut body: BodyStream,
-    limit: usize,
-    idle: Duration,
-) -> Result<Bytes, ReadError> {
-    let mut buf = BytesMut::new();
-    let mut single: Option<Bytes> = None;
-    loop {
-        match tokio::time::timeout(idle, body.next()).await {
-            Err(_) => return Err(ReadError::Timeout),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(ReadError::Broken(e)),
-            Ok(Some(Ok(chunk))) => {
-                if buf.len() + chunk.len() + single.as_ref().map_or(0, Bytes::len) > limit {
-                    return Err(ReadError::Broken(format!(
-                        "upstream response exceeds {limit} bytes"
-                    )));
-                }
-                match single.take() {
-                    None if buf.is_empty() => single = Some(chunk),
-                    None => buf.extend_from_slice(&chunk),
-                    Some(first) => {
-                        buf.extend_from_slice(&first);
-                        buf.extend_from_slice(&chunk);
-                    }
-                }
-            }
-        }
-    }
-    Ok(single.unwrap_or_else(|| buf.freeze()))
 }

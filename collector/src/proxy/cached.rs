@@ -16,12 +16,13 @@ use crate::error::GatewayError;
 use crate::ledger::Record;
 use crate::ledger::tally::Usage;
 use crate::policy::cache::entry::{self, Entry};
+use crate::policy::cache::semantic;
 use crate::policy::cache::{Control, Looked, Pending, key};
 use crate::policy::screen::output::screen_answer;
 use crate::policy::screen::rules::Rule;
 use crate::proxy::auth::Caller;
 use crate::proxy::request::{ClientRequest, Endpoint};
-use crate::proxy::routing::Candidate;
+use crate::proxy::routing::{Candidate, Route};
 use crate::state::Gateway;
 
 /// The response header that says what the cache did.
@@ -38,115 +39,168 @@ pub struct Decision {
 
 /// Looks the request up in its route's cache: `Err` is a hit's response
 /// (the record closed), `Ok` the record and what to do with the answer.
+/// Semantic routes look up the exact key first (no embedding needed),
+/// then the nearest stored question.
 #[allow(clippy::too_many_arguments)]
 pub async fn lookup(
     gw: &Gateway,
-    mut rec: Record,
-    cache: Option<&RouteCache>,
+    rec: Record,
+    route: &Route,
     caller: &Caller<'_>,
     endpoint: Endpoint,
     req: &ClientRequest,
     headers: &HeaderMap,
     output_rules: &[Arc<Rule>],
 ) -> Result<(Record, Decision), Response> {
-    let Some(rc) = cache.filter(|c| c.mode == CacheMode::Exact) else {
+    let Some(rc) = route.cache.as_ref().filter(|c| c.mode != CacheMode::Off) else {
         return Ok((rec, Decision::default()));
     };
-    let kind = CacheKind::Exact;
+    let semantic = rc.mode == CacheMode::Semantic && endpoint != Endpoint::Embeddings;
+    let kind = if semantic {
+        CacheKind::Semantic
+    } else {
+        CacheKind::Exact
+    };
     let control = Control::of(headers);
     let scope = key::scope(rc.scope, caller);
-    let key = key::exact(&scope, endpoint, &req.body);
-    let pending = (!control.no_store).then(|| Pending {
-        key: key.clone(),
+    let exact = key::exact(&scope, endpoint, &req.body);
+    let mut pending = (!control.no_store).then(|| Pending {
+        key: exact.clone(),
         ttl: rc.ttl,
         max_entry_bytes: rc.max_entry_bytes,
         kind,
+        semantic: None,
     });
-    if control.no_cache {
-        gw.cache.counted("bypass", kind);
-        rec.cache(CacheStatus::Bypass, kind);
-        return Ok((
+    let go = |mut rec: Record, status, result, pending, header| {
+        gw.cache.counted(result, kind);
+        rec.cache(status, kind);
+        (
             rec,
             Decision {
                 pending,
-                header: Some("bypass"),
+                header: Some(header),
             },
-        ));
+        )
+    };
+    if control.no_cache {
+        return Ok(go(rec, CacheStatus::Bypass, "bypass", pending, "bypass"));
     }
-    match gw.cache.get(&key).await {
+    let hit = Hit {
+        gw,
+        req,
+        rc,
+        output_rules,
+    };
+    match gw.cache.get(&exact).await {
         Looked::Hit(e) if e.doc().is_some() => {
-            gw.cache.counted("hit", kind);
-            Err(replay(gw, rec, req, &e, kind, rc, output_rules).await)
+            gw.cache.counted("hit", CacheKind::Exact);
+            return Err(hit.replay(rec, &e, CacheKind::Exact, None).await);
         }
-        Looked::Hit(_) | Looked::Miss => {
-            gw.cache.counted("miss", kind);
-            rec.cache(CacheStatus::Miss, kind);
-            let header = Some("miss");
-            Ok((rec, Decision { pending, header }))
+        Looked::Hit(_) | Looked::Miss => {}
+        Looked::Failed => return Ok(go(rec, CacheStatus::Bypass, "error", None, "bypass")),
+    }
+    let embedder = gw.cache.embedder(&route.model);
+    let query = semantic::query_text(&req.body);
+    let (Some(embedder), Some((at, text)), true) = (embedder, query, semantic) else {
+        return Ok(go(rec, CacheStatus::Miss, "miss", pending, "miss"));
+    };
+    let vector = match embedder.embed(&text).await {
+        Ok(v) => v,
+        Err(why) => {
+            tracing::warn!(route = %route.model, error = %why, "semantic cache: no embedding, bypassed");
+            return Ok(go(rec, CacheStatus::Bypass, "error", pending, "bypass"));
         }
-        Looked::Failed => {
-            gw.cache.counted("error", kind);
-            rec.cache(CacheStatus::Bypass, kind);
-            let header = Some("bypass");
-            Ok((
-                rec,
-                Decision {
-                    pending: None,
-                    header,
-                },
-            ))
+    };
+    let partition = key::exact(&scope, endpoint, &semantic::context(&req.body, at));
+    if let Some(near) = gw.cache.nearest(&partition, &vector, rc.threshold).await {
+        match gw.cache.get(&near.key).await {
+            Looked::Hit(e) if e.doc().is_some() => {
+                gw.cache.counted("hit", kind);
+                return Err(hit.replay(rec, &e, kind, Some(near.similarity)).await);
+            }
+            Looked::Failed => return Ok(go(rec, CacheStatus::Bypass, "error", None, "bypass")),
+            Looked::Hit(_) | Looked::Miss => {}
         }
     }
+    if let Some(p) = pending.as_mut() {
+        p.semantic = Some((partition, vector));
+    }
+    Ok(go(rec, CacheStatus::Miss, "miss", pending, "miss"))
 }
 
-/// A hit, whole or as a stream; the output rules apply to it as to any
-/// answer. The record is closed here (a blocked replay through `fail`).
-async fn replay(
-    gw: &Gateway,
-    mut rec: Record,
-    req: &ClientRequest,
-    e: &Entry,
-    kind: CacheKind,
-    rc: &RouteCache,
-    output_rules: &[Arc<Rule>],
-) -> Response {
-    let mut body = Bytes::from(e.body.clone());
-    if !output_rules.is_empty() {
-        match screen_answer(output_rules, &gw.screen.counters, &body).await {
-            Ok(Some(masked)) => body = masked,
-            Ok(None) => {}
-            Err(b) => {
-                rec.blocked(&b);
-                return rec.fail(GatewayError::blocked(&b));
+/// What replaying a hit needs.
+struct Hit<'a> {
+    gw: &'a Gateway,
+    req: &'a ClientRequest,
+    rc: &'a RouteCache,
+    output_rules: &'a [Arc<Rule>],
+}
+
+impl Hit<'_> {
+    /// A hit, whole or as a stream, with the similarity of a semantic
+    /// one; the output rules apply to it as to any answer. The record is
+    /// closed here (a blocked replay through `fail`).
+    async fn replay(
+        self,
+        mut rec: Record,
+        e: &Entry,
+        kind: CacheKind,
+        similarity: Option<f32>,
+    ) -> Response {
+        let Hit {
+            gw,
+            req,
+            rc,
+            output_rules,
+        } = self;
+        let mut body = Bytes::from(e.body.clone());
+        if !output_rules.is_empty() {
+            match screen_answer(output_rules, &gw.screen.counters, &body).await {
+                Ok(Some(masked)) => body = masked,
+                Ok(None) => {}
+                Err(b) => {
+                    rec.blocked(&b);
+                    return rec.fail(GatewayError::blocked(&b));
+                }
             }
         }
+        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        rec.cache_hit(e, kind, rc.hit_usd);
+        rec.responded();
+        let prefix = if doc["object"] == "text_completion" {
+            "cmpl"
+        } else {
+            "chatcmpl"
+        };
+        let id = format!("{prefix}-tgc{:032x}", fastrand::u128(..));
+        let (content_type, bytes) = if req.stream {
+            (
+                "text/event-stream",
+                entry::events(&doc, &id, req.include_usage),
+            )
+        } else {
+            ("application/json", entry::whole(doc, &id))
+        };
+        let mut resp = (StatusCode::OK, Body::from(bytes)).into_response();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        h.insert(CACHE_HEADER, HeaderValue::from_static("hit"));
+        if let Ok(v) = HeaderValue::from_str(&e.served_model) {
+            h.insert("x-tollgate-served-model", v);
+        }
+        let kind_name = match kind {
+            CacheKind::Exact => "exact",
+            CacheKind::Semantic => "semantic",
+        };
+        h.insert("x-tollgate-cache-kind", HeaderValue::from_static(kind_name));
+        if let Some(s) = similarity
+            && let Ok(v) = HeaderValue::from_str(&format!("{s:.4}"))
+        {
+            h.insert("x-tollgate-cache-similarity", v);
+        }
+        rec.finish(200);
+        resp
     }
-    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    rec.cache_hit(e, kind, rc.hit_usd);
-    rec.responded();
-    let prefix = if doc["object"] == "text_completion" {
-        "cmpl"
-    } else {
-        "chatcmpl"
-    };
-    let id = format!("{prefix}-tgc{:032x}", fastrand::u128(..));
-    let (content_type, bytes) = if req.stream {
-        (
-            "text/event-stream",
-            entry::events(&doc, &id, req.include_usage),
-        )
-    } else {
-        ("application/json", entry::whole(doc, &id))
-    };
-    let mut resp = (StatusCode::OK, Body::from(bytes)).into_response();
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(CACHE_HEADER, HeaderValue::from_static("hit"));
-    if let Ok(v) = HeaderValue::from_str(&e.served_model) {
-        h.insert("x-tollgate-served-model", v);
-    }
-    rec.finish(200);
-    resp
 }
 
 /// Stores a whole answer (`body` as the client gets it) that `candidate`

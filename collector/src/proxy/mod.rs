@@ -155,7 +155,7 @@ async fn respond(
     let lookup = cached::lookup(
         gw,
         rec,
-        route.cache.as_ref(),
+        route,
         &caller,
         endpoint,
         &req,

@@ -13,11 +13,13 @@
 //! (an upstream, its transport and what an attempt gets back: a status, a
 //! media type and a body stream), [`response`] (reading one JSON document
 //! an upstream sent: model, choices, usage, errors, with the [`lenient`]
-//! readers) and [`simulate`] (the simulated upstream).
+//! readers), [`read`] (a whole body, bounded) and [`simulate`] (the
+//! simulated upstream).
 
 pub mod client;
 pub mod config;
 pub mod lenient;
+pub mod read;
 pub mod response;
 pub mod simulate;
 

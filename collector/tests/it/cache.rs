@@ -252,3 +252,142 @@ async fn a_configured_hit_price_is_what_a_hit_costs() {
     let events = gw.exactly(2).await;
     assert_eq!(events[1].cost_usd, Some("0.0001".parse().unwrap()));
 }
+
+fn semantic_sections(threshold: f32, embed_upstream: &str) -> String {
+    format!(
+        "{}{}[upstreams.nowhere]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\n\n\
+         [[routes]]\nmodel = \"qwq-32b\"\ntargets = [{{ upstream = \"qwq\" }}]\n\
+         cache = {{ mode = \"semantic\", embeddings = {{ upstream = \"{embed_upstream}\", model = \"text-embedding-v3\", timeout_ms = 500 }}, threshold = {threshold} }}\n\n",
+        simulated("qwq", &[]),
+        simulated("embed", &[]),
+    )
+}
+
+fn ask(question: &str, extra: Value) -> String {
+    let mut b = json!({"messages": [{"role": "user", "content": question}]});
+    for (k, v) in extra.as_object().unwrap() {
+        b[k] = v.clone();
+    }
+    body(b)
+}
+
+async fn post_full(gw: &TestGateway, key: &str, body: &str) -> (String, Option<f32>) {
+    let resp = gw
+        .send(request("/v1/chat/completions", Some(key), body))
+        .await;
+    let header = |n: &str| {
+        resp.headers()
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let cache = header("x-tollgate-cache").unwrap_or_default();
+    let similarity = header("x-tollgate-cache-similarity").map(|s| s.parse().unwrap());
+    let _ = resp.into_body().collect().await.unwrap();
+    (cache, similarity)
+}
+
+#[tokio::test]
+async fn a_similar_question_is_a_semantic_hit_above_the_threshold_only() {
+    let gw = TestGateway::start(&semantic_sections(0.6, "embed"));
+    let stored = ask("What did the search team spend on tokens?", json!({}));
+    assert_eq!(
+        post_full(&gw, CLIENT_KEY, &stored).await,
+        ("miss".into(), None)
+    );
+    let (cache, sim) = post_full(&gw, CLIENT_KEY, &stored).await;
+    assert_eq!((cache.as_str(), sim), ("hit", None), "the exact key first");
+    let (cache, sim) = post_full(
+        &gw,
+        CLIENT_KEY,
+        &ask("what did the SEARCH team spend on tokens", json!({})),
+    )
+    .await;
+    assert_eq!(cache, "hit");
+    assert!(sim.is_some_and(|s| s > 0.99), "{sim:?}");
+    let (cache, sim) = post_full(
+        &gw,
+        CLIENT_KEY,
+        &ask(
+            "What did the search team spend on tokens last week?",
+            json!({}),
+        ),
+    )
+    .await;
+    assert_eq!(cache, "hit", "{sim:?}");
+    assert!(sim.is_some_and(|s| (0.6..0.99).contains(&s)), "{sim:?}");
+    let (cache, _) = post_full(
+        &gw,
+        CLIENT_KEY,
+        &ask("Which model is the cheapest for translation?", json!({})),
+    )
+    .await;
+    assert_eq!(cache, "miss", "an unrelated question");
+    let (cache, _) = post_full(
+        &gw,
+        CLIENT_KEY,
+        &ask(
+            "what did the search team spend on tokens",
+            json!({"temperature": 1.5}),
+        ),
+    )
+    .await;
+    assert_eq!(cache, "miss", "other sampling parameters");
+    let (cache, _) = post_full(
+        &gw,
+        OTHER_KEY,
+        &ask("what did the search team spend on tokens", json!({})),
+    )
+    .await;
+    assert_eq!(cache, "miss", "another consumer");
+    let events = gw.exactly(7).await;
+    let hits: Vec<_> = events
+        .iter()
+        .filter(|e| e.cache == CacheStatus::Hit)
+        .collect();
+    assert_eq!(hits.len(), 3);
+    assert_eq!(hits[0].cache_kind, Some(CacheKind::Exact));
+    assert_eq!(hits[1].cache_kind, Some(CacheKind::Semantic));
+    assert!(hits.iter().all(|h| h.cost_saved_usd == events[0].cost_usd));
+}
+
+#[tokio::test]
+async fn a_high_threshold_refuses_a_merely_similar_question() {
+    let gw = TestGateway::start(&semantic_sections(0.97, "embed"));
+    post_full(
+        &gw,
+        CLIENT_KEY,
+        &ask("What did the search team spend on tokens?", json!({})),
+    )
+    .await;
+    let (cache, _) = post_full(
+        &gw,
+        CLIENT_KEY,
+        &ask(
+            "What did the search team spend on tokens last week?",
+            json!({}),
+        ),
+    )
+    .await;
+    assert_eq!(cache, "miss");
+    let (cache, _) = post_full(
+        &gw,
+        CLIENT_KEY,
+        &ask("what did the search team spend on tokens!", json!({})),
+    )
+    .await;
+    assert_eq!(cache, "hit");
+    gw.exactly(3).await;
+}
+
+#[tokio::test]
+async fn the_embeddings_upstream_down_bypasses_the_cache_without_an_error() {
+    let gw = TestGateway::start(&semantic_sections(0.9, "nowhere"));
+    let q = ask("What did the search team spend on tokens?", json!({}));
+    let (cache, _) = post_full(&gw, CLIENT_KEY, &q).await;
+    assert_eq!(cache, "bypass");
+    // Stored under its exact key all the same.
+    assert_eq!(post_full(&gw, CLIENT_KEY, &q).await.0, "hit");
+    let events = gw.exactly(2).await;
+    assert_eq!(events[0].cache, CacheStatus::Bypass);
+    assert_eq!(events[0].outcome, Outcome::Ok);
+}

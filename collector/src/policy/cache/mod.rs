@@ -11,12 +11,15 @@
 //! Its parts, in the order a request meets them: [`key`] (scope, model
 //! and the canonical request), this module's [`Cache`] (lookup and store),
 //! [`entry`] (what is stored and how it is replayed, whole or as a
-//! stream) and [`fill`] (a streamed miss folded into an entry).
+//! stream), [`semantic`] (the embeddings upstream and the vector index of
+//! semantic routes) and [`fill`] (a streamed miss folded into an entry).
 
 pub mod entry;
 pub mod fill;
 pub mod key;
+pub mod semantic;
 
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,16 +30,22 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Semaphore;
 use tollgate_schemas::CacheKind;
 
-use crate::config::CacheSettings;
 use crate::config::limits::RedisConfig;
+use crate::config::{CacheSettings, RouteConfig};
 use crate::observe::metrics::{CacheStore, Lookup};
+use crate::upstream::Upstream;
 use entry::Entry;
+use semantic::{BLOCKING_SCAN, Embedder, Index, Nearest};
 
 /// Redis stores in flight at once; past it a store is dropped (counted).
 const MAX_PENDING_STORES: usize = 256;
 
 pub struct Cache {
     memory: Option<Memory>,
+    /// Semantic routes' vectors, pointing at exact keys.
+    index: Arc<Index>,
+    /// Each semantic route's embeddings upstream, by route model.
+    embedders: HashMap<String, Embedder>,
     redis: Option<Arc<Redis>>,
     lookup_timeout: Duration,
     stores_in_flight: Arc<Semaphore>,
@@ -82,6 +91,8 @@ pub struct Pending {
     pub ttl: Duration,
     pub max_entry_bytes: usize,
     pub kind: CacheKind,
+    /// Semantic routes: the partition and unit vector the entry is found by.
+    pub semantic: Option<(String, Vec<f32>)>,
 }
 
 /// The client's `Cache-Control`: `no-cache` looks nothing up (the answer
@@ -120,9 +131,26 @@ impl Cache {
     pub fn new(
         settings: &CacheSettings,
         redis: Option<&RedisConfig>,
+        routes: &[RouteConfig],
+        upstreams: &HashMap<String, Arc<Upstream>>,
         lookups: Family<Lookup, Counter>,
         stores: Family<CacheStore, Counter>,
     ) -> Result<Self, CacheError> {
+        let mut embedders = HashMap::new();
+        for r in routes {
+            let Some(e) = r.cache.as_ref().and_then(|c| c.embeddings.as_ref()) else {
+                continue;
+            };
+            let Some(upstream) = upstreams.get(&e.upstream) else {
+                return Err(CacheError(format!("no upstream {:?}", e.upstream)));
+            };
+            let embedder = Embedder {
+                upstream: upstream.clone(),
+                model: e.model.clone(),
+                timeout: e.timeout,
+            };
+            embedders.insert(r.model.clone(), embedder);
+        }
         let (memory, redis) = match redis {
             Some(r) => (None, Some(Redis::start(r)?)),
             None => {
@@ -133,6 +161,8 @@ impl Cache {
         };
         Ok(Self {
             memory,
+            index: Arc::new(Index::new(settings.semantic_entries)),
+            embedders,
             redis,
             lookup_timeout: settings.lookup_timeout,
             stores_in_flight: Arc::new(Semaphore::new(MAX_PENDING_STORES)),
@@ -190,7 +220,32 @@ impl Cache {
         }
     }
 
-    /// Stores `entry` under `pending.key`, off the request path.
+    /// The embeddings upstream of the semantic route `route`.
+    pub fn embedder(&self, route: &str) -> Option<&Embedder> {
+        self.embedders.get(route)
+    }
+
+    /// The exact key of the entry nearest to `vector` in `partition`, at
+    /// or above `threshold`; large scans run on the blocking pool.
+    pub async fn nearest(
+        &self,
+        partition: &str,
+        vector: &[f32],
+        threshold: f32,
+    ) -> Option<Nearest> {
+        if self.index.scan_size(partition) < BLOCKING_SCAN {
+            return self.index.nearest(partition, vector, threshold);
+        }
+        let (index, partition, vector) =
+            (self.index.clone(), partition.to_string(), vector.to_vec());
+        tokio::task::spawn_blocking(move || index.nearest(&partition, &vector, threshold))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Stores `entry` under `pending.key`, off the request path; a
+    /// semantic entry joins the index once it is stored.
     pub fn store(self: &Arc<Self>, pending: Pending, entry: Entry) {
         let Ok(bytes) = serde_json::to_vec(&entry) else {
             return self.stored("failed");
@@ -204,6 +259,10 @@ impl Cache {
                 expires: Instant::now() + pending.ttl,
                 bytes: bytes.len() as u64,
             };
+            if let Some((partition, vector)) = &pending.semantic {
+                self.index
+                    .insert(partition, vector, pending.key.clone(), pending.ttl);
+            }
             m.insert(pending.key, Arc::new(memo));
             return self.stored("stored");
         }
@@ -225,7 +284,13 @@ impl Cache {
                 .arg(ttl_ms);
             let set = cmd.query_async::<()>(&mut conn);
             match tokio::time::timeout(Duration::from_secs(2), set).await {
-                Ok(Ok(())) => this.stored("stored"),
+                Ok(Ok(())) => {
+                    if let Some((partition, vector)) = &pending.semantic {
+                        this.index
+                            .insert(partition, vector, pending.key.clone(), pending.ttl);
+                    }
+                    this.stored("stored");
+                }
                 Ok(Err(e)) => {
                     // A full Redis (maxmemory, noeviction) refuses with OOM.
                     tracing::debug!(error = %e, "cache store failed");

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::config::guard::ModerationConfig;
-use crate::proxy::attempt::read_all;
+use crate::upstream::read::read_all;
 use crate::upstream::{Endpoint, SendError, Upstream};
 
 /// Longest moderation answer read, bytes.

@@ -208,20 +208,33 @@ pub(super) async fn embeddings(
     axum::Json(out).into_response()
 }
 
-/// A unit vector that depends only on the text (FNV-1a seeded xorshift).
+/// A unit vector that depends only on the text, and that is close for
+/// texts sharing most of their words: the sum of one pseudo-random vector
+/// per word (lower-cased, letters and digits; FNV-1a seeded xorshift),
+/// normalised. Texts with the same words in any order embed alike; a
+/// text without words gets the vector of its whole bytes.
 pub fn embed(text: &str, dims: usize) -> Vec<f32> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    let lower = text.to_lowercase();
+    let mut words: Vec<&str> = lower
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect();
+    if words.is_empty() {
+        words.push(&lower);
     }
-    let mut v: Vec<f32> = (0..dims)
-        .map(|_| {
+    let mut v = vec![0f32; dims];
+    for w in words {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in w.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        for x in v.iter_mut() {
             h ^= h << 13;
             h ^= h >> 7;
             h ^= h << 17;
-            ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect();
+            *x += ((h >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+        }
+    }
     let norm = v
         .iter()
         .map(|x| x * x)
