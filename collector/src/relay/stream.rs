@@ -85,6 +85,12 @@ impl Relay {
                     return false;
                 }
             };
+            if let Some(fill) = self.fill.as_mut()
+                && !self.events.client_wants_usage
+                && let Some(data) = ev.data.as_deref()
+            {
+                fill.usage_of(data);
+            }
             match self.events.process(ev) {
                 Step::Send(bytes) => {
                     if !self.send(out, bytes) {

@@ -27,6 +27,8 @@ pub struct StreamFill {
     completion: bool,
     choices: BTreeMap<u64, Folded>,
     bytes: usize,
+    /// The upstream's own usage object, as its last usage chunk said it.
+    usage: Option<Value>,
     /// Something the fold cannot replay: the stream is not stored.
     spoiled: bool,
 }
@@ -49,6 +51,7 @@ impl StreamFill {
             completion: false,
             choices: BTreeMap::new(),
             bytes: 0,
+            usage: None,
             spoiled: false,
         }
     }
@@ -78,6 +81,19 @@ impl StreamFill {
         }
     }
 
+    /// An event the client does not get (the usage chunk the gateway asked
+    /// for on its behalf): only its usage is kept.
+    pub fn usage_of(&mut self, data: &[u8]) {
+        if self.spoiled || memchr::memmem::find(data, b"\"usage\"").is_none() {
+            return;
+        }
+        if let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(data)
+            && let Some(u) = doc.get("usage").filter(|u| u.is_object())
+        {
+            self.usage = Some(u.clone());
+        }
+    }
+
     fn spoil(&mut self) {
         self.spoiled = true;
         self.choices.clear();
@@ -88,6 +104,9 @@ impl StreamFill {
             self.id = doc.get("id").cloned();
             self.model = doc.get("model").cloned();
             self.completion = doc.get("object").and_then(Value::as_str) == Some("text_completion");
+        }
+        if let Some(u) = doc.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(u.clone());
         }
         let Some(choices) = doc.get("choices").and_then(Value::as_array) else {
             return;
@@ -149,7 +168,7 @@ impl StreamFill {
             "created": chrono::Utc::now().timestamp(),
             "model": self.model.unwrap_or(Value::Null),
             "choices": choices,
-            "usage": usage_json(&tokens),
+            "usage": self.usage.unwrap_or_else(|| usage_json(&tokens)),
         });
         let entry = Entry {
             body: body.to_string(),
