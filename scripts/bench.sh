@@ -16,7 +16,11 @@
 #   scripts/bench.sh dashboard  the built-in dashboard's first render in headless
 #                               Chromium and the alerts' evaluation cost, over
 #                               the query benchmark's lake
-#   scripts/bench.sh            all six
+#   scripts/bench.sh cache      the response cache (hit and miss paths) and the
+#                               content guard (4 KB prompt, 1,000-token stream),
+#                               each against off, and the semantic lookup at
+#                               100,000 entries
+#   scripts/bench.sh            all seven
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tollgate/target}"
@@ -39,7 +43,7 @@ if { [ "$what" = dashboard ] || [ "$what" = all ]; } && ! command -v chromium >/
   echo "==> installing chromium"
   apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium
 fi
-if [ "$what" != gateway ] && [ "$what" != query ] && [ "$what" != telemetry ] && [ "$what" != limits ] && [ "$what" != dashboard ] && ! command -v tansu >/dev/null; then
+if [ "$what" != gateway ] && [ "$what" != query ] && [ "$what" != telemetry ] && [ "$what" != limits ] && [ "$what" != dashboard ] && [ "$what" != cache ] && ! command -v tansu >/dev/null; then
   echo "==> installing the tansu broker"
   env -u CARGO_TARGET_DIR cargo install tansu --locked --features dynostore,libsql
 fi
@@ -58,8 +62,10 @@ case "$what" in
   telemetry) python3 scripts/bench_telemetry.py "$BIN" ;;
   limits) python3 scripts/bench_limits.py "$BIN" ;;
   dashboard) "$VENV/bin/python" scripts/bench_dashboard.py "$BIN" ;;
+  cache) python3 scripts/bench_cache.py "$BIN" ;;
   all) python3 scripts/bench.py "$BIN" && python3 scripts/bench_pipeline.py "$BIN" \
     && "$VENV/bin/python" scripts/bench_query.py "$BIN" && python3 scripts/bench_telemetry.py "$BIN" \
-    && python3 scripts/bench_limits.py "$BIN" && "$VENV/bin/python" scripts/bench_dashboard.py "$BIN" ;;
-  *) echo "usage: scripts/bench.sh [gateway|pipeline|query|telemetry|limits|dashboard|all]" >&2; exit 2 ;;
+    && python3 scripts/bench_limits.py "$BIN" && "$VENV/bin/python" scripts/bench_dashboard.py "$BIN" \
+    && python3 scripts/bench_cache.py "$BIN" ;;
+  *) echo "usage: scripts/bench.sh [gateway|pipeline|query|telemetry|limits|dashboard|cache|all]" >&2; exit 2 ;;
 esac
