@@ -64,9 +64,16 @@ fn report(name: &str, extra: Value, took: Duration) {
 
 fn main() {
     let config = Config::from_toml(RULE).unwrap();
-    let screen = Screen::new(&config.guards, &HashMap::new(), Default::default(), Default::default())
+    let screen = Screen::new(
+        &config.guards,
+        &HashMap::new(),
+        Default::default(),
+        Default::default(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
         .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let text = prompt();
     let body: Map<String, Value> = serde_json::from_value(json!({
         "model": "m",
@@ -76,13 +83,22 @@ fn main() {
     let rules = screen.applying(Direction::Input, "m", "c", None);
     let on = per_iter(20_000, || {
         let mut b = body.clone();
-        let r = rt.block_on(input::screen(&rules, &screen.counters, Endpoint::ChatCompletions, &mut b));
+        let r = rt.block_on(input::screen(
+            &rules,
+            &screen.counters,
+            Endpoint::ChatCompletions,
+            &mut b,
+        ));
         black_box(r.is_ok());
     });
     let off = per_iter(20_000, || {
         black_box(body.clone());
     });
-    report("guard_input_4k", json!({"bytes": text.len(), "off_us": off.as_secs_f64() * 1e6}), on.saturating_sub(off));
+    report(
+        "guard_input_4k",
+        json!({"bytes": text.len(), "off_us": off.as_secs_f64() * 1e6}),
+        on.saturating_sub(off),
+    );
 
     let out_rules = screen.applying(Direction::Output, "m", "c", None);
     let events: Vec<Vec<u8>> = (0..1000)
@@ -105,7 +121,11 @@ fn main() {
         }
         assert_eq!(n, 1001);
     });
-    report("guard_stream_1000_tokens", json!({"events": 1000, "per_event_us": stream_on.as_secs_f64() * 1e6 / 1000.0}), stream_on);
+    report(
+        "guard_stream_1000_tokens",
+        json!({"events": 1000, "per_event_us": stream_on.as_secs_f64() * 1e6 / 1000.0}),
+        stream_on,
+    );
 
     for dims in [64usize, 256, 1024] {
         let rows = 100_000;
@@ -123,12 +143,21 @@ fn main() {
             unit(v).unwrap()
         };
         for i in 0..rows {
-            index.insert("p", &vector(), format!("{i:064x}"), Duration::from_secs(3600));
+            index.insert(
+                "p",
+                &vector(),
+                format!("{i:064x}"),
+                Duration::from_secs(3600),
+            );
         }
         let q = vector();
         let took = per_iter(if dims > 256 { 20 } else { 100 }, || {
             black_box(index.nearest("p", &q, 0.9));
         });
-        report("semantic_nearest", json!({"rows": rows, "dims": dims}), took);
+        report(
+            "semantic_nearest",
+            json!({"rows": rows, "dims": dims}),
+            took,
+        );
     }
 }

@@ -229,7 +229,6 @@ pub fn store_whole(
         estimated: usage.source == TokenSource::Estimated,
         cost_usd: rec.price(&candidate.model, &t).map(|c| c.to_string()),
         created: chrono::Utc::now().timestamp(),
-        vector: None,
     };
     gw.cache.store(pending, entry);
 }

@@ -26,9 +26,6 @@ pub struct Entry {
     pub cost_usd: Option<String>,
     /// When it was stored, Unix seconds.
     pub created: i64,
-    /// Semantic entries: the embedding of the text looked up by.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vector: Option<Vec<f32>>,
 }
 
 impl Entry {

@@ -182,7 +182,6 @@ impl StreamFill {
             estimated,
             cost_usd: cost.map(|c| c.to_string()),
             created: chrono::Utc::now().timestamp(),
-            vector: None,
         };
         self.cache.store(self.pending, entry);
     }
