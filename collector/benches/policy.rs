@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 use tollgate_collector::config::Config;
 use tollgate_collector::policy::cache::semantic::{Index, unit};
-use tollgate_collector::policy::screen::output::{Holdback, Released};
+use tollgate_collector::policy::screen::holdback::{Holdback, Released};
 use tollgate_collector::policy::screen::{Direction, Screen, input};
 use tollgate_collector::upstream::Endpoint;
 

@@ -271,3 +271,18 @@ def test_the_sdk_sees_content_blocked_on_input_and_mid_stream(rig):
     rows = lake(gw, 2, columns="outcome, limit_key, cost_usd")
     assert rows[0] == ("blocked", "no-pii-out:input", 0)
     assert rows[1][:2] == ("blocked", "no-secrets-back:output") and rows[1][2] > 0
+
+
+def test_a_flushed_redis_leaves_no_stale_semantic_rows_in_the_way(rig):
+    d, procs, sim = sim_up(rig)
+    redis = Redis(d / "redis")
+    procs.append(redis)
+    semantic = '{ mode = "semantic", embeddings = { upstream = "sim", model = "e" }, threshold = 0.9 }'
+    gw = gateway(d, "gw", sim, redis, cache=semantic)
+    procs.append(gw)
+    wait_for(lambda: ask(gw.addr, question="warm up")[1] == "hit", "Redis in use")
+    assert ask(gw.addr, question="Why is the sky blue")[1] == "miss"
+    send(redis, b"FLUSHALL\r\n")
+    assert ask(gw.addr, question="why is the sky blue?")[1] == "miss"
+    status, cache, _, _ = ask(gw.addr, question="why is the SKY blue")
+    assert (status, cache) == (200, "hit"), "the new entry is found past the stale row"

@@ -139,9 +139,6 @@ pub fn validate_route(
     upstreams: &BTreeMap<String, UpstreamConfig>,
 ) -> Result<Option<RouteCache>, Invalid> {
     let err = |field: &str, m: String| Invalid::key(format!("{path}.cache{field}"), m);
-    if raw.mode == CacheMode::Off {
-        return Ok(None);
-    }
     let ttl_s = raw.ttl_s.unwrap_or(3600);
     if !(1..=MAX_TTL_S).contains(&ttl_s) {
         return Err(err(".ttl_s", format!("1 to {MAX_TTL_S}")));
@@ -155,11 +152,12 @@ pub fn validate_route(
         Some(s) => s
             .parse::<Usd>()
             .ok()
-            .filter(|u| *u >= Usd::ZERO)
+            .filter(|u| *u >= Usd::ZERO && u.decimal().scale() <= 10)
             .ok_or_else(|| {
                 err(
                     ".hit_usd",
-                    "a non-negative decimal string, e.g. \"0.0001\"".into(),
+                    "a non-negative decimal string with at most 10 decimals, e.g. \"0.0001\""
+                        .into(),
                 )
             })?,
     };
@@ -209,6 +207,9 @@ pub fn validate_route(
     let threshold = raw.threshold.unwrap_or(0.92);
     if !(threshold > 0.0 && threshold <= 1.0) {
         return Err(err(".threshold", "above 0 and at most 1".into()));
+    }
+    if raw.mode == CacheMode::Off {
+        return Ok(None);
     }
     Ok(Some(RouteCache {
         mode: raw.mode,

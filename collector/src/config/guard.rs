@@ -126,6 +126,52 @@ struct RawModeration {
     fail: Option<FailMode>,
 }
 
+/// Each rule's filters must match something configured: a typo would
+/// otherwise turn a rule off without a word.
+pub fn check_references(
+    guards: &[GuardConfig],
+    routes: &[crate::config::RouteConfig],
+    consumers: &[crate::config::ConsumerConfig],
+) -> Result<(), Invalid> {
+    for (i, g) in guards.iter().enumerate() {
+        let none = |field: &str, j: usize, what: String| {
+            Err(Invalid::key(format!("guard[{i}].{field}[{j}]"), what))
+        };
+        for (j, p) in g.models.iter().enumerate() {
+            let routed = routes.iter().any(|r| {
+                p.matches(&r.model)
+                    || r.model == p.as_str()
+                    || glob::Pattern::new(&r.model).is_ok_and(|rp| rp.matches(p.as_str()))
+            });
+            if !routed {
+                return none("models", j, format!("{:?} matches no route", p.as_str()));
+            }
+        }
+        for (j, p) in g.consumers.iter().enumerate() {
+            if !consumers.iter().any(|c| p.matches(&c.name)) {
+                return none(
+                    "consumers",
+                    j,
+                    format!("{:?} matches no configured consumer", p.as_str()),
+                );
+            }
+        }
+        for (j, p) in g.teams.iter().enumerate() {
+            let any = consumers
+                .iter()
+                .any(|c| c.team.as_deref().is_some_and(|t| p.matches(t)));
+            if !any {
+                return none(
+                    "teams",
+                    j,
+                    format!("{:?} matches no configured consumer's team", p.as_str()),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The rules, in file order; moderation upstreams must exist.
 pub fn validate(
     raw: &[Spanned<RawGuard>],
@@ -278,6 +324,10 @@ kind = "simulated"
 [[routes]]
 model = "m"
 targets = [{ upstream = "sim" }]
+[[consumers]]
+name = "app"
+team = "search"
+api_keys = ["sha256:0000000000000000000000000000000000000000000000000000000000000000"]
 "#;
 
     fn load(guard: &str) -> Result<Config, String> {

@@ -97,6 +97,7 @@ impl Config {
         let limits = limits::validate(s.redis, &s.rate_limits, &s.budgets)?;
         limits::check_references(&limits, &routes, &consumers)?;
         let guards = guard::validate(&s.guard, &upstreams)?;
+        guard::check_references(&guards, &routes, &consumers)?;
         let cache = cache::validate_settings(s.cache)?;
         for (path, model) in limits.fallback_models() {
             let routed = routes.iter().any(|r| {

@@ -196,7 +196,8 @@ impl Record {
         if let Some(e) = self.event() {
             e.requested_model = Some(crate::error::shown(&req.model));
             e.stream = req.stream;
-            e.cache = CacheStatus::Miss;
+            // Not looked up (yet): the cache step says otherwise.
+            e.cache = CacheStatus::Bypass;
         }
     }
 
@@ -230,9 +231,10 @@ impl Record {
         if let Some(e) = self.event() {
             e.cache = CacheStatus::Hit;
             e.cache_kind = Some(kind);
+            // Who answered originally; no upstream was asked this time.
             e.served_model = Some(entry.served_model.clone());
             e.provider = Some(entry.provider.clone());
-            e.upstream = Some(entry.upstream.clone());
+            e.upstream = None;
         }
         self.hit = Some(CacheHit {
             tokens: entry.tokens(),

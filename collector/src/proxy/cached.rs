@@ -112,14 +112,19 @@ pub async fn lookup(
         }
     };
     let partition = key::exact(&scope, endpoint, &semantic::context(&req.body, at));
-    if let Some(near) = gw.cache.nearest(&partition, &vector, rc.threshold).await {
+    // A row whose entry the store lost (flushed, evicted) is forgotten and
+    // the next nearest tried, a few times at most.
+    for _ in 0..3 {
+        let Some(near) = gw.cache.nearest(&partition, &vector, rc.threshold).await else {
+            break;
+        };
         match gw.cache.get(&near.key).await {
             Looked::Hit(e) if e.doc().is_some() => {
                 gw.cache.counted("hit", kind);
                 return Err(hit.replay(rec, &e, kind, Some(near.similarity)).await);
             }
             Looked::Failed => return Ok(go(rec, CacheStatus::Bypass, "error", None, "bypass")),
-            Looked::Hit(_) | Looked::Miss => {}
+            Looked::Hit(_) | Looked::Miss => gw.cache.forget(&partition, &near.key),
         }
     }
     if let Some(p) = pending.as_mut() {
@@ -179,7 +184,8 @@ impl Hit<'_> {
                 entry::events(&doc, &id, req.include_usage),
             )
         } else {
-            ("application/json", entry::whole(doc, &id))
+            let text = std::str::from_utf8(&body).unwrap_or_default();
+            ("application/json", entry::whole(text, &doc, &id))
         };
         let mut resp = (StatusCode::OK, Body::from(bytes)).into_response();
         let h = resp.headers_mut();

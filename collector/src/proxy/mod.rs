@@ -45,7 +45,7 @@ use crate::policy::cache::Pending;
 use crate::policy::cache::fill::StreamFill;
 use crate::policy::quota::RateHeaders;
 use crate::policy::screen;
-use crate::policy::screen::output::Holdback;
+use crate::policy::screen::holdback::Holdback;
 use crate::policy::screen::rules::Applying;
 use crate::proxy::auth::Caller;
 use crate::proxy::request::{ClientRequest, Endpoint};

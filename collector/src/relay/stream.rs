@@ -14,7 +14,7 @@ use crate::ledger::Record;
 use crate::observe::InFlight;
 use crate::policy::cache::fill::StreamFill;
 use crate::policy::screen::Blocked;
-use crate::policy::screen::output::{Holdback, Released};
+use crate::policy::screen::holdback::{Holdback, Released};
 use crate::proxy::failure::scrub;
 use crate::proxy::routing::Candidate;
 use crate::relay::events::{Events, Step};
@@ -151,12 +151,14 @@ impl Relay {
     /// The guard blocked the answer: billed for what was generated, ended
     /// with the gateway's `content_blocked` error event.
     fn block(&mut self, out: &mut Gathered, b: &Blocked) {
+        let error = crate::error::GatewayError::blocked(b);
         if let Some(rec) = self.record.as_mut() {
             rec.blocked(b);
         }
-        self.close(Some("content_blocked"), Outcome::Blocked);
-        let message = crate::error::GatewayError::blocked_message(b);
-        out.push(error_event(&message, "content_blocked"));
+        // The attempt itself succeeded; the request is what was blocked.
+        self.close_as(None, Outcome::Blocked, Some(error.kind()));
+        let body = error.body();
+        out.push(Bytes::from(format!("data: {body}\n\n")));
     }
 
     /// The upstream's body ended.
@@ -212,6 +214,12 @@ impl Relay {
 
     /// Closes the record once. `error` is the attempt's failure, if any.
     fn close(&mut self, error: Option<&str>, outcome: Outcome) {
+        self.close_as(error, outcome, error);
+    }
+
+    /// Closes the record once: `error` is the attempt's failure, if any,
+    /// `error_type` the request's (`None`: a success).
+    fn close_as(&mut self, error: Option<&str>, outcome: Outcome, error_type: Option<&str>) {
         if self.ended {
             return;
         }
@@ -224,14 +232,14 @@ impl Relay {
             }
             let usage = rec.settle(&self.candidate.upstream, &self.events.tally);
             if let Some(fill) = self.fill.take()
-                && error.is_none()
+                && error_type.is_none()
             {
                 let cost = rec.price(&self.candidate.model, &usage.tokens);
                 let estimated = usage.source == tollgate_schemas::TokenSource::Estimated;
                 fill.finish(&self.candidate, usage.tokens, estimated, cost);
             }
             rec.attempt(&self.candidate, Some(status), error, latency, Some(usage));
-            match error {
+            match error_type {
                 None => rec.finish(status),
                 Some(kind) => rec.finish_with(status, outcome, kind),
             }

@@ -330,3 +330,21 @@ async fn rules_apply_only_to_the_models_and_consumers_they_name() {
     assert_eq!(status, 400);
     gw.exactly(2).await;
 }
+
+#[tokio::test]
+async fn a_secret_split_across_content_parts_is_still_one_text() {
+    let gw = TestGateway::start(&sections(PII_BLOCK_IN));
+    let body = serde_json::json!({
+        "model": "qwq-32b",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi AKIAIOSFOD"},
+            {"type": "text", "text": "NN7EXAMPLE"},
+        ]}],
+    })
+    .to_string();
+    let (status, _, body) = gw
+        .post("/v1/chat/completions", Some(CLIENT_KEY), &body)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    gw.exactly(1).await;
+}

@@ -58,16 +58,16 @@ impl Entry {
     }
 }
 
-/// The whole answer with a fresh `id` (and `created`), so two hits are
-/// two responses.
-pub fn whole(mut doc: Value, id: &str) -> Bytes {
-    if doc.get("id").is_some() {
-        doc["id"] = Value::String(id.to_string());
-    }
-    if doc.get("created").is_some() {
-        doc["created"] = json!(chrono::Utc::now().timestamp());
-    }
-    Bytes::from(doc.to_string())
+/// The whole answer as stored, byte for byte (numbers are not re-read,
+/// so an embedding's floats come back exactly), with a fresh `id` when it
+/// has one, so two hits are two responses.
+pub fn whole(body: &str, doc: &Value, id: &str) -> Bytes {
+    let Some(old) = doc.get("id").and_then(Value::as_str) else {
+        return Bytes::from(body.to_string());
+    };
+    let from = format!("\"id\":{}", Value::from(old));
+    let to = format!("\"id\":{}", Value::from(id));
+    Bytes::from(body.replacen(&from, &to, 1))
 }
 
 /// The answer as server-sent events, in the shape of the endpoint's
@@ -200,6 +200,19 @@ mod tests {
         assert_eq!(chunks[3]["choices"], json!([]));
         let (_, without) = texts(&events(&doc, "id", false));
         assert_eq!(without.len(), 3, "no usage chunk unless asked for");
+    }
+
+    #[test]
+    fn a_whole_replay_keeps_every_byte_but_the_id() {
+        let body = r#"{"id":"chatcmpl-1","object":"list","data":[{"embedding":[0.12072098255157471,1e-7]}]}"#;
+        let doc: Value = serde_json::from_str(body).unwrap();
+        let out = whole(body, &doc, "chatcmpl-2");
+        assert_eq!(out, body.replace("chatcmpl-1", "chatcmpl-2"));
+        let no_id = r#"{"object":"list","data":[]}"#;
+        assert_eq!(
+            whole(no_id, &serde_json::from_str(no_id).unwrap(), "x"),
+            no_id
+        );
     }
 
     #[test]

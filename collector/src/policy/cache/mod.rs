@@ -20,6 +20,7 @@ pub mod key;
 pub mod semantic;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -74,7 +75,15 @@ impl quick_cache::Weighter<String, Arc<Memo>> for Weigh {
 struct Redis {
     conn: RwLock<Option<ConnectionManager>>,
     prefix: String,
+    /// After a failed or slow call, Redis is left alone until then (ms
+    /// since `epoch`): requests bypass at once instead of each waiting out
+    /// the lookup timeout.
+    down_until: AtomicU64,
+    epoch: Instant,
 }
+
+/// How long a failed or slow Redis is left alone.
+const REDIS_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What a lookup found.
 pub enum Looked {
@@ -199,7 +208,7 @@ impl Cache {
         let Some(r) = &self.redis else {
             return Looked::Miss;
         };
-        let Some(mut conn) = r.connection() else {
+        let Some(mut conn) = r.connection().filter(|_| r.is_up()) else {
             return Looked::Failed;
         };
         let mut cmd = redis::cmd("GET");
@@ -213,10 +222,15 @@ impl Cache {
             },
             Ok(Ok(None)) => Looked::Miss,
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "cache lookup failed");
+                tracing::warn!(error = %e, "cache lookup failed: Redis left alone for 1 s");
+                r.failed();
                 Looked::Failed
             }
-            Err(_) => Looked::Failed,
+            Err(_) => {
+                tracing::warn!("cache lookup timed out: Redis left alone for 1 s");
+                r.failed();
+                Looked::Failed
+            }
         }
     }
 
@@ -242,6 +256,11 @@ impl Cache {
             .await
             .ok()
             .flatten()
+    }
+
+    /// Drops an index row whose entry the store no longer has.
+    pub fn forget(&self, partition: &str, key: &str) {
+        self.index.forget(partition, key);
     }
 
     /// Stores `entry` under `pending.key`, off the request path; a
@@ -270,7 +289,7 @@ impl Cache {
         let Ok(permit) = self.stores_in_flight.clone().try_acquire_owned() else {
             return self.stored("dropped");
         };
-        let Some(mut conn) = r.connection() else {
+        let Some(mut conn) = r.connection().filter(|_| r.is_up()) else {
             return self.stored("failed");
         };
         let this = self.clone();
@@ -309,6 +328,8 @@ impl Redis {
         let r = Arc::new(Self {
             conn: RwLock::new(None),
             prefix: config.prefix.clone(),
+            down_until: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         let handle = tokio::runtime::Handle::try_current()
             .map_err(|_| CacheError("[redis] needs a Tokio runtime".into()))?;
@@ -322,6 +343,19 @@ impl Redis {
 
     fn connection(&self) -> Option<ConnectionManager> {
         self.conn.read().ok()?.clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn is_up(&self) -> bool {
+        self.now_ms() >= self.down_until.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self) {
+        let until = self.now_ms() + REDIS_BACKOFF.as_millis() as u64;
+        self.down_until.store(until, Ordering::Relaxed);
     }
 }
 

@@ -158,6 +158,21 @@ impl Index {
         best
     }
 
+    /// Removes the row of `partition` that points at `key` (its entry is
+    /// gone from the store: flushed, evicted, expired early).
+    pub fn forget(&self, partition: &str, key: &str) {
+        let Ok(mut inner) = self.inner.write() else {
+            return;
+        };
+        let removed = inner.partitions.get_mut(partition).is_some_and(|p| {
+            let id = p.keys.iter().position(|k| k == key).map(|row| p.ids[row]);
+            id.is_some_and(|id| p.remove(id))
+        });
+        if removed {
+            inner.rows -= 1;
+        }
+    }
+
     /// Floats a lookup in `partition` scans.
     pub fn scan_size(&self, partition: &str) -> usize {
         self.inner
@@ -247,13 +262,28 @@ pub fn query_text(body: &Map<String, Value>) -> Option<(Option<usize>, String)> 
     }
 }
 
-/// The body without the message `at` (the one embedded): what a semantic
-/// hit must share exactly.
+/// The body without the text embedded: what a semantic hit must share
+/// exactly. The message `at` keeps everything but its text (images,
+/// audio, files, its name), so questions about different images never
+/// share an answer.
 pub fn context(body: &Map<String, Value>, at: Option<usize>) -> Map<String, Value> {
     let mut rest = body.clone();
     match (at, rest.get_mut("messages")) {
         (Some(i), Some(Value::Array(messages))) if i < messages.len() => {
-            messages.remove(i);
+            if let Some(m) = messages[i].as_object_mut() {
+                let kept = match m.remove("content") {
+                    Some(Value::Array(parts)) => parts
+                        .into_iter()
+                        .filter(|p| {
+                            !p.is_string() && p.get("type").and_then(Value::as_str) != Some("text")
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if !kept.is_empty() {
+                    m.insert("content".into(), Value::Array(kept));
+                }
+            }
         }
         _ => {
             rest.remove("prompt");
@@ -376,6 +406,15 @@ mod tests {
         let (at, text) = query_text(&body).unwrap();
         assert_eq!((at, text.as_str()), (Some(3), "how\nmuch?"));
         let rest = context(&body, at);
-        assert_eq!(rest["messages"].as_array().unwrap().len(), 3);
+        assert_eq!(rest["messages"][3], json!({"role": "user"}));
+        let with_image: Map<String, Value> = serde_json::from_value(json!({
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": "cat.png"}}]}],
+        }))
+        .unwrap();
+        let rest = context(&with_image, Some(0));
+        assert_eq!(
+            rest["messages"][0]["content"][0]["image_url"]["url"],
+            "cat.png"
+        );
     }
 }

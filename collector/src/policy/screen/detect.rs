@@ -23,7 +23,8 @@ pub enum Detector {
     CnResidentId,
     /// API-key-like tokens (OpenAI/DeepSeek `sk-`, AWS `AKIA`, GitHub
     /// `ghp_`/`github_pat_`, Slack `xox?-`, Google `AIza`) and PEM private
-    /// key blocks.
+    /// key blocks, from their `BEGIN` line to their `END` line or, when
+    /// there is none (yet), to the end of the text.
     Secret,
 }
 
@@ -75,7 +76,7 @@ const PATTERNS: [&str; 5] = [
     r"(?:\+?86[ -]?)?1[3-9][0-9](?:[ -]?[0-9]{4}){2}|\+[1-9][0-9]{0,2}[ -]?(?:[0-9][ -]?){6,13}[0-9]",
     r"[0-9](?:[ -]?[0-9]){12,18}",
     r"[1-9][0-9]{5}(?:18|19|20)[0-9]{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])[0-9]{3}[0-9Xx]",
-    r"sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{40,}|xox[abprs]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----(?s:.*?)-----END (?:[A-Z]+ )?PRIVATE KEY-----",
+    r"sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{40,}|xox[abprs]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----(?s:.*?)(?:-----END (?:[A-Z]+ )?PRIVATE KEY-----|\z)",
 ];
 
 struct Compiled {

@@ -1,9 +1,14 @@
-//! Screening a request before it goes upstream: the texts of its messages
-//! (string contents, text parts, tool-call arguments), its `prompt` or its
-//! `input`, checked by each rule that applies. Block rules look first, at
-//! the text as the client sent it, then the moderation upstreams, then
-//! masks rewrite the body in place, then log rules count what goes out.
+//! Screening a request before it goes upstream. The texts a model reads
+//! are gathered in groups, each checked as one text: a message's content
+//! (its string, or its text parts joined, so a secret split across parts
+//! is still one), each tool call's and legacy `function_call`'s
+//! arguments, each tool's description, `prediction` content, each
+//! `prompt` and `suffix` of a completion, each embeddings `input`. Block
+//! rules look first, at the text as the client sent it, then the
+//! moderation upstreams, then masks rewrite the body in place, then log
+//! rules count what goes out.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -11,7 +16,7 @@ use serde_json::{Map, Value};
 use crate::config::GuardAction;
 use crate::observe::names::Name;
 use crate::policy::screen::moderation::Moderated;
-use crate::policy::screen::rules::{Counters, Direction, Rule, mask};
+use crate::policy::screen::rules::{Counters, Direction, Hit, Rule};
 use crate::upstream::Endpoint;
 
 /// Why a rule stopped the text.
@@ -31,49 +36,43 @@ pub async fn screen(
     endpoint: Endpoint,
     body: &mut Map<String, Value>,
 ) -> Result<bool, Blocked> {
-    let mut texts = texts_mut(endpoint, body);
-    let dir = Direction::Input;
-    check(rules, counters, dir, texts.iter().map(|t| t.as_str())).await?;
-    let mut masked = false;
-    for rule in rules.iter().filter(|r| r.action == GuardAction::Mask) {
-        let mut hit = false;
-        for text in texts.iter_mut() {
-            let hits = rule.find(text);
-            if !hits.is_empty() {
-                **text = mask(text, &hits);
-                hit = true;
-            }
-        }
-        if hit {
-            counters.matched(rule, dir, GuardAction::Mask);
-            tracing::info!(rule = %rule.name, direction = "input", "content guard masked the request");
-            masked = true;
-        }
+    let mut groups = groups_mut(endpoint, body);
+    let masks = {
+        let joined: Vec<Cow<str>> = groups.iter().map(|g| join(g)).collect();
+        let texts: Vec<&str> = joined.iter().map(|t| t.as_ref()).collect();
+        check(rules, counters, Direction::Input, &texts).await?;
+        mask_hits(rules, counters, Direction::Input, &texts)
+    };
+    let masked = masks.iter().any(|m| !m.is_empty());
+    for (group, hits) in groups.iter_mut().zip(masks) {
+        mask_pieces(group, &hits);
     }
     Ok(masked)
 }
 
 /// The checks that do not rewrite: block rules' matches, the moderation
-/// upstreams, log rules' matches. Shared with whole (non-streamed) answers.
-pub async fn check<'a>(
+/// upstreams, log rules' matches. Shared with whole answers.
+pub async fn check(
     rules: &[Arc<Rule>],
     counters: &Counters,
     dir: Direction,
-    texts: impl Iterator<Item = &'a str> + Clone,
+    texts: &[&str],
 ) -> Result<(), Blocked> {
     let blocked = |rule: &Rule, unanswered| Blocked {
         rule: rule.name.clone(),
         direction: dir,
         unanswered,
     };
+    let first_hit = |rule: &Rule| {
+        texts
+            .iter()
+            .find_map(|t| rule.find(t).first().map(|h| h.what))
+    };
     for rule in rules
         .iter()
         .filter(|r| r.action == GuardAction::Block && r.scans())
     {
-        if let Some(what) = texts
-            .clone()
-            .find_map(|t| rule.find(t).first().map(|h| h.what))
-        {
+        if let Some(what) = first_hit(rule) {
             counters.matched(rule, dir, GuardAction::Block);
             tracing::info!(rule = %rule.name, direction = dir.as_str(), what, "content guard blocked");
             return Err(blocked(rule, false));
@@ -81,7 +80,11 @@ pub async fn check<'a>(
     }
     for rule in rules {
         let Some(m) = &rule.moderation else { continue };
-        let all: Vec<&str> = texts.clone().filter(|t| !t.trim().is_empty()).collect();
+        let all: Vec<&str> = texts
+            .iter()
+            .copied()
+            .filter(|t| !t.trim().is_empty())
+            .collect();
         if all.is_empty() {
             continue;
         }
@@ -109,10 +112,7 @@ pub async fn check<'a>(
         .iter()
         .filter(|r| r.action == GuardAction::Log && r.scans())
     {
-        if let Some(what) = texts
-            .clone()
-            .find_map(|t| rule.find(t).first().map(|h| h.what))
-        {
+        if let Some(what) = first_hit(rule) {
             counters.matched(rule, dir, GuardAction::Log);
             tracing::info!(rule = %rule.name, direction = dir.as_str(), what, "content guard match (logged only)");
         }
@@ -120,40 +120,129 @@ pub async fn check<'a>(
     Ok(())
 }
 
-/// The request's texts a model reads, in order.
-pub fn texts_mut(endpoint: Endpoint, body: &mut Map<String, Value>) -> Vec<&mut String> {
+/// Every mask rule's matches in each text, merged per text (counted once
+/// per rule).
+pub fn mask_hits(
+    rules: &[Arc<Rule>],
+    counters: &Counters,
+    dir: Direction,
+    texts: &[&str],
+) -> Vec<Vec<Hit>> {
+    let mut out: Vec<Vec<Hit>> = vec![Vec::new(); texts.len()];
+    for rule in rules.iter().filter(|r| r.action == GuardAction::Mask) {
+        let mut hit = false;
+        for (t, text) in texts.iter().enumerate() {
+            let hits = rule.find(text);
+            hit |= !hits.is_empty();
+            out[t].extend(hits);
+        }
+        if hit {
+            counters.matched(rule, dir, GuardAction::Mask);
+            tracing::info!(rule = %rule.name, direction = dir.as_str(), "content guard masked");
+        }
+    }
+    for hits in &mut out {
+        hits.sort_by_key(|h| (h.at.start, h.at.end));
+    }
+    out
+}
+
+/// Masks `hits` (byte ranges of the pieces joined) in the pieces: a
+/// match's mask goes where it starts, the rest of it is cut from the
+/// pieces it runs on into.
+pub fn mask_pieces(pieces: &mut [&mut String], hits: &[Hit]) {
+    // Overlapping matches merge into one, named by the first.
+    let mut merged: Vec<Hit> = Vec::new();
+    for h in hits {
+        match merged.last_mut() {
+            Some(last) if h.at.start < last.at.end => last.at.end = last.at.end.max(h.at.end),
+            _ => merged.push(h.clone()),
+        }
+    }
+    let mut starts = Vec::with_capacity(pieces.len());
+    let mut at = 0;
+    for p in pieces.iter() {
+        starts.push(at);
+        at += p.len();
+    }
+    for hit in merged.iter().rev() {
+        for (i, piece) in pieces.iter_mut().enumerate().rev() {
+            let start = starts[i];
+            let (lo, hi) = (hit.at.start.max(start), hit.at.end.min(start + piece.len()));
+            if lo >= hi {
+                continue;
+            }
+            let with = if hit.at.start >= start { hit.mask } else { "" };
+            piece.replace_range(lo - start..hi - start, with);
+        }
+    }
+}
+
+fn join<'a>(pieces: &'a [&mut String]) -> Cow<'a, str> {
+    match pieces {
+        [one] => Cow::Borrowed(one.as_str()),
+        many => Cow::Owned(many.iter().map(|p| p.as_str()).collect()),
+    }
+}
+
+/// The request's texts a model reads, in groups read as one text each.
+pub fn groups_mut(endpoint: Endpoint, body: &mut Map<String, Value>) -> Vec<Vec<&mut String>> {
     let mut out = Vec::new();
-    match endpoint {
-        Endpoint::ChatCompletions => {
-            if let Some(Value::Array(messages)) = body.get_mut("messages") {
+    for (key, v) in body.iter_mut() {
+        match (endpoint, key.as_str()) {
+            (Endpoint::ChatCompletions, "messages") => {
+                let Value::Array(messages) = v else { continue };
                 for m in messages.iter_mut().filter_map(Value::as_object_mut) {
                     for (key, v) in m.iter_mut() {
                         match key.as_str() {
-                            "content" => strings(v, &mut out),
+                            "content" => out.push(pieces(v)),
                             "tool_calls" => arguments(v, &mut out),
+                            "function_call" => {
+                                if let Some(Value::String(a)) = v.get_mut("arguments") {
+                                    out.push(vec![a]);
+                                }
+                            }
                             _ => {}
                         }
                     }
                 }
             }
-        }
-        Endpoint::Completions => {
-            if let Some(v) = body.get_mut("prompt") {
-                strings(v, &mut out);
+            (Endpoint::ChatCompletions, "tools") => {
+                let Value::Array(tools) = v else { continue };
+                for t in tools {
+                    if let Some(Value::String(d)) = t.pointer_mut("/function/description") {
+                        out.push(vec![d]);
+                    }
+                }
             }
-        }
-        Endpoint::Embeddings | Endpoint::Moderations => {
-            if let Some(v) = body.get_mut("input") {
-                strings(v, &mut out);
+            (Endpoint::ChatCompletions, "prediction") => {
+                if let Some(c) = v.get_mut("content") {
+                    out.push(pieces(c));
+                }
             }
+            (Endpoint::Completions, "prompt" | "suffix")
+            | (Endpoint::Embeddings | Endpoint::Moderations, "input") => match v {
+                Value::String(s) => out.push(vec![s]),
+                Value::Array(items) => {
+                    for item in items {
+                        if let Value::String(s) = item {
+                            out.push(vec![s]);
+                        }
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
         }
     }
+    out.retain(|g| !g.is_empty());
     out
 }
 
-/// A string, or an array of strings and `{"type": "text", "text": ..}`
-/// parts.
-fn strings<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
+/// A string, or the strings and `{"type": "text", "text": ..}` parts of an
+/// array, in order.
+fn pieces(v: &mut Value) -> Vec<&mut String> {
+    let mut out = Vec::new();
     match v {
         Value::String(s) => out.push(s),
         Value::Array(items) => {
@@ -171,17 +260,75 @@ fn strings<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
         }
         _ => {}
     }
+    out
 }
 
-/// `tool_calls[].function.arguments`.
-fn arguments<'a>(v: &'a mut Value, out: &mut Vec<&'a mut String>) {
+/// Each of `tool_calls[].function.arguments`, a group of its own.
+fn arguments<'a>(v: &'a mut Value, out: &mut Vec<Vec<&'a mut String>>) {
     let Value::Array(calls) = v else { return };
     for call in calls {
-        if let Some(Value::String(a)) = call
-            .get_mut("function")
-            .and_then(|f| f.get_mut("arguments"))
-        {
-            out.push(a);
+        if let Some(Value::String(a)) = call.pointer_mut("/function/arguments") {
+            out.push(vec![a]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::screen::rules::DENIED_MASK;
+
+    #[test]
+    fn a_match_across_pieces_is_masked_where_it_starts_and_cut_from_the_rest() {
+        let (mut a, mut b, mut c) = (
+            "key AKIA".to_string(),
+            "IOSFODNN7".to_string(),
+            "EXAMPLE ok".to_string(),
+        );
+        let hit = Hit {
+            at: 4..24,
+            mask: "[SECRET]",
+            what: "secret",
+        };
+        mask_pieces(&mut [&mut a, &mut b, &mut c], &[hit]);
+        assert_eq!(
+            (a.as_str(), b.as_str(), c.as_str()),
+            ("key [SECRET]", "", " ok")
+        );
+        let mut one = "a falcon b falcon".to_string();
+        let hits = [
+            Hit {
+                at: 2..8,
+                mask: DENIED_MASK,
+                what: "keyword",
+            },
+            Hit {
+                at: 11..17,
+                mask: DENIED_MASK,
+                what: "keyword",
+            },
+        ];
+        mask_pieces(&mut [&mut one], &hits);
+        assert_eq!(one, "a [DENIED] b [DENIED]");
+    }
+
+    #[test]
+    fn every_text_a_model_reads_is_gathered() {
+        let mut body: Map<String, Value> = serde_json::from_value(serde_json::json!({
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "b"}]},
+                {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "c"}}], "function_call": {"arguments": "d"}},
+            ],
+            "tools": [{"type": "function", "function": {"name": "f", "description": "e"}}],
+            "prediction": {"type": "content", "content": "g"},
+        }))
+        .unwrap();
+        let mut groups: Vec<String> = groups_mut(Endpoint::ChatCompletions, &mut body)
+            .iter()
+            .map(|g| g.iter().map(|s| s.as_str()).collect())
+            .collect();
+        groups.sort();
+        assert_eq!(groups, ["ab", "c", "d", "e", "g"]);
     }
 }

@@ -4,10 +4,11 @@
 //! checksum where the format has one), [`rules`] (the `[[guard]]` rules
 //! compiled: detectors, keyword and regex deny lists, filters),
 //! [`moderation`] (an external `/v1/moderations` upstream), [`input`]
-//! (the request, before it goes upstream) and [`output`] (a whole answer,
-//! or a stream through a bounded holdback).
+//! (the request, before it goes upstream), [`output`] (a whole answer)
+//! and [`holdback`] (a stream, as it is relayed).
 
 pub mod detect;
+pub mod holdback;
 pub mod input;
 pub mod moderation;
 pub mod output;

@@ -65,7 +65,7 @@ impl Moderation {
             if !(200..300).contains(&status) {
                 return Err(format!("answered {status}"));
             }
-            read(&bytes)
+            read(&bytes, texts.len())
         };
         match tokio::time::timeout(self.timeout, ask).await {
             Err(_) => {
@@ -77,12 +77,19 @@ impl Moderation {
     }
 }
 
-/// OpenAI's answer: `{"results": [{"flagged": bool, "categories": {..}}]}`.
-fn read(bytes: &[u8]) -> Result<Moderated, String> {
+/// OpenAI's answer: `{"results": [{"flagged": bool, "categories": {..}}]}`,
+/// one result per input, in order; anything less is no answer.
+fn read(bytes: &[u8], inputs: usize) -> Result<Moderated, String> {
     let doc: Value = serde_json::from_slice(bytes).map_err(|_| "the answer is not JSON")?;
     let Some(results) = doc.get("results").and_then(Value::as_array) else {
         return Err("the answer has no results".into());
     };
+    if results.len() != inputs {
+        return Err(format!(
+            "the answer has {} results for {inputs} inputs",
+            results.len()
+        ));
+    }
     let mut categories = Vec::new();
     let mut flagged = false;
     for r in results {
@@ -114,15 +121,21 @@ mod tests {
     fn answers_are_read_in_openai_shape() {
         let flagged = br#"{"results":[{"flagged":false,"categories":{}},{"flagged":true,"categories":{"violence":true,"hate":false}}]}"#;
         assert_eq!(
-            read(flagged),
+            read(flagged, 2),
             Ok(Moderated::Flagged(vec!["violence".into()]))
         );
         assert_eq!(
-            read(br#"{"results":[{"flagged":false}]}"#),
+            read(br#"{"results":[{"flagged":false}]}"#, 1),
             Ok(Moderated::Clean)
         );
-        assert!(read(b"<html>").is_err());
-        assert!(read(br#"{"results":[{}]}"#).is_err());
-        assert!(read(br#"{"error":{"message":"x"}}"#).is_err());
+        assert!(read(b"<html>", 1).is_err());
+        assert!(read(br#"{"results":[{}]}"#, 1).is_err());
+        assert!(read(br#"{"error":{"message":"x"}}"#, 1).is_err());
+        assert!(
+            read(br#"{"results":[]}"#, 1).is_err(),
+            "no result for the input"
+        );
+        let one = br#"{"results":[{"flagged":false}]}"#;
+        assert!(read(one, 2).is_err(), "one result for two inputs");
     }
 }

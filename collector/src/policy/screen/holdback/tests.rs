@@ -3,6 +3,7 @@ use std::collections::HashMap;
 use super::*;
 use crate::config::Config;
 use crate::policy::screen::Screen;
+use serde_json::json;
 
 fn screen(rule: &str) -> Screen {
     let text = format!(
@@ -108,4 +109,110 @@ fn a_digit_run_at_the_end_waits_for_its_next_digits() {
 fn keywords_are_caught_across_chunks_ignoring_case() {
     let mut b = holdback("deny = [\"keyword:internal-only\"]");
     assert!(run(&mut b, &["this is INTER", "NAL-on", "ly"]).1);
+}
+
+fn choice_event(index: u64, delta: Value) -> Vec<u8> {
+    let doc = serde_json::json!({"choices": [{"index": index, "delta": delta}]});
+    format!("data: {doc}\n\n").into_bytes()
+}
+
+/// Pushes raw events and `[DONE]`; per choice index, the text read.
+fn run_raw(
+    h: &mut Holdback,
+    events: &[Vec<u8>],
+) -> (std::collections::BTreeMap<u64, String>, bool) {
+    let mut out = Vec::new();
+    let mut blocked = false;
+    for e in events
+        .iter()
+        .map(Vec::as_slice)
+        .chain([&b"data: [DONE]\n\n"[..]])
+    {
+        match h.push(e) {
+            Released::Events(v) => out.extend(v),
+            Released::Blocked(_) => {
+                blocked = true;
+                break;
+            }
+        }
+    }
+    let mut texts = std::collections::BTreeMap::new();
+    for b in out {
+        let s = String::from_utf8(b.to_vec()).unwrap();
+        let Ok(v) = serde_json::from_str::<Value>(s.trim().trim_start_matches("data: ")) else {
+            continue;
+        };
+        for c in v["choices"].as_array().into_iter().flatten() {
+            let t: &mut String = texts.entry(c["index"].as_u64().unwrap()).or_default();
+            t.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+            for call in c["delta"]["tool_calls"].as_array().into_iter().flatten() {
+                t.push_str(call["function"]["arguments"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    (texts, blocked)
+}
+
+#[test]
+fn choices_are_checked_each_on_its_own() {
+    let interleaved = [
+        choice_event(0, json!({"content": "fine "})),
+        choice_event(1, json!({"content": "secret AKIAIO"})),
+        choice_event(0, json!({"content": "words "})),
+        choice_event(1, json!({"content": "SFODNN7EXAMPLE"})),
+    ];
+    let mut b = holdback("detect = [\"secret\"]");
+    assert!(
+        run_raw(&mut b, &interleaved).1,
+        "a split secret in choice 1"
+    );
+    let mut m = holdback("detect = [\"secret\"]\naction = \"mask\"");
+    let (texts, _) = run_raw(&mut m, &interleaved);
+    assert_eq!(texts[&1], "secret [SECRET]");
+    assert_eq!(texts[&0], "fine words ");
+    let across = [
+        choice_event(0, json!({"content": "AKIAIOSFOD"})),
+        choice_event(1, json!({"content": "NN7EXAMPLE"})),
+    ];
+    let mut b = holdback("detect = [\"secret\"]");
+    let (texts, blocked) = run_raw(&mut b, &across);
+    assert!(!blocked, "two choices never join into one match");
+    assert_eq!(texts[&0], "AKIAIOSFOD");
+}
+
+#[test]
+fn streamed_tool_call_arguments_are_checked() {
+    let call = |args: &str| {
+        choice_event(
+            0,
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": args}}]}),
+        )
+    };
+    let events = [call("{\"k\":\"AKIAIO"), call("SFODNN7EX"), call("AMPLE\"}")];
+    let mut b = holdback("detect = [\"secret\"]");
+    assert!(run_raw(&mut b, &events).1);
+    let mut m = holdback("detect = [\"secret\"]\naction = \"mask\"");
+    assert_eq!(run_raw(&mut m, &events).0[&0], "{\"k\":\"[SECRET]\"}");
+}
+
+#[test]
+fn a_private_key_longer_than_the_holdback_is_caught_as_it_opens() {
+    let body: String = (0..40)
+        .map(|i| format!("MIIEowIBAAKCAQEA{i:04}abcdefghij\n"))
+        .collect();
+    let key = format!("-----BEGIN RSA PRIVATE KEY-----\n{body}-----END RSA PRIVATE KEY-----");
+    let text = format!("here it is: {key} and that is all");
+    let pieces: Vec<&str> = text
+        .as_bytes()
+        .chunks(40)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    let mut b = holdback("detect = [\"secret\"]");
+    let (seen, blocked) = run(&mut b, &pieces);
+    assert!(blocked);
+    assert!(!seen.contains("MIIE"), "{seen}");
+    let mut m = holdback("detect = [\"secret\"]\naction = \"mask\"");
+    let (seen, blocked) = run(&mut m, &pieces);
+    assert!(!blocked);
+    assert_eq!(seen, "here it is: [SECRET] and that is all");
 }
