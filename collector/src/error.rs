@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tollgate_schemas::Outcome;
 
+use crate::policy::screen::input::Why;
 use crate::policy::screen::{Blocked, Direction};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -160,10 +161,10 @@ impl GatewayError {
             Direction::Input => "The request",
             Direction::Output => "The answer",
         };
-        let why = if b.unanswered {
-            " (the moderation service did not answer)"
-        } else {
-            ""
+        let why = match b.why {
+            Why::Matched => "",
+            Why::Unanswered => " (the moderation service did not answer)",
+            Why::Unreadable => " (the upstream sent an event it cannot read)",
         };
         format!(
             "{what} was blocked by the content guard (rule {:?}){why}.",

@@ -147,16 +147,18 @@ pub fn validate_route(
     if !(1024..=64 << 20).contains(&max_entry_bytes) {
         return Err(err(".max_entry_bytes", "1024 to 67108864".into()));
     }
+    // Far below what one event may carry (the lake's bound is $10^8).
+    let max_hit: Usd = "1000".parse().unwrap_or(Usd::ZERO);
     let hit_usd = match &raw.hit_usd {
         None => Usd::ZERO,
         Some(s) => s
             .parse::<Usd>()
             .ok()
-            .filter(|u| *u >= Usd::ZERO && u.decimal().scale() <= 10)
+            .filter(|u| *u >= Usd::ZERO && *u <= max_hit && u.decimal().scale() <= 10)
             .ok_or_else(|| {
                 err(
                     ".hit_usd",
-                    "a non-negative decimal string with at most 10 decimals, e.g. \"0.0001\""
+                    "a decimal string from 0 to 1000 with at most 10 decimals, e.g. \"0.0001\""
                         .into(),
                 )
             })?,

@@ -172,6 +172,10 @@ impl Hit<'_> {
         let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         rec.cache_hit(e, kind, rc.hit_usd);
         rec.responded();
+        if req.stream {
+            // The whole replay goes out at once: its first token is now.
+            rec.first_token(std::time::Instant::now());
+        }
         let prefix = if doc["object"] == "text_completion" {
             "cmpl"
         } else {

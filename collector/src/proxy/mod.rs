@@ -231,6 +231,10 @@ async fn forward(
                 rec.attempt(candidate, Some(200), None, sent_at.elapsed(), Some(usage));
                 let screened =
                     screen::output::screen_answer(&rules.output, &gw.screen.counters, &body).await;
+                if matches!(screened, Ok(Some(_))) {
+                    // A masked answer is this client's alone: never shared.
+                    pending = None;
+                }
                 let body = match screened {
                     Ok(masked) => masked.unwrap_or(body),
                     Err(b) => {

@@ -99,9 +99,8 @@ impl Relay {
                 }
                 Step::Skip => {}
                 Step::Fault(f) => {
-                    if self.drain_guard(out) {
-                        self.fault(out, f);
-                    }
+                    self.abort_guard();
+                    self.fault(out, f);
                     return false;
                 }
             }
@@ -140,6 +139,14 @@ impl Relay {
         }
     }
 
+    /// The stream failed: what the guard holds was never checked whole and
+    /// is not sent.
+    fn abort_guard(&mut self) {
+        if let Some(g) = self.guard.as_mut() {
+            g.abort();
+        }
+    }
+
     /// Whatever the guard still holds, checked to the end and released.
     fn drain_guard(&mut self, out: &mut Gathered) -> bool {
         match self.guard.as_mut().map(Holdback::finish) {
@@ -170,18 +177,16 @@ impl Relay {
                 }
             }
             Some(Step::Fault(f)) => {
-                if self.drain_guard(out) {
-                    self.fault(out, f);
-                }
+                self.abort_guard();
+                self.fault(out, f);
                 return;
             }
             Some(Step::Skip) | None => {}
         }
-        if !self.drain_guard(out) {
-            return;
-        }
         if self.events.saw_done {
-            self.close(None, Outcome::Ok);
+            if self.drain_guard(out) {
+                self.close(None, Outcome::Ok);
+            }
         } else {
             self.fail(
                 out,
@@ -205,9 +210,7 @@ impl Relay {
 
     /// Ends the relay with the gateway's own error event.
     fn fail(&mut self, out: &mut Gathered, label: &str, message: &str) {
-        if !self.drain_guard(out) {
-            return;
-        }
+        self.abort_guard();
         self.close(Some(label), Outcome::UpstreamError);
         out.push(error_event(message, "stream_error"));
     }
@@ -231,8 +234,11 @@ impl Relay {
                 rec.first_token(at);
             }
             let usage = rec.settle(&self.candidate.upstream, &self.events.tally);
+            // A masked answer is this client's alone: never shared.
+            let masked = self.guard.as_ref().is_some_and(Holdback::masked);
             if let Some(fill) = self.fill.take()
                 && error_type.is_none()
+                && !masked
             {
                 let cost = rec.price(&self.candidate.model, &usage.tokens);
                 let estimated = usage.source == tollgate_schemas::TokenSource::Estimated;

@@ -177,6 +177,11 @@ async fn a_streamed_hit_replays_the_original_stream_content_and_usage() {
     assert_eq!(content(&whole), text);
     let events = gw.exactly(3).await;
     assert_eq!(events[1].output_tokens, 12);
+    assert!(
+        events[1].ttft_ms.is_some(),
+        "a streamed hit has its first token"
+    );
+    assert!(events[1].upstream.is_none(), "no upstream was asked");
     assert_eq!(events[1].cost_saved_usd, events[0].cost_usd);
 }
 

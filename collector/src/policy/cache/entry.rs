@@ -118,6 +118,12 @@ pub fn events(doc: &Value, id: &str, include_usage: bool) -> Bytes {
                 None,
             );
         }
+        if let Some(r) = m["refusal"].as_str().filter(|r| !r.is_empty()) {
+            chunk(
+                json!([{"index": index, "delta": {"refusal": r}, "finish_reason": null}]),
+                None,
+            );
+        }
         if let Some(t) = m["content"].as_str().filter(|t| !t.is_empty()) {
             chunk(
                 json!([{"index": index, "delta": {"content": t}, "finish_reason": null}]),

@@ -1,16 +1,15 @@
 //! Checking a stream as it is relayed, through a bounded holdback.
 //!
-//! The events carrying the last `holdback_chars` characters of each
-//! choice's generated text (content, reasoning, tool-call arguments) are
-//! held, and each new event is checked together with them and with what
-//! that choice already released. A match of up to `holdback_chars`
+//! The events carrying the last `holdback_chars` characters of each text
+//! of the stream (each choice's content, reasoning, refusal, and each of
+//! its tool calls' arguments, apart) are held, and each new event is
+//! checked together with them and with what that text already released. A match of up to `holdback_chars`
 //! characters, split across any number of chunks, is caught before any of
 //! it reaches the client: a block ends the stream with an error event, a
 //! mask rewrites the held events. A longer match that a mask has begun
 //! (a PEM private key, say) stays open: the released text is kept as
 //! context (up to [`MAX_OPEN_CHARS`]) and the rest of the match is cut
-//! from the events that carry it. Each choice is its own text: choices of
-//! one stream are never joined. The delay this adds is the time the
+//! from the events that carry it. The delay this adds is the time the
 //! upstream takes to generate `holdback_chars` characters; the end of the
 //! stream releases everything held.
 
@@ -22,7 +21,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::config::GuardAction;
-use crate::policy::screen::input::Blocked;
+use crate::policy::screen::input::{Blocked, Why};
 use crate::policy::screen::rules::{Counters, Direction, Hit, Rule};
 use crate::relay::sse;
 
@@ -39,13 +38,15 @@ pub struct Holdback {
     holdback: usize,
     parser: sse::Parser,
     held: VecDeque<Held>,
-    /// Per choice: the text already released, as generated (unmasked),
+    /// Per channel: the text already released, as generated (unmasked),
     /// kept as context for matches that start there.
-    tails: BTreeMap<u64, String>,
+    tails: BTreeMap<Channel, String>,
     /// Each rule counts once per response.
     counted: Vec<bool>,
-    /// Blocked: nothing more goes out.
+    /// Blocked or aborted: nothing more goes out.
     stopped: bool,
+    /// A mask rewrote something: the answer is this client's alone.
+    masked: bool,
 }
 
 /// An event not yet released, and its generated text.
@@ -56,12 +57,28 @@ struct Held {
     segments: Vec<Segment>,
     /// `data: [DONE]`: the end.
     done: bool,
+    /// JSON the guard cannot read (a lone surrogate, `NaN`): unchecked.
+    unreadable: bool,
+}
+
+/// One text of a stream: a choice (its `index`) and which of its texts.
+/// Each is checked on its own: a choice's content, its reasoning, each of
+/// its tool calls' arguments never join.
+type Channel = (u64, Chan);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Chan {
+    Content,
+    Reasoning,
+    Refusal,
+    /// A tool call, by its `index`.
+    Tool(u64),
+    FunctionCall,
 }
 
 /// One text field of an event, where it sits, and the masks on it.
 struct Segment {
-    /// The choice's `index`.
-    choice: u64,
+    channel: Channel,
     /// Its position in `choices`.
     pos: usize,
     field: Field,
@@ -80,6 +97,8 @@ enum Field {
     Delta(&'static str),
     /// `choices[pos].delta.tool_calls[n].function.arguments`
     Arguments(usize),
+    /// `choices[pos].delta.function_call.arguments`
+    FunctionCall,
 }
 
 /// What the client gets next.
@@ -103,6 +122,7 @@ impl Holdback {
             held: VecDeque::new(),
             tails: BTreeMap::new(),
             stopped: false,
+            masked: false,
         })
     }
 
@@ -143,16 +163,16 @@ impl Holdback {
         if end {
             return self.held.len();
         }
-        let mut left: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut left: BTreeMap<Channel, usize> = BTreeMap::new();
         for s in self.held.iter().flat_map(|h| &h.segments) {
-            *left.entry(s.choice).or_default() += s.chars;
+            *left.entry(s.channel).or_default() += s.chars;
         }
         let mut n = 0;
         for h in &self.held {
             for s in &h.segments {
-                *left.entry(s.choice).or_default() -= s.chars;
+                *left.entry(s.channel).or_default() -= s.chars;
             }
-            if h.segments.iter().any(|s| left[&s.choice] < self.holdback) {
+            if h.segments.iter().any(|s| left[&s.channel] < self.holdback) {
                 break;
             }
             n += 1;
@@ -160,28 +180,54 @@ impl Holdback {
         n
     }
 
+    /// Whether a mask rewrote any of the answer.
+    pub fn masked(&self) -> bool {
+        self.masked
+    }
+
+    /// The stream broke: what is held was never checked whole, so it is
+    /// dropped, not sent.
+    pub fn abort(&mut self) {
+        self.held.clear();
+        self.stopped = true;
+    }
+
     fn step(&mut self, end: bool) -> Released {
         if self.stopped {
             self.held.clear();
             return Released::Events(Vec::new());
         }
+        if self.held.iter().any(|h| h.unreadable) {
+            // What cannot be read cannot be checked: fail closed.
+            self.abort();
+            let rule = self
+                .rules
+                .first()
+                .map(|r| r.name.clone())
+                .unwrap_or_default();
+            return Released::Blocked(Blocked {
+                rule,
+                direction: Direction::Output,
+                why: Why::Unreadable,
+            });
+        }
         let release = self.releasable(end);
-        let choices: Vec<u64> = {
-            let mut c: Vec<u64> = self.tails.keys().copied().collect();
+        let channels: Vec<Channel> = {
+            let mut c: Vec<Channel> = self.tails.keys().copied().collect();
             c.extend(
                 self.held
                     .iter()
-                    .flat_map(|h| h.segments.iter().map(|s| s.choice)),
+                    .flat_map(|h| h.segments.iter().map(|s| s.channel)),
             );
             c.sort_unstable();
             c.dedup();
             c
         };
-        let mut open: BTreeMap<u64, usize> = BTreeMap::new();
-        for choice in choices {
-            match self.check(choice, release, end) {
+        let mut open: BTreeMap<Channel, usize> = BTreeMap::new();
+        for channel in channels {
+            match self.check(channel, release, end) {
                 Ok(Some(start)) => {
-                    open.insert(choice, start);
+                    open.insert(channel, start);
                 }
                 Ok(None) => {}
                 Err(blocked) => {
@@ -197,22 +243,27 @@ impl Holdback {
                 break;
             };
             for s in &h.segments {
-                self.tails.entry(s.choice).or_default().push_str(&s.text);
+                self.tails.entry(s.channel).or_default().push_str(&s.text);
             }
             out.push(h.into_bytes());
         }
-        for (choice, tail) in self.tails.iter_mut() {
-            let keep_from = open.get(choice).copied();
+        for (channel, tail) in self.tails.iter_mut() {
+            let keep_from = open.get(channel).copied();
             trim(tail, self.holdback, keep_from);
         }
         Released::Events(out)
     }
 
-    /// Checks one choice's window (its released tail and held text):
+    /// Checks one channel's window (its released tail and held text):
     /// blocks, counts logs, puts masks on held segments. `Ok(Some(at))`:
     /// a mask's match is still open at the end, from byte `at` of the tail.
-    fn check(&mut self, choice: u64, release: usize, end: bool) -> Result<Option<usize>, Blocked> {
-        let tail = self.tails.get(&choice).map(String::as_str).unwrap_or("");
+    fn check(
+        &mut self,
+        channel: Channel,
+        release: usize,
+        end: bool,
+    ) -> Result<Option<usize>, Blocked> {
+        let tail = self.tails.get(&channel).map(String::as_str).unwrap_or("");
         let mut window = String::with_capacity(tail.len() + 256);
         window.push_str(tail);
         // (event, segment, start in the window) of each held segment.
@@ -223,7 +274,7 @@ impl Holdback {
                 .segments
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| s.choice == choice)
+                .filter(|(_, s)| s.channel == channel)
             {
                 places.push((e, k, window.len()));
                 window.push_str(&s.text);
@@ -250,7 +301,7 @@ impl Holdback {
                     return Err(Blocked {
                         rule: rule.name.clone(),
                         direction: Direction::Output,
-                        unanswered: false,
+                        why: Why::Matched,
                     });
                 }
                 GuardAction::Log => {}
@@ -293,6 +344,7 @@ impl Holdback {
             let with = if first { hit.mask } else { "" };
             first = false;
             s.masks.push((lo - start..hi - start, with));
+            self.masked = true;
         }
     }
 }
@@ -318,35 +370,46 @@ fn trim(tail: &mut String, chars: usize, from: Option<usize>) {
 impl Held {
     fn of(raw: Bytes, data: Option<&[u8]>) -> Self {
         let done = data.is_some_and(|d| d.trim_ascii() == b"[DONE]");
-        let doc = data
-            .filter(|d| d.trim_ascii_start().starts_with(b"{"))
-            .and_then(|d| serde_json::from_slice::<Value>(d).ok());
+        let json = data.filter(|d| d.trim_ascii_start().starts_with(b"{"));
+        let doc = json.and_then(|d| serde_json::from_slice::<Value>(d).ok());
+        let unreadable = json.is_some() && doc.is_none();
         let mut segments = Vec::new();
         if let Some(Value::Array(choices)) = doc.as_ref().and_then(|d| d.get("choices")) {
             for (pos, c) in choices.iter().enumerate() {
                 let choice = c.get("index").and_then(Value::as_u64).unwrap_or(pos as u64);
-                let mut add = |field, text: &str| {
+                let mut add = |chan, field, text: &str| {
                     if !text.is_empty() {
-                        segments.push(Segment::new(choice, pos, field, text));
+                        segments.push(Segment::new((choice, chan), pos, field, text));
                     }
                 };
                 if let Some(Value::String(t)) = c.get("text") {
-                    add(Field::Text, t);
+                    add(Chan::Content, Field::Text, t);
                 }
                 let Some(delta) = c.get("delta") else {
                     continue;
                 };
-                for name in ["reasoning_content", "content"] {
+                for (name, chan) in [
+                    ("reasoning_content", Chan::Reasoning),
+                    ("content", Chan::Content),
+                    ("refusal", Chan::Refusal),
+                ] {
                     if let Some(Value::String(t)) = delta.get(name) {
-                        add(Field::Delta(name), t);
+                        add(chan, Field::Delta(name), t);
                     }
                 }
                 if let Some(Value::Array(calls)) = delta.get("tool_calls") {
                     for (n, call) in calls.iter().enumerate() {
+                        let index = call
+                            .get("index")
+                            .and_then(Value::as_u64)
+                            .unwrap_or(n as u64);
                         if let Some(Value::String(a)) = call.pointer("/function/arguments") {
-                            add(Field::Arguments(n), a);
+                            add(Chan::Tool(index), Field::Arguments(n), a);
                         }
                     }
+                }
+                if let Some(Value::String(a)) = delta.pointer("/function_call/arguments") {
+                    add(Chan::FunctionCall, Field::FunctionCall, a);
                 }
             }
         }
@@ -355,6 +418,7 @@ impl Held {
             doc: if segments.is_empty() { None } else { doc },
             segments,
             done,
+            unreadable,
         }
     }
 
@@ -374,6 +438,7 @@ impl Held {
                 Field::Arguments(n) => {
                     &mut choice["delta"]["tool_calls"][n]["function"]["arguments"]
                 }
+                Field::FunctionCall => &mut choice["delta"]["function_call"]["arguments"],
             };
             *target = Value::String(s.render());
         }
@@ -382,9 +447,9 @@ impl Held {
 }
 
 impl Segment {
-    fn new(choice: u64, pos: usize, field: Field, text: &str) -> Self {
+    fn new(channel: Channel, pos: usize, field: Field, text: &str) -> Self {
         Self {
-            choice,
+            channel,
             pos,
             field,
             text: text.to_string(),
@@ -393,20 +458,15 @@ impl Segment {
         }
     }
 
-    /// The text with its masks applied; overlapping masks (the same match
-    /// found again in a later check) merge, keeping a non-empty mask.
+    /// The text with its masks applied; overlapping masks merge into the
+    /// outermost (a card number inside a key is the key's).
     fn render(&self) -> String {
         let mut masks = self.masks.clone();
-        masks.sort_by_key(|(r, _)| (r.start, r.end));
+        masks.sort_by_key(|(r, _)| (r.start, std::cmp::Reverse(r.end)));
         let mut merged: Vec<(Range<usize>, &'static str)> = Vec::new();
         for (r, with) in masks {
             match merged.last_mut() {
-                Some((last, w)) if r.start < last.end => {
-                    last.end = last.end.max(r.end);
-                    if w.is_empty() {
-                        *w = with;
-                    }
-                }
+                Some((last, _)) if r.start < last.end => last.end = last.end.max(r.end),
                 _ => merged.push((r, with)),
             }
         }

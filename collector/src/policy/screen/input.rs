@@ -4,9 +4,9 @@
 //! is still one), each tool call's and legacy `function_call`'s
 //! arguments, each tool's description, `prediction` content, each
 //! `prompt` and `suffix` of a completion, each embeddings `input`. Block
-//! rules look first, at the text as the client sent it, then the
-//! moderation upstreams, then masks rewrite the body in place, then log
-//! rules count what goes out.
+//! rules look first, at the text as the client sent it, then masks
+//! rewrite the body in place, then the moderation upstreams and the log
+//! rules read what goes upstream.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -19,13 +19,22 @@ use crate::policy::screen::moderation::Moderated;
 use crate::policy::screen::rules::{Counters, Direction, Hit, Rule};
 use crate::upstream::Endpoint;
 
-/// Why a rule stopped the text.
+/// Which rule stopped the text, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocked {
     pub rule: Name,
     pub direction: Direction,
+    pub why: Why,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// A detector, keyword or pattern matched, or moderation flagged it.
+    Matched,
     /// The moderation service did not answer and the rule fails closed.
-    pub unanswered: bool,
+    Unanswered,
+    /// A streamed event the guard cannot read: it fails closed.
+    Unreadable,
 }
 
 /// Screens the request `body` of `endpoint` with `rules` (those that
@@ -36,48 +45,65 @@ pub async fn screen(
     endpoint: Endpoint,
     body: &mut Map<String, Value>,
 ) -> Result<bool, Blocked> {
+    let dir = Direction::Input;
     let mut groups = groups_mut(endpoint, body);
     let masks = {
         let joined: Vec<Cow<str>> = groups.iter().map(|g| join(g)).collect();
         let texts: Vec<&str> = joined.iter().map(|t| t.as_ref()).collect();
-        check(rules, counters, Direction::Input, &texts).await?;
-        mask_hits(rules, counters, Direction::Input, &texts)
+        blocks(rules, counters, dir, &texts)?;
+        mask_hits(rules, counters, dir, &texts)
     };
     let masked = masks.iter().any(|m| !m.is_empty());
     for (group, hits) in groups.iter_mut().zip(masks) {
         mask_pieces(group, &hits);
     }
+    // The moderation upstream is a third party too: it reads the text as
+    // it goes upstream, masks applied.
+    let joined: Vec<Cow<str>> = groups.iter().map(|g| join(g)).collect();
+    let texts: Vec<&str> = joined.iter().map(|t| t.as_ref()).collect();
+    moderate_and_log(rules, counters, dir, &texts).await?;
     Ok(masked)
 }
 
-/// The checks that do not rewrite: block rules' matches, the moderation
-/// upstreams, log rules' matches. Shared with whole answers.
-pub async fn check(
+/// The first block rule that matches.
+pub fn blocks(
     rules: &[Arc<Rule>],
     counters: &Counters,
     dir: Direction,
     texts: &[&str],
 ) -> Result<(), Blocked> {
-    let blocked = |rule: &Rule, unanswered| Blocked {
-        rule: rule.name.clone(),
-        direction: dir,
-        unanswered,
-    };
-    let first_hit = |rule: &Rule| {
-        texts
-            .iter()
-            .find_map(|t| rule.find(t).first().map(|h| h.what))
-    };
     for rule in rules
         .iter()
         .filter(|r| r.action == GuardAction::Block && r.scans())
     {
-        if let Some(what) = first_hit(rule) {
+        if let Some(what) = texts
+            .iter()
+            .find_map(|t| rule.find(t).first().map(|h| h.what))
+        {
             counters.matched(rule, dir, GuardAction::Block);
             tracing::info!(rule = %rule.name, direction = dir.as_str(), what, "content guard blocked");
-            return Err(blocked(rule, false));
+            return Err(Blocked {
+                rule: rule.name.clone(),
+                direction: dir,
+                why: Why::Matched,
+            });
         }
     }
+    Ok(())
+}
+
+/// The moderation upstreams, then log rules' matches.
+pub async fn moderate_and_log(
+    rules: &[Arc<Rule>],
+    counters: &Counters,
+    dir: Direction,
+    texts: &[&str],
+) -> Result<(), Blocked> {
+    let blocked = |rule: &Rule, why| Blocked {
+        rule: rule.name.clone(),
+        direction: dir,
+        why,
+    };
     for rule in rules {
         let Some(m) = &rule.moderation else { continue };
         let all: Vec<&str> = texts
@@ -97,13 +123,13 @@ pub async fn check(
             Moderated::Flagged(categories) => {
                 counters.matched(rule, dir, GuardAction::Block);
                 tracing::info!(rule = %rule.name, direction = dir.as_str(), ?categories, "moderation flagged: blocked");
-                return Err(blocked(rule, false));
+                return Err(blocked(rule, Why::Matched));
             }
             Moderated::Failed(why) => {
                 counters.moderation_failed(rule);
                 tracing::warn!(rule = %rule.name, error = %why, fail_open = m.fail_open, "moderation upstream failed");
                 if !m.fail_open {
-                    return Err(blocked(rule, true));
+                    return Err(blocked(rule, Why::Unanswered));
                 }
             }
         }
@@ -112,7 +138,10 @@ pub async fn check(
         .iter()
         .filter(|r| r.action == GuardAction::Log && r.scans())
     {
-        if let Some(what) = first_hit(rule) {
+        if let Some(what) = texts
+            .iter()
+            .find_map(|t| rule.find(t).first().map(|h| h.what))
+        {
             counters.matched(rule, dir, GuardAction::Log);
             tracing::info!(rule = %rule.name, direction = dir.as_str(), what, "content guard match (logged only)");
         }
@@ -142,7 +171,8 @@ pub fn mask_hits(
         }
     }
     for hits in &mut out {
-        hits.sort_by_key(|h| (h.at.start, h.at.end));
+        // The outermost first, so that it names a merged span.
+        hits.sort_by_key(|h| (h.at.start, std::cmp::Reverse(h.at.end)));
     }
     out
 }
@@ -207,12 +237,16 @@ pub fn groups_mut(endpoint: Endpoint, body: &mut Map<String, Value>) -> Vec<Vec<
                     }
                 }
             }
-            (Endpoint::ChatCompletions, "tools") => {
+            (Endpoint::ChatCompletions, "tools" | "functions") => {
                 let Value::Array(tools) = v else { continue };
                 for t in tools {
-                    if let Some(Value::String(d)) = t.pointer_mut("/function/description") {
-                        out.push(vec![d]);
-                    }
+                    // `tools[].function` or legacy `functions[]`.
+                    let f = if t.get("function").is_some() {
+                        &mut t["function"]
+                    } else {
+                        t
+                    };
+                    descriptions(f, &mut out);
                 }
             }
             (Endpoint::ChatCompletions, "prediction") => {
@@ -261,6 +295,23 @@ fn pieces(v: &mut Value) -> Vec<&mut String> {
         _ => {}
     }
     out
+}
+
+/// Every `description` in a function's definition, its parameters'
+/// included (a model reads them all), each a group of its own.
+fn descriptions<'a>(v: &'a mut Value, out: &mut Vec<Vec<&'a mut String>>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                match (k.as_str(), v) {
+                    ("description", Value::String(d)) => out.push(vec![d]),
+                    (_, v) => descriptions(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| descriptions(i, out)),
+        _ => {}
+    }
 }
 
 /// Each of `tool_calls[].function.arguments`, a group of its own.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::policy::screen::input::{Blocked, check, mask_hits, mask_pieces};
+use crate::policy::screen::input::{Blocked, blocks, mask_hits, mask_pieces, moderate_and_log};
 use crate::policy::screen::rules::{Counters, Direction, Rule};
 
 /// Screens a whole answer (`choices[].message` or `choices[].text`).
@@ -25,16 +25,16 @@ pub async fn screen_answer(
     let mut texts = answer_texts(&mut doc);
     let masks = {
         let all: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
-        check(rules, counters, dir, &all).await?;
+        blocks(rules, counters, dir, &all)?;
         mask_hits(rules, counters, dir, &all)
     };
-    if masks.iter().all(Vec::is_empty) {
-        return Ok(None);
-    }
+    let masked = masks.iter().any(|m| !m.is_empty());
     for (text, hits) in texts.iter_mut().zip(masks) {
         mask_pieces(&mut [&mut **text], &hits);
     }
-    Ok(Some(Bytes::from(doc.to_string())))
+    let all: Vec<&str> = texts.iter().map(|t| t.as_str()).collect();
+    moderate_and_log(rules, counters, dir, &all).await?;
+    Ok(masked.then(|| Bytes::from(doc.to_string())))
 }
 
 fn answer_texts(doc: &mut Value) -> Vec<&mut String> {
@@ -49,7 +49,14 @@ fn answer_texts(doc: &mut Value) -> Vec<&mut String> {
                 ("message", Value::Object(m)) => {
                     for (k, v) in m.iter_mut() {
                         match (k.as_str(), v) {
-                            ("content" | "reasoning_content", Value::String(t)) => out.push(t),
+                            ("content" | "reasoning_content" | "refusal", Value::String(t)) => {
+                                out.push(t)
+                            }
+                            ("function_call", Value::Object(f)) => {
+                                if let Some(Value::String(a)) = f.get_mut("arguments") {
+                                    out.push(a);
+                                }
+                            }
                             ("tool_calls", Value::Array(calls)) => {
                                 for call in calls {
                                     if let Some(Value::String(a)) = call

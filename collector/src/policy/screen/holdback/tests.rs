@@ -216,3 +216,61 @@ fn a_private_key_longer_than_the_holdback_is_caught_as_it_opens() {
     assert!(!blocked);
     assert_eq!(seen, "here it is: [SECRET] and that is all");
 }
+
+#[test]
+fn a_choices_content_reasoning_and_tool_calls_are_texts_apart() {
+    let email = "john.doe@example.com";
+    let mut events = Vec::new();
+    let reasoning = format!("think {email} done");
+    let content = format!("ans {email} fin");
+    let (r, c): (Vec<char>, Vec<char>) = (reasoning.chars().collect(), content.chars().collect());
+    for i in 0..r.len().max(c.len()).div_ceil(3) {
+        let piece = |v: &[char]| v.iter().skip(i * 3).take(3).collect::<String>();
+        events.push(choice_event(0, json!({"reasoning_content": piece(&r)})));
+        events.push(choice_event(0, json!({"content": piece(&c)})));
+    }
+    let mut b = holdback("detect = [\"email\"]");
+    assert!(
+        run_raw(&mut b, &events).1,
+        "interleaved fields are each checked"
+    );
+    let mut m = holdback("detect = [\"email\"]\naction = \"mask\"");
+    let (texts, _) = run_raw(&mut m, &events);
+    assert_eq!(texts[&0], "ans [EMAIL] fin", "content masked in place");
+    let call = |index: u64, args: &str| {
+        choice_event(
+            0,
+            json!({"tool_calls": [{"index": index, "function": {"arguments": args}}]}),
+        )
+    };
+    let parallel = [
+        call(0, "{\"k\":\"AKIAIO"),
+        call(1, "{\"j\":\"ghp_"),
+        call(0, "SFODNN7EXAMPLE\"}"),
+        call(1, "x\"}"),
+    ];
+    let mut b = holdback("detect = [\"secret\"]");
+    assert!(
+        run_raw(&mut b, &parallel).1,
+        "each tool call's arguments are one text"
+    );
+}
+
+#[test]
+fn an_event_the_guard_cannot_read_ends_the_stream() {
+    let mut h = holdback("detect = [\"email\"]");
+    let bad = b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\\ud83d john.doe@example.com\"}}]}\n\n";
+    assert!(matches!(h.push(bad), Released::Blocked(b) if b.why == Why::Unreadable));
+    assert!(matches!(h.push(&event("more")), Released::Events(e) if e.is_empty()));
+}
+
+#[test]
+fn an_aborted_stream_sends_nothing_it_held() {
+    let mut h = holdback("detect = [\"secret\"]");
+    let Released::Events(out) = h.push(&event("key sk-a1B2c3D4e5F6")) else {
+        panic!()
+    };
+    assert!(out.is_empty());
+    h.abort();
+    assert!(matches!(h.finish(), Released::Events(e) if e.is_empty()));
+}
