@@ -227,18 +227,8 @@ pub fn store_whole(
         return;
     };
     let t = usage.tokens;
-    let entry = Entry {
-        body: text.to_string(),
-        served_model: candidate.model.clone(),
-        provider: candidate.upstream.provider().to_string(),
-        upstream: candidate.upstream.name().to_string(),
-        input_tokens: t.input,
-        cached_input_tokens: t.cached_input,
-        output_tokens: t.output,
-        reasoning_tokens: t.reasoning,
-        estimated: usage.source == TokenSource::Estimated,
-        cost_usd: rec.price(&candidate.model, &t).map(|c| c.to_string()),
-        created: chrono::Utc::now().timestamp(),
-    };
+    let estimated = usage.source == TokenSource::Estimated;
+    let cost = rec.price(&candidate.model, &t);
+    let entry = Entry::new(text.to_string(), candidate, t, estimated, cost);
     gw.cache.store(pending, entry);
 }

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tollgate_schemas::{TokenSource, Tokens, Usd};
 
+use crate::proxy::routing::Candidate;
+
 /// One cached answer, stored as JSON (in Redis) or as is (in process).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
@@ -29,6 +31,30 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The answer `body` (as the client got it) that `candidate` gave for
+    /// `tokens`, which cost `cost`.
+    pub fn new(
+        body: String,
+        candidate: &Candidate,
+        tokens: Tokens,
+        estimated: bool,
+        cost: Option<Usd>,
+    ) -> Self {
+        Self {
+            body,
+            served_model: candidate.model.clone(),
+            provider: candidate.upstream.provider().to_string(),
+            upstream: candidate.upstream.name().to_string(),
+            input_tokens: tokens.input,
+            cached_input_tokens: tokens.cached_input,
+            output_tokens: tokens.output,
+            reasoning_tokens: tokens.reasoning,
+            estimated,
+            cost_usd: cost.map(|c| c.to_string()),
+            created: chrono::Utc::now().timestamp(),
+        }
+    }
+
     pub fn tokens(&self) -> Tokens {
         Tokens::new(
             self.input_tokens,

@@ -170,19 +170,7 @@ impl StreamFill {
             "choices": choices,
             "usage": self.usage.unwrap_or_else(|| usage_json(&tokens)),
         });
-        let entry = Entry {
-            body: body.to_string(),
-            served_model: candidate.model.clone(),
-            provider: candidate.upstream.provider().to_string(),
-            upstream: candidate.upstream.name().to_string(),
-            input_tokens: tokens.input,
-            cached_input_tokens: tokens.cached_input,
-            output_tokens: tokens.output,
-            reasoning_tokens: tokens.reasoning,
-            estimated,
-            cost_usd: cost.map(|c| c.to_string()),
-            created: chrono::Utc::now().timestamp(),
-        };
+        let entry = Entry::new(body.to_string(), candidate, tokens, estimated, cost);
         self.cache.store(self.pending, entry);
     }
 }
