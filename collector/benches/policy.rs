@@ -2,7 +2,8 @@
 //! guard on a 4 KB prompt and on a 1,000-token stream (against the same
 //! work without it), and the semantic cache's lookup at 100,000 entries.
 //! Run by `scripts/bench.sh cache` (which writes BENCHMARKS.md); prints one
-//! JSON object per figure.
+//! JSON object per figure. Under `cargo test` (no `--bench` argument) it
+//! runs once at a small size, as a check that it still works.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -63,6 +64,8 @@ fn report(name: &str, extra: Value, took: Duration) {
 }
 
 fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let scale = |n: u32| if full { n } else { (n / 100).max(1) };
     let config = Config::from_toml(RULE).unwrap();
     let screen = Screen::new(
         &config.guards,
@@ -81,7 +84,7 @@ fn main() {
     }))
     .unwrap();
     let rules = screen.applying(Direction::Input, "m", "c", None);
-    let on = per_iter(20_000, || {
+    let on = per_iter(scale(20_000), || {
         let mut b = body.clone();
         let r = rt.block_on(input::screen(
             &rules,
@@ -91,7 +94,7 @@ fn main() {
         ));
         black_box(r.is_ok());
     });
-    let off = per_iter(20_000, || {
+    let off = per_iter(scale(20_000), || {
         black_box(body.clone());
     });
     report(
@@ -108,7 +111,7 @@ fn main() {
             format!("data: {doc}\n\n").into_bytes()
         })
         .collect();
-    let stream_on = per_iter(200, || {
+    let stream_on = per_iter(scale(200), || {
         let mut h = Holdback::new(out_rules.clone(), screen.counters.clone()).unwrap();
         let mut n = 0;
         for e in &events {
@@ -127,8 +130,9 @@ fn main() {
         stream_on,
     );
 
-    for dims in [64usize, 256, 1024] {
-        let rows = 100_000;
+    let sizes: &[usize] = if full { &[64, 256, 1024] } else { &[64] };
+    for &dims in sizes {
+        let rows = if full { 100_000 } else { 1_000 };
         let index = Index::new(rows);
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut vector = || {
@@ -151,7 +155,7 @@ fn main() {
             );
         }
         let q = vector();
-        let took = per_iter(if dims > 256 { 20 } else { 100 }, || {
+        let took = per_iter(scale(if dims > 256 { 20 } else { 100 }), || {
             black_box(index.nearest("p", &q, 0.9));
         });
         report(
