@@ -86,14 +86,16 @@ def client(gw, key=KEY):
     return openai.OpenAI(base_url=f"http://{gw.addr}/v1", api_key=key, max_retries=0, timeout=30)
 
 
-def lake(gw, n, columns="cache, cache_kind, cost_usd, cost_saved_usd, input_tokens, output_tokens"):
-    """The gateway's `n` events, oldest first, once all are in the lake."""
+def lake(gw, n, columns="cache, cache_kind, cost_usd, cost_saved_usd, input_tokens, output_tokens",
+         where="endpoint = 'chat/completions'"):
+    """The gateway's `n` events matching `where`, oldest first, once all
+    are in the lake."""
     def rows():
         files = [str(f) for f in pathlib.Path(gw.lake).rglob("*.parquet")]
         if not files:
             return []
         return duckdb.connect().execute(
-            f"SELECT {columns} FROM read_parquet({files!r}) ORDER BY ts_start").fetchall()
+            f"SELECT {columns} FROM read_parquet({files!r}) WHERE {where} ORDER BY ts_start").fetchall()
     wait_for(lambda: len(rows()) >= n, f"{n} events in the lake", timeout=30)
     got = rows()
     assert len(got) == n, got
@@ -237,6 +239,10 @@ def test_hits_savings_and_costs_in_the_lake_equal_what_the_clients_saw(rig):
     # hits' originals.
     assert sum(r[2] for r in rows) == sum(r[2] for r in misses.values())
     assert sum(r[3] for r in rows if r[0] == "hit") == 3 * misses[QUESTION][2] + misses["Which model is cheapest?"][2]
+    # Each embeddings call of a lookup is an event of its own, the
+    # consumer's, tagged as the cache's.
+    calls = lake(gw, 4, columns="consumer, tags['tollgate.purpose'], input_tokens", where="endpoint = 'embeddings'")
+    assert all(c[0] == "python-app" and c[1] == "semantic_cache" and c[2] > 0 for c in calls), calls
     for kind in ("exact", "semantic"):
         assert metric(gw.addr, f'tollgate_cache_lookups_total{{result="hit",kind="{kind}"}}') == 2
 

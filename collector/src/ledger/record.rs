@@ -163,6 +163,14 @@ impl Record {
     }
 
     /// The request's `x-tollgate-tags`.
+    /// Adds a tag the gateway sets itself (a client's tag of that name is
+    /// replaced).
+    pub fn tag(&mut self, key: &str, value: &str) {
+        if let Some(e) = self.event() {
+            e.tags.insert(key.to_string(), value.to_string());
+        }
+    }
+
     pub fn tags(&self) -> &BTreeMap<String, String> {
         static NONE: BTreeMap<String, String> = BTreeMap::new();
         self.event.as_ref().map_or(&NONE, |e| &e.tags)

@@ -6,24 +6,26 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use tollgate_schemas::{CacheKind, CacheStatus, TokenSource};
+use tollgate_schemas::{CacheKind, CacheStatus, Outcome, TokenSource};
 
 use crate::config::{CacheMode, RouteCache};
 use crate::error::GatewayError;
 use crate::ledger::Record;
-use crate::ledger::tally::Usage;
+use crate::ledger::tally::{Tally, Usage};
 use crate::policy::cache::entry::{self, Entry};
-use crate::policy::cache::semantic;
+use crate::policy::cache::semantic::{self, Embedder};
 use crate::policy::cache::{Control, Looked, Pending, key};
 use crate::policy::screen::output::screen_answer;
 use crate::policy::screen::rules::Rule;
+use crate::proxy::admission::Arrival;
 use crate::proxy::auth::Caller;
 use crate::proxy::request::{ClientRequest, Endpoint};
 use crate::proxy::routing::{Candidate, Route};
 use crate::state::Gateway;
+use crate::upstream::response::Document;
 
 /// The response header that says what the cache did.
 pub const CACHE_HEADER: &str = "x-tollgate-cache";
@@ -49,7 +51,7 @@ pub async fn lookup(
     caller: &Caller<'_>,
     endpoint: Endpoint,
     req: &ClientRequest,
-    headers: &HeaderMap,
+    arrival: &Arrival<'_>,
     output_rules: &[Arc<Rule>],
 ) -> Result<(Record, Decision), Response> {
     let Some(rc) = route.cache.as_ref().filter(|c| c.mode != CacheMode::Off) else {
@@ -61,7 +63,7 @@ pub async fn lookup(
     } else {
         CacheKind::Exact
     };
-    let control = Control::of(headers);
+    let control = Control::of(arrival.headers);
     let scope = key::scope(rc.scope, caller);
     let exact = key::exact(&scope, endpoint, &req.body);
     let mut pending = (!control.no_store).then(|| Pending {
@@ -104,7 +106,7 @@ pub async fn lookup(
     let (Some(embedder), Some((at, text)), true) = (embedder, query, semantic) else {
         return Ok(go(rec, CacheStatus::Miss, "miss", pending, "miss"));
     };
-    let vector = match embedder.embed(&text).await {
+    let vector = match embed(gw, embedder, &text, caller, arrival).await {
         Ok(v) => v,
         Err(why) => {
             tracing::warn!(route = %route.model, error = %why, "semantic cache: no embedding, bypassed");
@@ -211,6 +213,67 @@ impl Hit<'_> {
         rec.finish(200);
         resp
     }
+}
+
+/// The embedding of `text`, its call recorded as an event of its own
+/// (endpoint `embeddings`, the caller's, tagged `tollgate.purpose =
+/// semantic_cache`), so the lookup's cost is in the ledger too.
+async fn embed(
+    gw: &Gateway,
+    embedder: &Embedder,
+    text: &str,
+    caller: &Caller<'_>,
+    arrival: &Arrival<'_>,
+) -> Result<Vec<f32>, String> {
+    let endpoint = Endpoint::Embeddings;
+    let body = embedder.body(text);
+    let mut rec = Record::open(&gw.ledger, endpoint.path(), arrival.headers, arrival.peer);
+    rec.caller(caller);
+    rec.tag("tollgate.purpose", "semantic_cache");
+    if let Ok(req) = ClientRequest::parse(endpoint, body.clone()) {
+        rec.request(&req);
+        rec.screened(&req, false);
+    }
+    let candidate = Candidate {
+        upstream: embedder.upstream.clone(),
+        model: embedder.model.clone(),
+        route_model: embedder.model.clone(),
+    };
+    let sent = rec.sending(&candidate);
+    let answer = embedder.ask(body).await;
+    rec.waited(sent.elapsed());
+    let (status, bytes) = match answer {
+        Ok(a) => a,
+        Err(why) => {
+            let label = if why.starts_with("no embedding within") {
+                "timeout"
+            } else {
+                "connect"
+            };
+            rec.attempt(&candidate, None, Some(label), sent.elapsed(), None);
+            rec.finish_with(502, Outcome::UpstreamError, "upstream_error");
+            return Err(why);
+        }
+    };
+    let mut tally = Tally::embeddings();
+    if let Some(doc) = Document::parse(&bytes) {
+        tally.read(&doc);
+    }
+    let ok = (200..300).contains(&status);
+    let usage = (ok || tally.reported()).then(|| rec.settle(&candidate.upstream, &tally));
+    let error = (!ok).then_some("upstream_error");
+    rec.attempt(&candidate, Some(status), error, sent.elapsed(), usage);
+    rec.served_by(&candidate);
+    let vector = if ok {
+        semantic::vector_of(&bytes)
+    } else {
+        Err(format!("the embeddings upstream answered {status}"))
+    };
+    match &vector {
+        Ok(_) => rec.finish(200),
+        Err(_) => rec.finish_with(502, Outcome::UpstreamError, "upstream_error"),
+    }
+    vector
 }
 
 /// Stores a whole answer (`body` as the client gets it) that `candidate`

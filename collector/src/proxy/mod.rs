@@ -163,7 +163,7 @@ async fn respond(
         &caller,
         endpoint,
         &req,
-        arrival.headers,
+        arrival,
         &rules.output,
     );
     let (rec, decision) = match lookup.await {

@@ -344,7 +344,19 @@ async fn a_similar_question_is_a_semantic_hit_above_the_threshold_only() {
     )
     .await;
     assert_eq!(cache, "miss", "another consumer");
-    let events = gw.exactly(7).await;
+    // Seven answers, and six embeddings calls (every lookup but the
+    // exact hit), each an event of its own.
+    let all = gw.exactly(13).await;
+    let (events, embeddings): (Vec<_>, Vec<_>) =
+        all.iter().partition(|e| e.endpoint == "chat/completions");
+    assert_eq!(embeddings.len(), 6);
+    for e in &embeddings {
+        assert_eq!(e.endpoint, "embeddings");
+        assert_eq!(e.tags["tollgate.purpose"], "semantic_cache");
+        assert_eq!(e.requested_model.as_deref(), Some("text-embedding-v3"));
+        assert!(e.consumer.is_some() && e.input_tokens > 0);
+        assert_eq!(e.outcome, Outcome::Ok);
+    }
     let hits: Vec<_> = events
         .iter()
         .filter(|e| e.cache == CacheStatus::Hit)
@@ -381,7 +393,7 @@ async fn a_high_threshold_refuses_a_merely_similar_question() {
     )
     .await;
     assert_eq!(cache, "hit");
-    gw.exactly(3).await;
+    gw.exactly(6).await;
 }
 
 #[tokio::test]
@@ -392,7 +404,17 @@ async fn the_embeddings_upstream_down_bypasses_the_cache_without_an_error() {
     assert_eq!(cache, "bypass");
     // Stored under its exact key all the same.
     assert_eq!(post_full(&gw, CLIENT_KEY, &q).await.0, "hit");
-    let events = gw.exactly(2).await;
-    assert_eq!(events[0].cache, CacheStatus::Bypass);
-    assert_eq!(events[0].outcome, Outcome::Ok);
+    let events = gw.exactly(3).await;
+    let failed = &events[0];
+    assert_eq!(
+        (failed.endpoint.as_str(), failed.outcome),
+        ("embeddings", Outcome::UpstreamError)
+    );
+    assert_eq!(
+        failed.cost_usd,
+        Some(Usd::ZERO),
+        "a call that never answered costs nothing"
+    );
+    assert_eq!(events[1].cache, CacheStatus::Bypass);
+    assert_eq!(events[1].outcome, Outcome::Ok);
 }

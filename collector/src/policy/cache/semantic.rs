@@ -300,9 +300,9 @@ pub struct Embedder {
 }
 
 impl Embedder {
-    /// The unit vector of `text`, or why there is none.
-    pub async fn embed(&self, text: &str) -> Result<Vec<f32>, String> {
-        let body = Bytes::from(json!({"model": self.model, "input": text}).to_string());
+    /// Asks for the embedding of `body` (`{"model", "input"}`): the status
+    /// and the whole answer, or why there is none, within the timeout.
+    pub async fn ask(&self, body: Bytes) -> Result<(u16, Bytes), String> {
         let ask = async {
             let resp = self
                 .upstream
@@ -315,19 +315,7 @@ impl Embedder {
             let bytes = read_all(resp.body, MAX_EMBEDDING_BYTES, self.timeout)
                 .await
                 .map_err(|_| "the embeddings answer broke or was too large".to_string())?;
-            if !(200..300).contains(&status) {
-                return Err(format!("the embeddings upstream answered {status}"));
-            }
-            let doc: Value =
-                serde_json::from_slice(&bytes).map_err(|_| "the embeddings answer is not JSON")?;
-            let v: Vec<f32> = doc["data"][0]["embedding"]
-                .as_array()
-                .ok_or("the embeddings answer has no data[0].embedding")?
-                .iter()
-                .map(|x| x.as_f64().map(|f| f as f32))
-                .collect::<Option<_>>()
-                .ok_or("the embedding holds a non-number")?;
-            unit(v).ok_or_else(|| "the embedding is a zero vector".to_string())
+            Ok((status, bytes))
         };
         match tokio::time::timeout(self.timeout, ask).await {
             Err(_) => Err(format!(
@@ -337,6 +325,25 @@ impl Embedder {
             Ok(r) => r,
         }
     }
+
+    /// The request body for `text`.
+    pub fn body(&self, text: &str) -> Bytes {
+        Bytes::from(json!({"model": self.model, "input": text}).to_string())
+    }
+}
+
+/// The unit vector of an embeddings answer (`data[0].embedding`).
+pub fn vector_of(bytes: &[u8]) -> Result<Vec<f32>, String> {
+    let doc: Value =
+        serde_json::from_slice(bytes).map_err(|_| "the embeddings answer is not JSON")?;
+    let v: Vec<f32> = doc["data"][0]["embedding"]
+        .as_array()
+        .ok_or("the embeddings answer has no data[0].embedding")?
+        .iter()
+        .map(|x| x.as_f64().map(|f| f as f32))
+        .collect::<Option<_>>()
+        .ok_or("the embedding holds a non-number")?;
+    unit(v).ok_or_else(|| "the embedding is a zero vector".to_string())
 }
 
 #[cfg(test)]
@@ -381,6 +388,16 @@ mod tests {
         assert_eq!(i.nearest("p", &v(&[0.7, 0.7]), 0.99), None);
         assert_eq!(i.len(), 1, "the expired row left on the scan");
         assert_eq!(i.nearest("p", &v(&[-1.0, 0.0]), 0.9).unwrap().key, "c");
+    }
+
+    #[test]
+    fn an_embeddings_answer_gives_its_unit_vector_or_why_not() {
+        let v = vector_of(br#"{"data":[{"embedding":[3.0,4.0]}]}"#).unwrap();
+        assert_eq!(v, vec![0.6, 0.8]);
+        assert!(vector_of(b"<html>").is_err());
+        assert!(vector_of(br#"{"data":[]}"#).is_err());
+        assert!(vector_of(br#"{"data":[{"embedding":[0,0]}]}"#).is_err());
+        assert!(vector_of(br#"{"data":[{"embedding":["x"]}]}"#).is_err());
     }
 
     #[test]
