@@ -109,6 +109,15 @@ def sim_up(rig):
     return d, procs, sim
 
 
+def with_redis(rig, **kw):
+    """A simulator, a Redis and one gateway using both; all stopped with the test."""
+    d, procs, sim = sim_up(rig)
+    redis = Redis(d / "redis")
+    gw = gateway(d, "gw", sim, redis, **kw)
+    procs += [redis, gw]
+    return redis, gw
+
+
 def test_two_gateways_share_exact_entries_through_redis_but_not_across_consumers(rig):
     d, procs, sim = sim_up(rig)
     redis = Redis(d / "redis")
@@ -123,11 +132,7 @@ def test_two_gateways_share_exact_entries_through_redis_but_not_across_consumers
 
 
 def test_the_sdk_reads_a_streamed_hit_equal_to_the_original_stream(rig):
-    d, procs, sim = sim_up(rig)
-    redis = Redis(d / "redis")
-    procs.append(redis)
-    gw = gateway(d, "gw", sim, redis)
-    procs.append(gw)
+    redis, gw = with_redis(rig)
     c = client(gw)
 
     def streamed():
@@ -154,11 +159,7 @@ def test_the_sdk_reads_a_streamed_hit_equal_to_the_original_stream(rig):
 
 
 def test_redis_killed_mid_traffic_bypasses_without_an_error_and_comes_back(rig):
-    d, procs, sim = sim_up(rig)
-    redis = Redis(d / "redis")
-    procs.append(redis)
-    gw = gateway(d, "gw", sim, redis)
-    procs.append(gw)
+    redis, gw = with_redis(rig)
     wait_for(lambda: ask(gw.addr)[1] == "hit", "Redis in use")
     seen = []
     for i in range(30):
@@ -177,11 +178,7 @@ def test_redis_killed_mid_traffic_bypasses_without_an_error_and_comes_back(rig):
 
 
 def test_a_slow_redis_is_bypassed_within_the_lookup_timeout(rig):
-    d, procs, sim = sim_up(rig)
-    redis = Redis(d / "redis")
-    procs.append(redis)
-    gw = gateway(d, "gw", sim, redis)
-    procs.append(gw)
+    redis, gw = with_redis(rig)
     wait_for(lambda: ask(gw.addr)[1] == "hit", "Redis in use")
     # Redis holds every client's commands for 3 s: as slow as it gets.
     send(redis, b"CLIENT PAUSE 3000 ALL\r\n")
@@ -197,11 +194,7 @@ def send(redis, command):
 
 
 def test_a_full_redis_refuses_stores_and_every_request_still_succeeds(rig):
-    d, procs, sim = sim_up(rig)
-    redis = Redis(d / "redis")
-    procs.append(redis)
-    gw = gateway(d, "gw", sim, redis)
-    procs.append(gw)
+    redis, gw = with_redis(rig)
     wait_for(lambda: ask(gw.addr, question="warm up")[1] == "hit", "Redis in use")
     send(redis, b"CONFIG SET maxmemory-policy noeviction\r\n")
     send(redis, b"CONFIG SET maxmemory 1\r\n")
@@ -280,12 +273,8 @@ def test_the_sdk_sees_content_blocked_on_input_and_mid_stream(rig):
 
 
 def test_a_flushed_redis_leaves_no_stale_semantic_rows_in_the_way(rig):
-    d, procs, sim = sim_up(rig)
-    redis = Redis(d / "redis")
-    procs.append(redis)
     semantic = '{ mode = "semantic", embeddings = { upstream = "sim", model = "e" }, threshold = 0.9 }'
-    gw = gateway(d, "gw", sim, redis, cache=semantic)
-    procs.append(gw)
+    redis, gw = with_redis(rig, cache=semantic)
     wait_for(lambda: ask(gw.addr, question="warm up")[1] == "hit", "Redis in use")
     assert ask(gw.addr, question="Why is the sky blue")[1] == "miss"
     send(redis, b"FLUSHALL\r\n")

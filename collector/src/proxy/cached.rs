@@ -94,11 +94,14 @@ pub async fn lookup(
         output_rules,
     };
     match gw.cache.get(&exact).await {
-        Looked::Hit(e) if e.doc().is_some() => {
-            gw.cache.counted("hit", CacheKind::Exact);
-            return Err(hit.replay(rec, &e, CacheKind::Exact, None).await);
+        Looked::Hit(e) => {
+            // An entry that does not parse is a miss, overwritten later.
+            if let Some(doc) = e.doc() {
+                gw.cache.counted("hit", CacheKind::Exact);
+                return Err(hit.replay(rec, &e, doc, CacheKind::Exact, None).await);
+            }
         }
-        Looked::Hit(_) | Looked::Miss => {}
+        Looked::Miss => {}
         Looked::Failed => return Ok(go(rec, CacheStatus::Bypass, "error", None, "bypass")),
     }
     let embedder = gw.cache.embedder(&route.model);
@@ -121,12 +124,16 @@ pub async fn lookup(
             break;
         };
         match gw.cache.get(&near.key).await {
-            Looked::Hit(e) if e.doc().is_some() => {
-                gw.cache.counted("hit", kind);
-                return Err(hit.replay(rec, &e, kind, Some(near.similarity)).await);
-            }
+            Looked::Hit(e) => match e.doc() {
+                Some(doc) => {
+                    gw.cache.counted("hit", kind);
+                    let similarity = Some(near.similarity);
+                    return Err(hit.replay(rec, &e, doc, kind, similarity).await);
+                }
+                None => gw.cache.forget(&partition, &near.key),
+            },
             Looked::Failed => return Ok(go(rec, CacheStatus::Bypass, "error", None, "bypass")),
-            Looked::Hit(_) | Looked::Miss => gw.cache.forget(&partition, &near.key),
+            Looked::Miss => gw.cache.forget(&partition, &near.key),
         }
     }
     if let Some(p) = pending.as_mut() {
@@ -144,13 +151,14 @@ struct Hit<'a> {
 }
 
 impl Hit<'_> {
-    /// A hit, whole or as a stream, with the similarity of a semantic
+    /// A hit (`doc`: its parsed answer), whole or as a stream, with the similarity of a semantic
     /// one; the output rules apply to it as to any answer. The record is
     /// closed here (a blocked replay through `fail`).
     async fn replay(
         self,
         mut rec: Record,
         e: &Entry,
+        mut doc: serde_json::Value,
         kind: CacheKind,
         similarity: Option<f32>,
     ) -> Response {
@@ -163,7 +171,10 @@ impl Hit<'_> {
         let mut body = Bytes::from(e.body.clone());
         if !output_rules.is_empty() {
             match screen_answer(output_rules, &gw.screen.counters, &body).await {
-                Ok(Some(masked)) => body = masked,
+                Ok(Some(masked)) => {
+                    doc = serde_json::from_slice(&masked).unwrap_or_default();
+                    body = masked;
+                }
                 Ok(None) => {}
                 Err(b) => {
                     rec.blocked(&b);
@@ -171,7 +182,6 @@ impl Hit<'_> {
                 }
             }
         }
-        let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         rec.cache_hit(e, kind, rc.hit_usd);
         rec.responded();
         if req.stream {

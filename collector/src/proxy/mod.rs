@@ -229,8 +229,12 @@ async fn forward(
         match result {
             Ok(Answer::Complete { body, usage }) => {
                 rec.attempt(candidate, Some(200), None, sent_at.elapsed(), Some(usage));
-                let screened =
-                    screen::output::screen_answer(&rules.output, &gw.screen.counters, &body).await;
+                let screened = if rules.output.is_empty() {
+                    // Without output rules the answer is not read again.
+                    Ok(None)
+                } else {
+                    screen::output::screen_answer(&rules.output, &gw.screen.counters, &body).await
+                };
                 if matches!(screened, Ok(Some(_))) {
                     // A masked answer is this client's alone: never shared.
                     pending = None;
