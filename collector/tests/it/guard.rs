@@ -119,8 +119,8 @@ async fn input_with_pii_or_a_denied_word_is_refused_with_content_blocked_and_cos
         let json = serde_json::to_string(e).unwrap();
         for secret in [
             "bob.smith",
-            "0013",
-            "4111",
+            "138 0013",
+            "4111 1111",
             "11010519491231002X",
             "sk-proj",
             "Falcon",
